@@ -1,0 +1,65 @@
+"""Ranking metrics and the next-title evaluation used for checkpoints and gates.
+
+Full ranking: every title is scored, titles already in the profile's input history are removed,
+and the rank of the held-out title gives HR@k and NDCG@k (one relevant item: NDCG = 1/log2(rank+2)).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fm.data import Sequences, length_bucketed
+from fm.model import FoundationModel
+from fm.schema import ACTIONS, N_SPECIAL, vocab_index
+
+
+def rank_of_target(scores: torch.Tensor, targets: torch.Tensor, exclude: list[np.ndarray] | None = None) -> torch.Tensor:
+    """0-based rank of each target among all candidates; excluded ids (history) are pushed to -inf.
+
+    Ties count against the target (pessimistic), so a constant scorer never looks good.
+    """
+    scores = scores.clone().float()
+    if exclude is not None:
+        for i, ex in enumerate(exclude):
+            ex = ex[ex != int(targets[i])]
+            scores[i, torch.as_tensor(ex, dtype=torch.long)] = float("-inf")
+    target_score = scores.gather(1, targets.view(-1, 1))
+    return (scores >= target_score).sum(dim=1) - 1
+
+
+def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...] = (10, 50)) -> dict[str, float]:
+    r = ranks.double()
+    out = {}
+    for k in ks:
+        hit = r < k
+        out[f"hr@{k}"] = float(hit.double().mean())
+        out[f"ndcg@{k}"] = float((hit.double() / torch.log2(r + 2)).mean())
+    return out
+
+
+@torch.no_grad()
+def next_title_eval(model: FoundationModel, seqs: Sequences, rows: np.ndarray, batch_size: int = 256) -> dict[str, float]:
+    """Hold out each profile's last target-action token and rank it given everything before it."""
+    target_ids = np.array([vocab_index(ACTIONS)[a] for a in model.cfg.target_actions])
+    ends, keep = [], []
+    for r in rows:
+        s, e = seqs.offsets[r], seqs.offsets[r + 1]
+        pos = np.flatnonzero(np.isin(seqs.values["action"][s:e], target_ids))
+        pos = pos[pos >= 1]
+        if len(pos):
+            keep.append(r)
+            ends.append(pos[-1])
+    if not keep:
+        return {}
+    keep, ends = np.array(keep), np.array(ends)
+    model.eval()
+    ranks = []
+    for sel in length_bucketed(ends, batch_size):
+        b = seqs.batch(keep[sel], model.cfg.max_len, ends=ends[sel])
+        h = model.encode(b.tokens)[-1]
+        last = h[torch.arange(len(sel)), b.lengths - 1]
+        scores = model.title_logits(last.unsqueeze(1), 0)[:, 0]
+        targets = torch.as_tensor(seqs.values["title"][seqs.offsets[keep[sel]] + ends[sel]], dtype=torch.long)
+        history = [seqs.values["title"][seqs.offsets[r]: seqs.offsets[r] + e] for r, e in zip(keep[sel], ends[sel])]
+        ranks.append(rank_of_target(scores, targets, [h[h >= N_SPECIAL] for h in history]))
+    return {**metrics_from_ranks(torch.cat(ranks)), "users": len(keep)}

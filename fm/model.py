@@ -1,0 +1,191 @@
+"""The foundation model: a causal transformer over event tokens.
+
+Each token is a whole event. Its embedding is the sum of one embedding per field (title, action,
+duration bucket, device, canvas, locale, row, hour, day of week, gap) plus a position embedding.
+The title part is a learned ID embedding **plus** a projection of a fixed content vector computed
+from the catalogue text, so a title never seen in training still gets a useful vector (its ID
+embedding is zero until it is trained).
+
+Heads, all predicting the *next* event from the state at position t:
+  * next titles t+1..t+k (multi-token prediction; full softmax tied to the title table),
+  * next action, duration bucket and device.
+``encode()`` returns every layer's hidden states; extraction lives in ``fm.extract``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fm import schema as S
+
+
+@dataclass
+class ModelConfig:
+    n_titles: int                      # title vocabulary size including PAD and OOV
+    content_dim: int = 64              # width of the catalogue content vectors
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    max_len: int = 128
+    dropout: float = 0.1
+    mtp_k: int = 2                     # predict the next k titles
+    use_content: bool = True
+    w_title: float = 1.0
+    w_mtp: float = 0.5                 # weight of titles t+2..t+k
+    w_action: float = 0.2
+    w_duration: float = 0.2
+    w_device: float = 0.1
+    # actions whose titles are prediction targets (impressions and pauses are context only)
+    target_actions: tuple[str, ...] = ("play", "complete", "add_to_list", "thumbs_up")
+    field_sizes: dict[str, int] = field(default_factory=lambda: {
+        "action": S.vocab_size(S.ACTIONS), "duration": S.N_DURATION, "device": S.vocab_size(S.DEVICES),
+        "canvas": S.vocab_size(S.CANVASES), "locale": S.vocab_size(S.LOCALES), "row": S.N_ROW,
+        "hour": S.N_HOUR, "dow": S.N_DOW, "gap": S.N_GAP,
+    })
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["target_actions"] = list(self.target_actions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        d["target_actions"] = tuple(d.get("target_actions", cls.target_actions))
+        return cls(**d)
+
+
+class TitleEmbedding(nn.Module):
+    """ID embedding + projected content vector. ``table()`` is the (n_titles, d) title matrix."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.id = nn.Embedding(cfg.n_titles, cfg.d_model, padding_idx=S.PAD)
+        nn.init.normal_(self.id.weight, std=0.02)
+        self.register_buffer("content", torch.zeros(cfg.n_titles, cfg.content_dim))
+        self.proj = nn.Linear(cfg.content_dim, cfg.d_model, bias=False)
+
+    def table(self) -> torch.Tensor:
+        t = self.id.weight
+        if self.cfg.use_content:
+            t = t + self.proj(self.content)
+        return t
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        e = self.id(idx)
+        if self.cfg.use_content:
+            e = e + self.proj(self.content[idx])
+        return e
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block with causal self-attention."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.dropout = cfg.n_heads, cfg.dropout
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model)
+        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.GELU(),
+                                 nn.Linear(4 * cfg.d_model, cfg.d_model), nn.Dropout(cfg.dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(D, dim=-1)
+        q, k, v = (t.view(B, L, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B,H,L,Dh)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        x = x + self.out(a.transpose(1, 2).reshape(B, L, D))                                        # (B,L,D)
+        return x + self.mlp(self.ln2(x))
+
+
+class FoundationModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.title = TitleEmbedding(cfg)
+        self.fields = nn.ModuleDict({f: nn.Embedding(n, cfg.d_model, padding_idx=S.PAD)
+                                     for f, n in cfg.field_sizes.items()})
+        self.pos = nn.Embedding(cfg.max_len, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.mtp = nn.ModuleList(nn.Linear(cfg.d_model, cfg.d_model) for _ in range(cfg.mtp_k))
+        self.heads = nn.ModuleDict({f: nn.Linear(cfg.d_model, cfg.field_sizes[f])
+                                    for f in ("action", "duration", "device")})
+        target = torch.zeros(cfg.field_sizes["action"], dtype=torch.bool)
+        for a in cfg.target_actions:
+            target[S.vocab_index(S.ACTIONS)[a]] = True
+        self.register_buffer("target_action", target, persistent=False)
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def embed(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sum of field embeddings + position: (B, L) ints per field -> (B, L, D)."""
+        L = tokens["title"].shape[1]
+        x = self.title(tokens["title"]) + self.pos(torch.arange(L, device=tokens["title"].device))
+        for f, emb in self.fields.items():
+            x = x + emb(tokens[f])
+        return self.drop(x)
+
+    def encode(self, tokens: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Hidden states after every block, each (B, L, D); the last one is final-LayerNorm'd."""
+        x, states = self.embed(tokens), []
+        for block in self.blocks:
+            x = block(x)
+            states.append(x)
+        states[-1] = self.ln_f(x)
+        return states
+
+    def title_logits(self, h: torch.Tensor, j: int) -> torch.Tensor:
+        """Scores of every title as the (j+1)-th next title: (B, L, D) -> (B, L, V)."""
+        logits = (h + self.mtp[j](h)) @ self.title.table().T
+        logits[..., : S.N_SPECIAL] = float("-inf")
+        return logits
+
+    def forward(self, tokens: dict[str, torch.Tensor], valid: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Multi-task, multi-token loss. ``valid`` (B, L) marks real (non-pad) tokens."""
+        h = self.encode(tokens)[-1]                                              # (B, L, D)
+        c, losses = self.cfg, {}
+        is_target = valid & self.target_action[tokens["action"]]
+        for j in range(c.mtp_k):
+            src, tgt = h[:, : -(j + 1)], tokens["title"][:, j + 1:]              # state t -> title t+j+1
+            m = is_target[:, j + 1:] & valid[:, : -(j + 1)]
+            if m.any():
+                losses[f"title_{j + 1}"] = F.cross_entropy(self.title_logits(src[m].unsqueeze(0), j)[0], tgt[m])
+        nxt = valid[:, 1:] & valid[:, :-1]
+        for f in ("action", "duration", "device"):
+            losses[f] = F.cross_entropy(self.heads[f](h[:, :-1][nxt]), tokens[f][:, 1:][nxt])
+        w = {"title_1": c.w_title, "action": c.w_action, "duration": c.w_duration, "device": c.w_device}
+        total = sum(w.get(k, c.w_mtp) * v for k, v in losses.items())
+        return total, {k: float(v.detach()) for k, v in losses.items()}
+
+    @torch.no_grad()
+    def grow_titles(self, new_content: torch.Tensor) -> None:
+        """Append titles: old rows stay bit-identical, new ID rows start at zero (content-only)."""
+        n_new = new_content.shape[0]
+        if n_new == 0:
+            return
+        old = self.title.id.weight.data
+        emb = nn.Embedding(old.shape[0] + n_new, old.shape[1], padding_idx=S.PAD).to(old.device)
+        emb.weight.data[: old.shape[0]] = old
+        emb.weight.data[old.shape[0]:] = 0.0
+        self.title.id = emb
+        self.title.content = torch.cat([self.title.content, new_content.to(old.device, old.dtype)])
+        self.cfg.n_titles += n_new
+
+
+def init_weights(model: FoundationModel) -> None:
+    """GPT-2 style init: small normal weights, residual projections scaled by depth."""
+    for name, p in model.named_parameters():
+        if p.dim() >= 2 and "title.id" not in name:
+            nn.init.normal_(p, std=0.02)
+        if name.endswith("out.weight") or name.endswith("mlp.2.weight"):
+            nn.init.normal_(p, std=0.02 / math.sqrt(2 * model.cfg.n_layers))

@@ -1,0 +1,103 @@
+"""Training loop: AdamW, gradient clipping, a wall-clock budget, held-out next-title metrics.
+
+Deterministic for a seed on CPU. CUDA + bf16 autocast are used when a GPU is present.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fm.data import Sequences
+from fm.evaluate import next_title_eval
+from fm.model import FoundationModel
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    epochs: int = 20
+    time_budget_s: float = 120.0
+    eval_frac: float = 0.1
+    seed: int = 0
+    device: str = "auto"            # auto | cpu | cuda
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _random_ends(lengths: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Half the time the full sequence, else a random prefix (cheap augmentation over positions)."""
+    cut = rng.integers(2, np.maximum(lengths, 2) + 1)
+    return np.where(rng.random(len(lengths)) < 0.5, lengths, np.minimum(cut, lengths))
+
+
+def train(model: FoundationModel, seqs: Sequences, cfg: TrainConfig) -> dict:
+    """Train in place; returns metrics and the loss curve (step, loss) for plotting."""
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    device = pick_device(cfg.device)
+    model.to(device).train()
+    rows = np.flatnonzero(seqs.lengths >= 2)
+    rng.shuffle(rows)
+    n_eval = int(len(rows) * cfg.eval_frac)
+    eval_rows, train_rows = rows[:n_eval], rows[n_eval:]
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, len(train_rows) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.1)
+    curve, t0, step, stopped = [], time.perf_counter(), 0, "epochs"
+    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="train", unit="step")
+    for epoch in range(cfg.epochs):
+        rng.shuffle(train_rows)
+        for i in range(steps_per_epoch):
+            sel = train_rows[i * cfg.batch_size: (i + 1) * cfg.batch_size]
+            b = seqs.batch(sel, model.cfg.max_len, ends=_random_ends(seqs.lengths[sel], rng))
+            tokens = {k: v.to(device) for k, v in b.tokens.items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss, parts = model(tokens, b.valid.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            curve.append((step, float(loss.detach()), parts))
+            bar.update(1)
+            bar.set_postfix(loss=f"{curve[-1][1]:.3f}", epoch=epoch)
+            if time.perf_counter() - t0 > cfg.time_budget_s:
+                stopped = "time_budget"
+                break
+        if stopped == "time_budget":
+            break
+    bar.close()
+    train_s = time.perf_counter() - t0
+    model.cpu().eval()
+    metrics = next_title_eval(model, seqs, eval_rows) if len(eval_rows) else {}
+    return {"steps": step, "epochs_done": epoch + 1, "stopped_by": stopped, "train_s": round(train_s, 2),
+            "final_loss": curve[-1][1] if curve else None, "eval": metrics, "curve": curve}
+
+
+def plot_curve(curve: list, path: Path) -> Path:
+    """Loss curves (total and per head) as a PNG next to the checkpoint."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [c[0] for c in curve]
+    ax.plot(steps, [c[1] for c in curve], label="total", lw=1.5)
+    for key in curve[0][2] if curve else []:
+        ax.plot(steps, [c[2].get(key, np.nan) for c in curve], label=key, lw=0.8, alpha=0.7)
+    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend(fontsize=7), ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

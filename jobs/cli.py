@@ -1,0 +1,24 @@
+"""``fmpipe <command> [key=value ...]``: the thin command line over the jobs."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "generate": "jobs.generate", "tokenize": "jobs.tokenize", "train": "jobs.train",
+    "embed": "jobs.embed", "validate": "jobs.validate", "publish": "jobs.publish",
+    "index": "jobs.index", "report": "jobs.report", "demo": "jobs.demo", "retrieve": "jobs.retrieve",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: fmpipe {{{','.join(COMMANDS)}}} [key=value ...]", file=sys.stderr)
+        return 2
+    importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,318 @@
+"""Tokenize one day of raw events into event tokens and merge them into the per-profile history.
+
+Input: ``raw/dt=D`` (Parquet, :data:`fm.schema.RAW_EVENT_SCHEMA`) and the title catalogue.
+Outputs (each written aside, then swapped into place, so a re-run of D is idempotent and a failed
+run leaves the previous state untouched):
+
+* ``vocab/titles.parquet`` — append-only title vocabulary (new titles get new ids; ids never change),
+* ``tokens/dt=D`` — one row per valid event, every field an integer id (:data:`TOKEN_SCHEMA`),
+* ``quarantine/dt=D`` — malformed rows with a ``reason`` column,
+* ``history/dt=D`` — the last N tokens of every profile after day D (:data:`HISTORY_SCHEMA`).
+
+The daily path reads only day D plus the previous history state (cost linear in the day, not in
+all history); ``full=True`` rebuilds tokens and history from every raw partition up to D.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+from pyspark.sql.window import Window
+
+from fm import schema as S
+from jobs.io import atomic_write_table, partition, swap_dir, temp_sibling, latest_partition_before
+from jobs.settings import Paths, parse_date, parse_overrides
+from jobs.spark import get_spark
+from jobs.vocab import read_vocab
+
+FUTURE_TOLERANCE = dt.timedelta(hours=1)   # clock skew we accept past the end of the partition day
+KEEP_HISTORY_STATES = 3
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    """One day (or, with ``full``, every day up to ``date``) of raw events -> tokens + history."""
+    date: str = ""
+    history_len: int = 512
+    full: bool = False
+
+
+# ------------------------------------------------------------------------------------------------
+# Input checks
+# ------------------------------------------------------------------------------------------------
+_ACCEPTED_TYPES: dict[str, tuple[type, ...]] = {
+    "event_id": (T.StringType,), "profile_id": (T.LongType, T.IntegerType, T.ShortType),
+    "ts": (T.StringType, T.TimestampType, T.TimestampNTZType), "title_id": (T.StringType,),
+    "action": (T.StringType,), "duration_s": (T.DoubleType, T.FloatType, T.LongType, T.IntegerType),
+    "device": (T.StringType,), "canvas": (T.StringType,), "row_position": (T.IntegerType, T.LongType, T.ShortType),
+    "locale": (T.StringType,),
+}
+
+
+def read_raw(spark: SparkSession, paths: Paths, days: list[dt.date]) -> DataFrame:
+    """Read raw partitions, failing with the path when one is missing and the column when mistyped."""
+    frames = []
+    for day in days:
+        path = partition(paths.raw, day)
+        if not path.is_dir() or not any(path.glob("*.parquet")):
+            raise FileNotFoundError(f"raw partition missing for {day}: {path} (no Parquet files)")
+        df = spark.read.parquet(str(path))
+        check_raw_columns(df, path)
+        frames.append(df.select(*[F.col(f.name) for f in S.RAW_EVENT_SCHEMA]).withColumn("dt", F.lit(day)))
+    return frames[0] if len(frames) == 1 else _union(frames)
+
+
+def _union(frames: list[DataFrame]) -> DataFrame:
+    out = frames[0]
+    for f in frames[1:]:
+        out = out.unionByName(f)
+    return out
+
+
+def check_raw_columns(df: DataFrame, where: Path) -> None:
+    fields = {f.name: f.dataType for f in df.schema.fields}
+    for name, accepted in _ACCEPTED_TYPES.items():
+        if name not in fields:
+            raise ValueError(f"{where}: missing column {name!r} (expected {accepted[0]().simpleString()})")
+        if not isinstance(fields[name], accepted):
+            raise TypeError(f"{where}: column {name!r} has type {fields[name].simpleString()}, "
+                            f"expected one of {[a().simpleString() for a in accepted]}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Title vocabulary (small: maintained on the driver with pyarrow)
+# ------------------------------------------------------------------------------------------------
+def grow_vocab(paths: Paths, day: dt.date) -> tuple[pa.Table, int]:
+    """Append catalogue titles released by ``day`` that have no id yet; existing ids never change."""
+    vocab = read_vocab(paths)
+    cat = pq.read_table(paths.catalogue, columns=["title_id", "release_date"])
+    released = cat.filter(pc.less_equal(cat["release_date"], pa.scalar(day, pa.date32())))
+    new = released.filter(pc.invert(pc.is_in(released["title_id"], vocab["title_id"])))
+    new = new.sort_by([("release_date", "ascending"), ("title_id", "ascending")])
+    if new.num_rows == 0:
+        return vocab, 0
+    start = (pc.max(vocab["idx"]).as_py() + 1) if vocab.num_rows else S.N_SPECIAL
+    added = pa.table({
+        "title_id": new["title_id"], "idx": pa.array(range(start, start + new.num_rows), pa.int32()),
+        "first_dt": pa.array([day] * new.num_rows, pa.date32()),
+    }, schema=S.TITLE_VOCAB_SCHEMA)
+    vocab = pa.concat_tables([vocab, added])
+    atomic_write_table(vocab, paths.title_vocab)
+    return vocab, new.num_rows
+
+
+def title_lookup(spark: SparkSession, paths: Paths, vocab: pa.Table) -> DataFrame:
+    cat = pq.read_table(paths.catalogue, columns=["title_id", "runtime_s"])
+    joined = vocab.select(["title_id", "idx"]).join(cat, "title_id", join_type="left outer")
+    return F.broadcast(spark.createDataFrame(joined.to_pandas()).select(
+        "title_id", F.col("idx").cast("int").alias("title_idx"), F.col("runtime_s").cast("double")))
+
+
+# ------------------------------------------------------------------------------------------------
+# Column expressions (mirror the reference functions in fm.schema; tests compare them)
+# ------------------------------------------------------------------------------------------------
+def _lookup(col: str, values: tuple[str, ...]) -> Column:
+    mapping = F.create_map(*itertools.chain.from_iterable((F.lit(k), F.lit(v)) for k, v in S.vocab_index(values).items()))
+    return F.coalesce(mapping[F.col(col)], F.lit(S.OOV)).cast("int")
+
+
+def duration_bucket_col(dur: Column, runtime: Column) -> Column:
+    frac_b = F.least(F.ceil(F.least(dur / runtime, F.lit(1.0)) * S.DURATION_FRACTION_BUCKETS) - 1,
+                     F.lit(S.DURATION_FRACTION_BUCKETS - 1))
+    log_b = F.least(F.floor(F.log2(F.greatest(dur, F.lit(1.0)))), F.lit(S.DURATION_LOG_BUCKETS - 1))
+    return (F.when(dur.isNull() | (dur <= 0), F.lit(S.NO_DURATION))
+            .when(runtime > 0, S.NO_DURATION + 1 + frac_b)
+            .otherwise(S.NO_DURATION + 1 + S.DURATION_FRACTION_BUCKETS + log_b)).cast("int")
+
+
+def gap_bucket_col(gap_s: Column) -> Column:
+    b = F.least(F.floor(F.log2(F.greatest(gap_s, F.lit(1.0)))), F.lit(S.N_GAP - S.N_SPECIAL - 1))
+    return F.when(gap_s.isNull(), F.lit(S.OOV)).otherwise(S.N_SPECIAL + b).cast("int")
+
+
+def row_bucket_col(row: Column) -> Column:
+    b = sum((F.when(row >= e, 1).otherwise(0) for e in S.ROW_EDGES[1:]), F.lit(0))
+    return F.when(row.isNull() | (row < 0), F.lit(S.OOV)).otherwise(S.N_SPECIAL + b).cast("int")
+
+
+def _parsed_ts(df: DataFrame) -> Column:
+    if isinstance(df.schema["ts"].dataType, T.StringType):
+        return F.try_to_timestamp(F.col("ts"))
+    return F.col("ts").cast("timestamp")
+
+
+def classify(df: DataFrame, lookup: DataFrame) -> DataFrame:
+    """Attach ``ts_parsed``, title ids and a ``reason`` (null for a valid row) to raw events."""
+    day_end = F.date_add(F.col("dt"), 1).cast("timestamp") + F.expr(f"INTERVAL {int(FUTURE_TOLERANCE.total_seconds())} SECONDS")
+    df = df.withColumn("ts_parsed", _parsed_ts(df)).join(lookup, "title_id", how="left")
+    reason = (
+        F.when(F.col("event_id").isNull(), "missing_event_id")
+        .when(F.col("profile_id").isNull(), "missing_profile_id")
+        .when(F.col("ts_parsed").isNull(), "unparseable_ts")
+        .when(F.col("ts_parsed") >= day_end, "future_ts")
+        .when(~F.col("action").isin(*S.ACTIONS) | F.col("action").isNull(), "unknown_action")
+        .when(F.col("title_id").isNull(), "missing_title_id")
+        .when(F.col("title_idx").isNull(), "unknown_title")
+        .when(F.col("duration_s") < 0, "negative_duration")
+    )
+    return df.withColumn("reason", reason)
+
+
+def dedupe(valid: DataFrame) -> DataFrame:
+    """Keep one row per event_id (the earliest; ties broken by the row's content, deterministically)."""
+    w = Window.partitionBy("event_id").orderBy("ts_parsed", "profile_id", "title_id", "action")
+    return valid.withColumn("_rn", F.row_number().over(w)).filter(F.col("_rn") == 1).drop("_rn")
+
+
+def to_tokens(valid: DataFrame, prev_last_ts: DataFrame | None) -> DataFrame:
+    """Raw valid events -> token rows. ``prev_last_ts`` seeds the gap of each profile's first event."""
+    w = Window.partitionBy("profile_id").orderBy("ts_parsed", "event_id")
+    prev = F.lag("ts_parsed").over(w)
+    if prev_last_ts is not None:
+        valid = valid.join(prev_last_ts, "profile_id", how="left")
+        prev = F.coalesce(prev, F.col("prev_last_ts"))
+    gap = F.greatest(F.unix_micros(F.col("ts_parsed")) - F.unix_micros(prev), F.lit(0)) / 1e6
+    return valid.select(
+        F.col("profile_id").cast("long").alias("profile_id"), "event_id",
+        F.col("ts_parsed").alias("ts"),
+        F.col("title_idx").alias("title"),
+        _lookup("action", S.ACTIONS).alias("action"),
+        duration_bucket_col(F.col("duration_s").cast("double"), F.col("runtime_s")).alias("duration"),
+        _lookup("device", S.DEVICES).alias("device"),
+        _lookup("canvas", S.CANVASES).alias("canvas"),
+        _lookup("locale", S.LOCALES).alias("locale"),
+        row_bucket_col(F.col("row_position")).alias("row"),
+        (F.hour("ts_parsed") + S.N_SPECIAL).cast("int").alias("hour"),
+        (F.dayofweek("ts_parsed") - 1 + S.N_SPECIAL).cast("int").alias("dow"),
+        gap_bucket_col(gap).alias("gap"),
+        "dt",
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# History state
+# ------------------------------------------------------------------------------------------------
+def _token_struct() -> Column:
+    return F.struct(F.col("ts"), *[F.col(f) for f in S.TOKEN_FIELDS])
+
+
+def history_from_tokens(tokens: DataFrame) -> DataFrame:
+    """Per-profile array of token structs (unsorted) plus the last day the profile was active."""
+    return tokens.groupBy("profile_id").agg(
+        F.collect_list(_token_struct()).alias("toks"), F.max("dt").alias("last_dt"))
+
+
+def read_history_structs(spark: SparkSession, path: Path) -> DataFrame:
+    hist = spark.read.parquet(str(path))
+    return hist.select("profile_id", "last_dt", F.arrays_zip("ts", *S.TOKEN_FIELDS).alias("toks"))
+
+
+def finish_history(merged: DataFrame, n: int) -> DataFrame:
+    """Sort each profile's tokens by time (late events land in order) and keep the last ``n``."""
+    toks = F.array_sort(F.col("toks"))
+    kept = F.slice(toks, F.greatest(F.size(toks) - n + 1, F.lit(1)), n)
+    out = merged.select("profile_id", "last_dt", kept.alias("toks"))
+    return out.select(
+        "profile_id", F.col("last_dt").cast("date"), F.size("toks").cast("int").alias("n_tokens"),
+        F.col("toks.ts").alias("ts"), *[F.col(f"toks.{f}").alias(f) for f in S.TOKEN_FIELDS],
+    ).orderBy("profile_id")
+
+
+def merge_history(old: DataFrame | None, day_tokens: DataFrame, n: int) -> DataFrame:
+    new = history_from_tokens(day_tokens)
+    if old is None:
+        return finish_history(new, n)
+    joined = old.alias("o").join(new.alias("n"), "profile_id", how="full_outer")
+    merged = joined.select(
+        "profile_id",
+        F.coalesce(F.col("n.last_dt"), F.col("o.last_dt")).alias("last_dt"),
+        F.concat(F.coalesce(F.col("o.toks"), F.array()), F.coalesce(F.col("n.toks"), F.array())).alias("toks"),
+    )
+    return finish_history(merged, n)
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing
+# ------------------------------------------------------------------------------------------------
+def write_partition(df: DataFrame, final: Path, files: int = 1) -> None:
+    """Write a DataFrame aside, then swap it in as ``final`` (idempotent per date)."""
+    staging = temp_sibling(final)
+    df.coalesce(files).write.mode("overwrite").parquet(str(staging))
+    swap_dir(staging, final)
+
+
+def _gc_history(paths: Paths) -> None:
+    states = sorted(paths.history.glob("dt=*"))
+    for old in states[:-KEEP_HISTORY_STATES]:
+        import shutil
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run(cfg: TokenizeConfig, paths: Paths, spark: SparkSession | None = None) -> dict:
+    """Tokenize ``cfg.date`` (or rebuild everything up to it) and return counts for the report."""
+    day = parse_date(cfg.date)
+    spark = spark or get_spark("fmpipe-tokenize")
+    days = _all_raw_days(paths, day) if cfg.full else [day]
+    raw = read_raw(spark, paths, days)       # fails first, before any state changes, if D is missing
+    new_titles = 0
+    for d in days:
+        vocab, added = grow_vocab(paths, d)
+        new_titles += added
+    classified = classify(raw, title_lookup(spark, paths, vocab)).cache()
+    bad = classified.filter(F.col("reason").isNotNull())
+    valid = classified.filter(F.col("reason").isNull())
+    deduped = dedupe(valid).cache()
+
+    prev_day = None if cfg.full else latest_partition_before(paths.history, day)
+    old = read_history_structs(spark, partition(paths.history, prev_day)) if prev_day else None
+    seed = old.select("profile_id", F.element_at("toks.ts", -1).alias("prev_last_ts")) if old is not None else None
+    tokens = to_tokens(deduped, seed).cache()
+
+    for d in days:
+        write_partition(tokens.filter(F.col("dt") == F.lit(d)).drop("dt").orderBy("profile_id", "ts", "event_id"),
+                        partition(paths.tokens, d))
+        write_partition(bad.filter(F.col("dt") == F.lit(d)).select(*[f.name for f in S.RAW_EVENT_SCHEMA], "reason"),
+                        partition(paths.quarantine, d))
+    history = merge_history(old, tokens, cfg.history_len)
+    write_partition(history, partition(paths.history, day), files=2)
+    _gc_history(paths)
+
+    reasons = {r["reason"]: r["count"] for r in bad.groupBy("reason").count().collect()}
+    stats = {
+        "date": day.isoformat(), "mode": "full" if cfg.full else "incremental", "days": len(days),
+        "raw_events": classified.count(), "tokens": tokens.count(),
+        "duplicates": valid.count() - deduped.count(), "quarantined": sum(reasons.values()),
+        "quarantine_reasons": reasons, "new_titles": new_titles, "vocab_titles": vocab.num_rows,
+        "profiles_active": tokens.filter(F.col("dt") == F.lit(day)).select("profile_id").distinct().count(),
+        "history_profiles": spark.read.parquet(str(partition(paths.history, day))).count(),
+        "previous_state": prev_day.isoformat() if prev_day else None,
+    }
+    for df in (classified, deduped, tokens):
+        df.unpersist()
+    return stats
+
+
+def _all_raw_days(paths: Paths, until: dt.date) -> list[dt.date]:
+    days = sorted(dt.date.fromisoformat(p.name[3:]) for p in paths.raw.glob("dt=*") if p.is_dir())
+    days = [d for d in days if d <= until]
+    if not days:
+        raise FileNotFoundError(f"no raw partitions up to {until} under {paths.raw}")
+    return days
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("overrides", nargs="*", help="key=value overrides of TokenizeConfig (date=YYYY-MM-DD required)")
+    cfg = parse_overrides(TokenizeConfig, ap.parse_args(argv).overrides)
+    out = run(cfg, Paths.from_env())
+    print(out)
+    return out
