@@ -261,7 +261,11 @@ def run(cfg: TokenizeConfig, paths: Paths, spark: SparkSession | None = None) ->
     """Tokenize ``cfg.date`` (or rebuild everything up to it) and return counts for the report."""
     day = parse_date(cfg.date)
     spark = spark or get_spark("fmpipe-tokenize")
-    days = _all_raw_days(paths, day) if cfg.full else [day]
+    today = partition(paths.raw, day)
+    if not today.is_dir() or not any(today.glob("*.parquet")):
+        raise FileNotFoundError(f"raw partition missing for {day}: {today} (no Parquet files)")
+    full = cfg.full or _needs_full(paths, day)
+    days = _all_raw_days(paths, day) if full else [day]
     raw = read_raw(spark, paths, days)       # fails first, before any state changes, if D is missing
     new_titles = 0
     for d in days:
@@ -272,7 +276,7 @@ def run(cfg: TokenizeConfig, paths: Paths, spark: SparkSession | None = None) ->
     valid = classified.filter(F.col("reason").isNull())
     deduped = dedupe(valid).cache()
 
-    prev_day = None if cfg.full else latest_partition_before(paths.history, day)
+    prev_day = None if full else latest_partition_before(paths.history, day)
     old = read_history_structs(spark, partition(paths.history, prev_day)) if prev_day else None
     seed = old.select("profile_id", F.element_at("toks.ts", -1).alias("prev_last_ts")) if old is not None else None
     tokens = to_tokens(deduped, seed).cache()
@@ -288,7 +292,7 @@ def run(cfg: TokenizeConfig, paths: Paths, spark: SparkSession | None = None) ->
 
     reasons = {r["reason"]: r["count"] for r in bad.groupBy("reason").count().collect()}
     stats = {
-        "date": day.isoformat(), "mode": "full" if cfg.full else "incremental", "days": len(days),
+        "date": day.isoformat(), "mode": "full" if full else "incremental", "days": len(days),
         "raw_events": classified.count(), "tokens": tokens.count(),
         "duplicates": valid.count() - deduped.count(), "quarantined": sum(reasons.values()),
         "quarantine_reasons": reasons, "new_titles": new_titles, "vocab_titles": vocab.num_rows,
@@ -299,6 +303,13 @@ def run(cfg: TokenizeConfig, paths: Paths, spark: SparkSession | None = None) ->
     for df in (classified, deduped, tokens):
         df.unpersist()
     return stats
+
+
+def _needs_full(paths: Paths, day: dt.date) -> bool:
+    """No history state before ``day`` but earlier raw days exist: only a rebuild keeps them."""
+    if latest_partition_before(paths.history, day) is not None:
+        return False
+    return any(d < day for d in _all_raw_days(paths, day))
 
 
 def _all_raw_days(paths: Paths, until: dt.date) -> list[dt.date]:
