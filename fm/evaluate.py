@@ -39,12 +39,17 @@ def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...] = (10, 50)) -> d
 
 @torch.no_grad()
 def next_title_eval(model: FoundationModel, seqs: Sequences, rows: np.ndarray, batch_size: int = 256) -> dict[str, float]:
-    """Hold out each profile's last target-action token and rank it given everything before it."""
+    """Hold out each profile's last target-action token on a title it had not seen before, and rank it
+    against every title given everything before it, with the history's titles removed (the same
+    "history removed" protocol as the MovieLens benchmark; repeats would make the task trivial)."""
     target_ids = np.array([vocab_index(ACTIONS)[a] for a in model.cfg.target_actions])
     ends, keep = [], []
     for r in rows:
         s, e = seqs.offsets[r], seqs.offsets[r + 1]
-        pos = np.flatnonzero(np.isin(seqs.values["action"][s:e], target_ids))
+        titles = seqs.values["title"][s:e]
+        first_seen = np.zeros(len(titles), bool)
+        first_seen[np.unique(titles, return_index=True)[1]] = True
+        pos = np.flatnonzero(np.isin(seqs.values["action"][s:e], target_ids) & first_seen)
         pos = pos[pos >= 1]
         if len(pos):
             keep.append(r)

@@ -4,6 +4,7 @@ Deterministic for a seed on CPU. CUDA + bf16 autocast are used when a GPU is pre
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,18 @@ def _random_ends(lengths: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.where(rng.random(len(lengths)) < 0.5, lengths, np.minimum(cut, lengths))
 
 
+def progress(step: int, total_steps: int, elapsed_s: float, budget_s: float) -> float:
+    """Fraction of training done: by steps or by wall clock, whichever is further along."""
+    return min(1.0, max(step / max(total_steps, 1), elapsed_s / max(budget_s, 1e-9)))
+
+
+def set_lr(opt: torch.optim.Optimizer, peak: float, frac: float, warmup: float = 0.05) -> None:
+    """Linear warm-up then cosine decay to 5% of peak, so a time-budgeted run still anneals."""
+    lr = peak * frac / warmup if frac < warmup else peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (frac - warmup) / (1 - warmup))))
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
 def train(model: FoundationModel, seqs: Sequences, cfg: TrainConfig) -> dict:
     """Train in place; returns metrics and the loss curve (step, loss) for plotting."""
     torch.manual_seed(cfg.seed)
@@ -53,7 +66,6 @@ def train(model: FoundationModel, seqs: Sequences, cfg: TrainConfig) -> dict:
     eval_rows, train_rows = rows[:n_eval], rows[n_eval:]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, len(train_rows) // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.1)
     curve, t0, step, stopped = [], time.perf_counter(), 0, "epochs"
     bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="train", unit="step")
     for epoch in range(cfg.epochs):
@@ -67,9 +79,9 @@ def train(model: FoundationModel, seqs: Sequences, cfg: TrainConfig) -> dict:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
             step += 1
+            set_lr(opt, cfg.lr, progress(step, cfg.epochs * steps_per_epoch, time.perf_counter() - t0, cfg.time_budget_s))
+            opt.step()
             curve.append((step, float(loss.detach()), parts))
             bar.update(1)
             bar.set_postfix(loss=f"{curve[-1][1]:.3f}", epoch=epoch)

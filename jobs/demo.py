@@ -89,4 +89,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--train-budget-s", type=float, default=150.0)
     ap.add_argument("overrides", nargs="*", help="key=value overrides of GenerateConfig")
     args = ap.parse_args(argv)
-    return run(parse_overrides(generate.GenerateConfig, args.overrides), args.train_budget_s, Paths.from_env())
+    overrides = {"malformed_per_day": "12"}          # show the quarantine path in the demo
+    overrides.update(dict(o.split("=", 1) for o in args.overrides))
+    return run(parse_overrides(generate.GenerateConfig, overrides), args.train_budget_s, Paths.from_env())

@@ -163,8 +163,11 @@ def _day_table(world: _World, day: dt.date, cfg: GenerateConfig, rng: np.random.
     dist = world.cluster_dist(day)
     active = np.flatnonzero(rng.random(cfg.profiles) < cfg.active_prob)
     cols: dict[str, list] = {f.name: [] for f in RAW_EVENT_SCHEMA}
+    day_end = dt.datetime(day.year, day.month, day.day, tzinfo=dt.timezone.utc) + dt.timedelta(days=1)
     for p in active:
         for pid, action, t, dur, (locale, canvas, row, device), title in world.profile_day(int(p), day, dist):
+            if t >= day_end:                      # the session ran past midnight: it belongs to tomorrow
+                continue
             cols["profile_id"].append(pid + 1)
             cols["ts"].append(t.strftime("%Y-%m-%dT%H:%M:%SZ"))
             cols["title_id"].append(str(world.title_ids[title]))

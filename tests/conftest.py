@@ -1,0 +1,68 @@
+"""Shared fixtures: one local SparkSession per test session, and one tiny generated world that the
+end-to-end tests build once (generate -> backfill tokenize -> train) and then run days on."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Airflow reads its settings at import: point it at a scratch SQLite DB before anything imports it.
+_SCRATCH = Path(os.environ.get("FMPIPE_TEST_SCRATCH", "/tmp")) / f"fmpipe-tests-{os.getpid()}"
+os.environ.setdefault("AIRFLOW_HOME", str(_SCRATCH / "airflow"))
+os.environ.setdefault("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"sqlite:///{_SCRATCH / 'airflow' / 'airflow.db'}")
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(Path(__file__).resolve().parents[1] / "dags")
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["GX_ANALYTICS_ENABLED"] = "false"
+os.environ["FMPIPE_HOME"] = str(_SCRATCH / "default-home")   # never the repo's var/
+
+from jobs.settings import Paths  # noqa: E402
+
+TINY = {"profiles": 150, "titles": 120, "days": 4, "new_titles_per_day": 5, "malformed_per_day": 6,
+        "start": "2026-11-01", "seed": 3}
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from jobs.spark import get_spark
+    s = get_spark("fmpipe-tests")
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Paths:
+    """A fresh, empty FMPIPE_HOME for one test."""
+    monkeypatch.setenv("FMPIPE_HOME", str(tmp_path / "var"))
+    return Paths.from_env()
+
+
+@pytest.fixture(scope="session")
+def world(spark, tmp_path_factory) -> dict:
+    """Generated raw data, history backfilled up to the second-last day, a trained tiny model.
+
+    The layout mimics a checkout: ``<root>/var`` is FMPIPE_HOME and ``<root>/feature_repo`` is a
+    copy of the repo's Feast folder, so a separate process can open it with only FeatureStore.
+    """
+    from jobs import generate, tokenize, train
+    root = tmp_path_factory.mktemp("world")
+    shutil.copytree(Path(__file__).resolve().parents[1] / "feature_repo", root / "feature_repo")
+    paths = Paths((root / "var").resolve())
+    cfg = generate.GenerateConfig(**TINY)
+    generate.run(cfg, paths)
+    days = sorted(p.name[3:] for p in paths.raw.glob("dt=*"))
+    tokenize.run(tokenize.TokenizeConfig(date=days[-2], full=True), paths, spark)
+    train.run(train.TrainJobConfig(date=days[-2], time_budget_s=8, epochs=4, d_model=32, max_len=64), paths)
+    return {"paths": paths, "root": root, "days": days}
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    """Migrate the scratch Airflow metadata DB once (the real `airflow db migrate`)."""
+    Path(os.environ["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
+    exe = Path(sys.executable).with_name("airflow")
+    subprocess.run([str(exe), "db", "migrate"], check=True, capture_output=True, env=dict(os.environ))
+    return Path(os.environ["AIRFLOW_HOME"]) / "airflow.db"

@@ -1,0 +1,177 @@
+"""The foundation model: shapes, causality, learning, checkpoints, vocabulary growth, metrics."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fm import checkpoint
+from fm.content import ContentEncoder
+from fm.data import Sequences
+from fm.evaluate import metrics_from_ranks, rank_of_target
+from fm.extract import LayerSpec, default_layers, pool, profile_embeddings
+from fm.model import FoundationModel, ModelConfig, init_weights
+from fm.schema import ACTIONS, N_SPECIAL, TOKEN_FIELDS, vocab_index
+from fm.train import TrainConfig, train
+
+PLAY = vocab_index(ACTIONS)["play"]
+
+
+def tiny_model(n_titles=30, **kw) -> FoundationModel:
+    torch.manual_seed(0)
+    m = FoundationModel(ModelConfig(n_titles=n_titles, content_dim=8, d_model=16, n_layers=2, n_heads=2,
+                                    max_len=16, dropout=0.0, **kw))
+    init_weights(m)
+    m.title.content.copy_(torch.randn(n_titles, 8))
+    return m.eval()
+
+
+def random_tokens(B=3, L=10, n_titles=30, seed=0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    m = tiny_model(n_titles)
+    toks = {f: torch.randint(N_SPECIAL, n, (B, L), generator=g) for f, n in m.cfg.field_sizes.items()}
+    toks["title"] = torch.randint(N_SPECIAL, n_titles, (B, L), generator=g)
+    return toks
+
+
+def test_encode_shapes_and_heads():
+    m, toks = tiny_model(), random_tokens()
+    states = m.encode(toks)
+    assert len(states) == 2 and all(s.shape == (3, 10, 16) for s in states)
+    assert m.title_logits(states[-1], 0).shape == (3, 10, 30)
+    assert torch.isinf(m.title_logits(states[-1], 0)[..., :N_SPECIAL]).all()
+    toks["action"][:] = PLAY                              # every token is a title target
+    loss, parts = m(toks, torch.ones(3, 10, dtype=torch.bool))
+    assert torch.isfinite(loss) and set(parts) == {"title_1", "title_2", "action", "duration", "device"}
+
+
+def test_no_future_leakage():
+    """Changing tokens after position t must not change any state at positions <= t."""
+    m, toks = tiny_model(), random_tokens()
+    before = m.encode(toks)
+    t = 4
+    changed = {k: v.clone() for k, v in toks.items()}
+    for k in changed:
+        changed[k][:, t + 1:] = torch.flip(changed[k][:, t + 1:], dims=[0])
+    changed["title"][:, t + 1:] = N_SPECIAL
+    after = m.encode(changed)
+    for a, b in zip(before, after):
+        assert torch.equal(a[:, : t + 1], b[:, : t + 1])
+        assert not torch.allclose(a[:, t + 1:], b[:, t + 1:])
+
+
+def learnable_sequences(n=64, L=12, n_titles=12) -> Sequences:
+    """Each profile cycles through titles 2,3,4,... with a fixed step: the next title is predictable."""
+    rng = np.random.default_rng(0)
+    vals = {f: [] for f in TOKEN_FIELDS}
+    for p in range(n):
+        step = 1 + p % 3
+        start = rng.integers(0, n_titles - N_SPECIAL)
+        for i in range(L):
+            vals["title"].append(N_SPECIAL + (start + i * step) % (n_titles - N_SPECIAL))
+            vals["action"].append(PLAY)
+            for f in TOKEN_FIELDS[2:]:
+                vals[f].append(N_SPECIAL)
+    return Sequences(np.arange(n, dtype=np.int64), np.arange(0, n * L + 1, L, dtype=np.int64),
+                     {f: np.array(v, np.int32) for f, v in vals.items()})
+
+
+def test_loss_decreases_on_learnable_data():
+    seqs = learnable_sequences()
+    m = tiny_model(12)
+    b = seqs.batch(np.arange(len(seqs)), 16)
+    m.train()
+    before = float(m(b.tokens, b.valid)[0])
+    res = train(m, seqs, TrainConfig(batch_size=16, lr=1e-2, epochs=30, time_budget_s=60, eval_frac=0.0))
+    m.train()
+    torch.manual_seed(0)
+    after = float(m(b.tokens, b.valid)[0])
+    assert after < 0.6 * before, (before, after, res["steps"])
+
+
+def test_padding_does_not_change_real_positions():
+    seqs = learnable_sequences(n=4, L=12)
+    short = Sequences(seqs.profile_id[:1], np.array([0, 5]), {f: v[:5] for f, v in seqs.values.items()})
+    m = tiny_model(12)
+    alone = next(profile_embeddings(m, short, default_layers(2)))[1]
+    mixed = Sequences(np.array([0, 1]), np.array([0, 5, 17]),
+                      {f: np.concatenate([v[:5], seqs.values[f][12:24]]) for f, v in seqs.values.items()})
+    for pids, vecs in profile_embeddings(m, mixed, default_layers(2), batch_size=8):
+        row = list(pids).index(0)
+        for k in alone:
+            np.testing.assert_allclose(vecs[k][row], alone[k][0], atol=1e-5)
+
+
+def test_pooling_and_layer_selection():
+    states = [torch.arange(2 * 3 * 2, dtype=torch.float).view(2, 3, 2) + 100 * i for i in range(2)]
+    valid = torch.tensor([[True, True, False], [True, True, True]])
+    out = pool(states, valid, torch.tensor([2, 3]), (LayerSpec(1, "last"), LayerSpec(2, "mean")))
+    assert out["emb_layer1_last"].tolist() == [[2.0, 3.0], [10.0, 11.0]]
+    assert out["emb_layer2_mean"].tolist() == [[101.0, 102.0], [108.0, 109.0]]
+    with pytest.raises(ValueError, match="bad layer spec"):
+        LayerSpec.parse("2:max")
+    with pytest.raises(ValueError, match="layers 1..2"):
+        next(profile_embeddings(tiny_model(12), learnable_sequences(4), (LayerSpec(3, "last"),)))
+
+
+def _encoder() -> ContentEncoder:
+    return ContentEncoder.fit(["space robot future", "love wedding heart", "dragon magic kingdom", "robot war"], dim=4)
+
+
+def test_checkpoint_round_trip_and_bad_checkpoints(tmp_path):
+    m, toks = tiny_model(), random_tokens()
+    vocab = [f"t{i}" for i in range(28)]
+    meta = {"model_version": "v1", "vocab_size": 28, "vocab_fingerprint": checkpoint.vocab_fingerprint(vocab)}
+    d = checkpoint.save(m, _encoder(), tmp_path / "v1", meta)
+    m2, enc, meta2 = checkpoint.load(d, expected_vocab=vocab + ["new"])
+    for a, b in zip(m.encode(toks), m2.encode(toks)):
+        assert torch.equal(a, b)
+    assert meta2["model_version"] == "v1"
+    with pytest.raises(checkpoint.CheckpointError, match="vocabulary mismatch"):
+        checkpoint.load(d, expected_vocab=list(reversed(vocab)))
+    raw = (d / checkpoint.WEIGHTS).read_bytes()
+    (d / checkpoint.WEIGHTS).write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(checkpoint.CheckpointError, match="cannot read tensors"):
+        checkpoint.load(d)
+    (d / checkpoint.WEIGHTS).unlink()
+    with pytest.raises(checkpoint.CheckpointError, match="missing model.safetensors"):
+        checkpoint.load(d)
+
+
+def test_growing_the_vocabulary_keeps_old_rows_bit_identical():
+    m = tiny_model()
+    old_ids = m.title.id.weight.detach().clone()
+    old_table = m.title.table().detach().clone()
+    m.grow_titles(torch.randn(5, 8))
+    assert m.cfg.n_titles == 35
+    assert torch.equal(m.title.id.weight[:30], old_ids) and torch.equal(m.title.table()[:30], old_table)
+    assert torch.equal(m.title.id.weight[30:], torch.zeros(5, 16))
+    new = m.title.table()[30:]
+    assert torch.allclose(new, m.title.proj(m.title.content[30:]))          # content-only vectors
+    assert (new.norm(dim=1) > 0).all()
+
+
+def test_content_encoder_embeds_unseen_text_near_similar_titles(tmp_path):
+    enc = _encoder()
+    v = enc.transform(["robot future space", "wedding love", "unrelated zzz"])
+    assert v.shape == (3, 4)
+    base = enc.transform(["space robot future", "love wedding heart"])
+    assert float(v[0] @ base[0]) > float(v[0] @ base[1])
+    assert np.allclose(v[2], 0)                                               # no known words -> zero
+    enc.save(tmp_path)
+    assert np.array_equal(ContentEncoder.load(tmp_path).transform(["robot"]), enc.transform(["robot"]))
+
+
+def test_rank_metrics_on_hand_computed_cases():
+    scores = torch.tensor([[0.0, 0.0, 5.0, 4.0, 3.0], [0.0, 0.0, 1.0, 2.0, 3.0]])
+    ranks = rank_of_target(scores, torch.tensor([3, 2]))
+    assert ranks.tolist() == [1, 2]
+    # removing history ids above the target improves its rank
+    assert rank_of_target(scores, torch.tensor([3, 2]), [np.array([2]), np.array([4, 3])]).tolist() == [0, 0]
+    m = metrics_from_ranks(torch.tensor([0, 1, 20]), ks=(10,))
+    assert m["hr@10"] == pytest.approx(2 / 3)
+    assert m["ndcg@10"] == pytest.approx((1.0 + 1 / np.log2(3)) / 3)
+    # ties count against the target: a constant scorer ranks it last
+    assert rank_of_target(torch.zeros(1, 5), torch.tensor([2])).tolist() == [4]

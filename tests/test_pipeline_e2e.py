@@ -1,0 +1,122 @@
+"""The daily pipeline end to end on a tiny generated world, without Airflow (jobs called directly),
+then the gate on corrupted tables, and the failure paths that must not publish anything."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import pipeline, validate
+from jobs.io import partition
+from jobs.settings import Paths
+
+
+@pytest.fixture(scope="module")
+def day_run(world, spark):
+    """Run every step for the last generated day, as the DAG would."""
+    os.environ["FMPIPE_HOME"] = str(world["paths"].home)
+    results = {r["step"]: r for r in pipeline.run_all(world["days"][-1])}
+    return {**world, "results": results, "day": dt.date.fromisoformat(world["days"][-1])}
+
+
+def test_every_step_ran_and_counts_agree(day_run):
+    r, paths, day = day_run["results"], day_run["paths"], day_run["day"]
+    tok = r["tokenize"]
+    assert tok["mode"] == "incremental" and tok["quarantined"] == 6
+    assert tok["quarantine_reasons"] == {"missing_profile_id": 2, "unparseable_ts": 2, "unknown_action": 2}
+    assert tok["raw_events"] == tok["tokens"] + tok["quarantined"] + tok["duplicates"]
+    emb = pq.read_table(partition(paths.profile_embeddings, day))
+    assert emb.num_rows == tok["profiles_active"] == r["embed"]["profiles"]
+    assert set(emb.column_names) >= {"profile_id", "event_timestamp", "model_version", "emb_layer1_last",
+                                     "emb_layer2_last", "emb_layer2_mean"}
+    titles = pq.read_table(partition(paths.title_embeddings, day))
+    assert titles.num_rows == tok["vocab_titles"] and sum(titles["is_new"].to_pylist()) == 5   # released today
+    manifest = json.loads((partition(paths.profile_embeddings, day) / "_manifest.json").read_text())
+    assert manifest["rows"] == emb.num_rows and manifest["dim"] == 32
+
+
+def test_gate_results_and_data_docs_are_kept(day_run):
+    paths, day = day_run["paths"], day_run["day"]
+    summary = json.loads((partition(paths.gx / "results", day) / "summary.json").read_text())
+    assert summary["success"] and {s["suite"] for s in summary["suites"]} == {"profile_embeddings", "title_embeddings"}
+    assert (partition(paths.gx / "results", day) / "profile_embeddings.json").exists()
+    assert summary["data_docs"] and os.path.exists(summary["data_docs"])
+
+
+def test_feast_online_read_from_a_separate_process(day_run):
+    """Only `feast.FeatureStore(repo_path=...)`: what a downstream ranker does."""
+    paths, day = day_run["paths"], day_run["day"]
+    pid = pq.read_table(partition(paths.profile_embeddings, day))["profile_id"][0].as_py()
+    code = (
+        "import json, sys\nfrom feast import FeatureStore\n"
+        f"s = FeatureStore(repo_path={str(day_run['root'] / 'feature_repo')!r})\n"
+        "r = s.get_online_features(features=['profile_embeddings:emb_layer1_last', 'profile_embeddings:emb_layer2_last',"
+        " 'profile_embeddings:emb_layer2_mean', 'profile_embeddings:model_version'],"
+        f" entity_rows=[{{'profile_id': {pid}}}]).to_dict()\n"
+        "print(json.dumps(r))\n")
+    env = {k: v for k, v in os.environ.items() if k != "FMPIPE_HOME"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    for layer in ("emb_layer1_last", "emb_layer2_last", "emb_layer2_mean"):
+        vec = got[layer][0]
+        assert vec is not None and len(vec) == 32 and all(isinstance(x, float) for x in vec)
+        assert np.isfinite(vec).all()
+    assert got["model_version"][0] == day_run["results"]["embed"]["model_version"]
+
+
+def test_title_index_returns_the_query_title_first(day_run):
+    from jobs.index import TitleIndex
+    ix = TitleIndex.current(day_run["paths"])
+    for title_id in ix.title_ids[:: max(1, len(ix.title_ids) // 25)]:
+        assert ix.similar_titles(title_id, 10)[0][0] == title_id
+    report = json.loads((partition(day_run["paths"].reports, day_run["day"]) / "summary.json").read_text())
+    assert report["online_probe"]["dims"]["emb_layer2_last"] == 32 and len(report["index_probe"]["nearest"]) == 10
+
+
+def _corrupt(paths: Paths, day, mutate) -> None:
+    path = partition(paths.profile_embeddings, day) / "part-0.parquet"
+    table = pq.read_table(path)
+    pq.write_table(mutate(table), path)
+
+
+@pytest.mark.parametrize("kind", ["nan", "short_vector", "duplicate_key", "missing_rows"])
+def test_gate_blocks_bad_tables_and_names_the_expectation(day_run, kind, tmp_path):
+    import shutil
+    paths, day = day_run["paths"], day_run["day"]
+    scratch = Paths(tmp_path / "var")
+    for sub in ("history", "embeddings", "vocab"):
+        shutil.copytree(paths.home / sub, scratch.home / sub)
+
+    def mutate(t: pa.Table) -> pa.Table:
+        col = t["emb_layer2_last"].to_pylist()
+        if kind == "nan":
+            col[0] = [float("nan")] + col[0][1:]
+        elif kind == "short_vector":
+            col[1] = col[1][:-1]
+        elif kind == "duplicate_key":
+            return pa.concat_tables([t, t.slice(0, 1)])
+        else:
+            return t.slice(1)
+        return t.set_column(t.schema.get_field_index("emb_layer2_last"), "emb_layer2_last",
+                            pa.array(col, pa.list_(pa.float32())))
+    _corrupt(scratch, day, mutate)
+    expected = {"nan": "emb_layer2_last__nonfinite", "short_vector": "emb_layer2_last__dim",
+                "duplicate_key": "expect_column_values_to_be_unique", "missing_rows": "expect_table_row_count_to_equal"}[kind]
+    with pytest.raises(validate.GateFailed, match=expected):
+        validate.run(validate.ValidateConfig(date=day.isoformat(), build_docs=False), scratch)
+    from jobs import publish
+    with pytest.raises(RuntimeError, match="validation failed"):
+        publish.run(publish.PublishConfig(date=day.isoformat()), scratch)
+    assert not (scratch.feast / "online.db").exists()
+
+
+def test_missing_raw_partition_fails_first_step_naming_the_path(day_run):
+    with pytest.raises(FileNotFoundError, match=r"raw partition missing for 2030-01-01: .*raw/dt=2030-01-01"):
+        pipeline.check_raw("2030-01-01")

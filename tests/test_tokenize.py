@@ -1,0 +1,135 @@
+"""Tokenize job on hand-made events: fields, quarantine, dedupe, OOV, vocabulary, incremental state."""
+from __future__ import annotations
+
+import datetime as dt
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fm import schema as S
+from jobs import tokenize
+from jobs.io import atomic_write_table, partition, raw_partition
+
+D1, D2 = dt.date(2026, 11, 1), dt.date(2026, 11, 2)
+
+
+def catalogue(extra: list[dict] | None = None) -> pa.Table:
+    rows = [
+        {"title_id": "a", "name": "Alpha", "kind": "movie", "genres": ["drama"], "release_date": dt.date(2020, 1, 1),
+         "synopsis": "a drama", "runtime_s": 1000},
+        {"title_id": "b", "name": "Beta", "kind": "show", "genres": ["comedy"], "release_date": dt.date(2020, 1, 1),
+         "synopsis": "a comedy", "runtime_s": None},
+        {"title_id": "c", "name": "Gamma", "kind": "movie", "genres": ["scifi"], "release_date": D2,
+         "synopsis": "space", "runtime_s": 6000},
+    ] + (extra or [])
+    return pa.Table.from_pylist(rows, schema=S.CATALOGUE_SCHEMA)
+
+
+def ev(eid, pid, ts, title="a", action="play", dur=None, device="tv", canvas="home", row=0, locale="en-US") -> dict:
+    return {"event_id": eid, "profile_id": pid, "ts": ts, "title_id": title, "action": action, "duration_s": dur,
+            "device": device, "canvas": canvas, "row_position": row, "locale": locale}
+
+
+def write_day(paths, day: dt.date, events: list[dict]) -> None:
+    atomic_write_table(pa.Table.from_pylist(events, schema=S.RAW_EVENT_SCHEMA), raw_partition(paths, day) / "part-0.parquet")
+
+
+def tokens(paths, day) -> list[dict]:
+    return pq.read_table(partition(paths.tokens, day)).sort_by([("profile_id", "ascending"), ("ts", "ascending")]).to_pylist()
+
+
+def day1_events() -> list[dict]:
+    return [
+        ev("e1", 1, "2026-11-01T10:00:00Z", "a", "play", 500.0, "tv", "home", 0),
+        ev("e2", 1, "2026-11-01T10:00:10Z", "b", "impression", None, "fridge", "nowhere", 7, "xx-XX"),
+        ev("e3", 2, "2026-11-01T23:30:00Z", "b", "play", 64.0, "mobile", "search", 25),
+        ev("e3", 2, "2026-11-01T23:30:00Z", "b", "play", 64.0, "mobile", "search", 25),   # duplicate
+        ev("bad1", None, "2026-11-01T10:00:00Z"),                                            # missing profile
+        ev("bad2", 3, "yesterday-ish"),                                                      # unparseable ts
+        ev("bad3", 3, "2026-11-01T11:00:00Z", action="teleport"),                            # unknown action
+        ev("bad4", 3, "2026-11-05T11:00:00Z"),                                               # future ts
+        ev("bad5", 3, "2026-11-01T11:00:00Z", title="zzz"),                                  # unknown title
+        ev("bad6", 3, "2026-11-01T11:00:00Z", dur=-5.0),                                     # negative duration
+        ev(None, 3, "2026-11-01T11:00:00Z"),                                                 # missing event id
+    ]
+
+
+def test_fields_quarantine_dedupe_and_oov(spark, home):
+    atomic_write_table(catalogue(), home.catalogue)
+    write_day(home, D1, day1_events())
+    out = tokenize.run(tokenize.TokenizeConfig(date=D1.isoformat()), home, spark)
+    assert out["quarantine_reasons"] == {"missing_profile_id": 1, "unparseable_ts": 1, "unknown_action": 1,
+                                         "future_ts": 1, "unknown_title": 1, "negative_duration": 1,
+                                         "missing_event_id": 1}
+    assert out["duplicates"] == 1 and out["tokens"] == 3
+    q = pq.read_table(partition(home.quarantine, D1)).to_pylist()
+    assert {r["event_id"]: r["reason"] for r in q}["bad2"] == "unparseable_ts"
+    assert q[0]["ts"] is not None or q[0]["reason"]            # raw columns kept for replay
+
+    t1, t2, t3 = tokens(home, D1)
+    vocab = {r["title_id"]: r["idx"] for r in pq.read_table(home.title_vocab).to_pylist()}
+    assert set(vocab) == {"a", "b"}                           # c is released on D2
+    assert t1["title"] == vocab["a"] and t1["action"] == S.vocab_index(S.ACTIONS)["play"]
+    assert t1["duration"] == S.duration_bucket(500.0, 1000) and t1["gap"] == S.OOV
+    assert t1["hour"] == S.N_SPECIAL + 10 and t1["dow"] == S.N_SPECIAL + 0      # 2026-11-01 is a Sunday
+    assert t2["device"] == t2["canvas"] == t2["locale"] == S.OOV                 # unknown values -> OOV
+    assert t2["gap"] == S.gap_bucket(10) and t2["duration"] == S.NO_DURATION and t2["row"] == S.row_bucket(7)
+    assert t3["duration"] == S.duration_bucket(64.0, None)                       # unknown runtime -> log bucket
+    assert t3["device"] == S.vocab_index(S.DEVICES)["mobile"] and t3["row"] == S.row_bucket(25)
+
+
+def test_vocabulary_only_grows_and_history_merges_late_events(spark, home):
+    atomic_write_table(catalogue(), home.catalogue)
+    write_day(home, D1, day1_events()[:3])
+    tokenize.run(tokenize.TokenizeConfig(date=D1.isoformat()), home, spark)
+    v1 = pq.read_table(home.title_vocab).to_pylist()
+    write_day(home, D2, [
+        ev("f1", 1, "2026-11-02T09:00:00Z", "c", "play", 600.0),
+        ev("f2", 1, "2026-11-01T10:00:05Z", "b", "thumbs_up"),          # late event: belongs between e1 and e2
+    ])
+    # the catalogue changes row order and gains a title: existing ids must not move
+    atomic_write_table(catalogue([{"title_id": "0first", "name": "N", "kind": "live", "genres": [],
+                                   "release_date": D2, "synopsis": "", "runtime_s": None}]).sort_by("title_id"),
+                       home.catalogue)
+    out = tokenize.run(tokenize.TokenizeConfig(date=D2.isoformat()), home, spark)
+    assert out["mode"] == "incremental" and out["previous_state"] == D1.isoformat()
+    v2 = pq.read_table(home.title_vocab).to_pylist()
+    assert v2[: len(v1)] == v1 and {r["title_id"] for r in v2[len(v1):]} == {"c", "0first"}
+    hist = {r["profile_id"]: r for r in pq.read_table(partition(home.history, D2)).to_pylist()}
+    idx = {r["title_id"]: r["idx"] for r in v2}
+    assert hist[1]["title"] == [idx["a"], idx["b"], idx["b"], idx["c"]]          # late event in time order
+    assert hist[1]["last_dt"] == D2 and hist[2]["last_dt"] == D1 and hist[1]["n_tokens"] == 4
+
+
+def test_incremental_equals_full_rebuild_and_reruns_are_idempotent(spark, tmp_path, monkeypatch):
+    from jobs import generate
+    from jobs.settings import Paths
+    homes = [Paths(tmp_path / "inc"), Paths(tmp_path / "full")]
+    for p in homes:
+        generate.run(generate.GenerateConfig(profiles=40, titles=30, days=3, new_titles_per_day=2, seed=1), p)
+    days = sorted(p.name[3:] for p in homes[0].raw.glob("dt=*"))
+    inc, full = homes
+    for d in days:
+        tokenize.run(tokenize.TokenizeConfig(date=d, history_len=20), inc, spark)
+    before = pq.read_table(partition(inc.history, dt.date.fromisoformat(days[-1])))
+    tokenize.run(tokenize.TokenizeConfig(date=days[-1], history_len=20), inc, spark)        # re-run last day
+    tokenize.run(tokenize.TokenizeConfig(date=days[-1], history_len=20, full=True), full, spark)
+    a = pq.read_table(partition(inc.history, dt.date.fromisoformat(days[-1]))).sort_by("profile_id")
+    b = pq.read_table(partition(full.history, dt.date.fromisoformat(days[-1]))).sort_by("profile_id")
+    assert a.equals(before.sort_by("profile_id"))
+    assert a.to_pylist() == b.to_pylist()
+    assert max(r["n_tokens"] for r in a.to_pylist()) == 20                       # truncated to the last N
+    assert pq.read_table(inc.title_vocab).equals(pq.read_table(full.title_vocab))
+
+
+def test_missing_partition_and_bad_columns_fail_clearly(spark, home):
+    atomic_write_table(catalogue(), home.catalogue)
+    with pytest.raises(FileNotFoundError, match=r"raw partition missing for 2026-11-01: .*dt=2026-11-01"):
+        tokenize.run(tokenize.TokenizeConfig(date=D1.isoformat()), home, spark)
+    bad = pa.Table.from_pylist(day1_events()[:2], schema=S.RAW_EVENT_SCHEMA)
+    bad = bad.set_column(bad.schema.get_field_index("row_position"), "row_position", pa.array(["top", "x"]))
+    atomic_write_table(bad, raw_partition(home, D1) / "part-0.parquet")
+    with pytest.raises(TypeError, match=r"column 'row_position' has type string"):
+        tokenize.run(tokenize.TokenizeConfig(date=D1.isoformat()), home, spark)
+    assert not partition(home.history, D1).exists()                              # nothing written
