@@ -131,8 +131,9 @@ class FoundationModel(nn.Module):
         """Sum of field embeddings + position: (B, L) ints per field -> (B, L, D)."""
         L = tokens["title"].shape[1]
         x = self.title(tokens["title"]) + self.pos(torch.arange(L, device=tokens["title"].device))
-        for f, emb in self.fields.items():
-            x = x + emb(tokens[f])
+        for f in S.TOKEN_FIELDS:             # fixed order: float sums must not depend on dict order
+            if f in self.fields:
+                x = x + self.fields[f](tokens[f])
         return self.drop(x)
 
     def encode(self, tokens: dict[str, torch.Tensor]) -> list[torch.Tensor]:

@@ -27,6 +27,12 @@ CANVASES: tuple[str, ...] = (
     "home", "search", "kids", "more_like_this", "continue_watching", "my_list", "trending", "genre_row",
 )
 LOCALES: tuple[str, ...] = ("en-US", "en-GB", "es-ES", "es-MX", "fr-FR", "de-DE", "pt-BR", "ja-JP", "ko-KR", "hi-IN")
+# How strongly an action expresses intent; adjacent actions on one title merge into the strongest.
+ACTION_STRENGTH: dict[str, int] = {
+    "impression": 0, "search": 0, "pause": 1, "play": 2, "complete": 3, "add_to_list": 4,
+    "thumbs_down": 5, "thumbs_up": 6,
+}
+SESSION_GAP_S = 30 * 60                 # a pause longer than this starts a new session
 TITLE_KINDS: tuple[str, ...] = ("movie", "show", "game", "live")
 
 # Bucket edges. Durations: fraction of runtime when the runtime is known, else log2 seconds.
@@ -115,6 +121,7 @@ TOKEN_SCHEMA = pa.schema(
     [pa.field("profile_id", pa.int64(), nullable=False), pa.field("event_id", pa.string()),
      pa.field("ts", pa.timestamp("us", tz="UTC"))]
     + [pa.field(f, pa.int32()) for f in TOKEN_FIELDS]
+    + [pa.field("n_events", pa.int32())]          # raw events merged into this token
 )
 
 # History state after day D: the last N tokens per profile, oldest first, one array per field.

@@ -44,6 +44,8 @@ class TokenizeConfig:
     date: str = ""
     history_len: int = 512
     full: bool = False
+    merge_actions: bool = True           # adjacent actions on one title in one session -> one token
+    session_gap_s: int = S.SESSION_GAP_S
 
 
 # ------------------------------------------------------------------------------------------------
@@ -173,6 +175,33 @@ def dedupe(valid: DataFrame) -> DataFrame:
     return valid.withColumn("_rn", F.row_number().over(w)).filter(F.col("_rn") == 1).drop("_rn")
 
 
+def merge_adjacent(events: DataFrame, session_gap_s: int) -> DataFrame:
+    """Merge consecutive events of one profile on one title within one session into one token.
+
+    play -> pause -> play -> complete becomes a single event with the summed duration, the strongest
+    action (:data:`fm.schema.ACTION_STRENGTH`), the first event's id, time and context, and
+    ``n_events`` = how many raw events it stands for.
+    """
+    w = Window.partitionBy("profile_id").orderBy("ts_parsed", "event_id")
+    gap = F.unix_micros(F.col("ts_parsed")) - F.unix_micros(F.lag("ts_parsed").over(w))
+    starts = (F.lag("title_id").over(w).isNull() | (F.lag("title_id").over(w) != F.col("title_id"))
+              | (gap > session_gap_s * 1_000_000))
+    strength = F.create_map(*itertools.chain.from_iterable((F.lit(k), F.lit(v)) for k, v in S.ACTION_STRENGTH.items()))
+    grouped = (events.withColumn("_start", starts.cast("int"))
+               .withColumn("_group", F.sum("_start").over(w.rowsBetween(Window.unboundedPreceding, 0))))
+    first = F.min(F.struct("ts_parsed", "event_id", "device", "canvas", "locale", "row_position", "dt"))
+    agg = grouped.groupBy("profile_id", "_group", "title_id", "title_idx", "runtime_s").agg(
+        first.alias("f"),
+        F.max(F.struct(strength[F.col("action")], F.col("action"))).alias("strongest"),
+        F.sum("duration_s").alias("duration_s"),
+        F.count(F.lit(1)).cast("int").alias("n_events"),
+    )
+    return agg.select("profile_id", "title_id", "title_idx", "runtime_s", "duration_s", "n_events",
+                      F.col("strongest.action").alias("action"),
+                      *[F.col(f"f.{c}").alias(c) for c in ("ts_parsed", "event_id", "device", "canvas", "locale",
+                                                            "row_position", "dt")])
+
+
 def to_tokens(valid: DataFrame, prev_last_ts: DataFrame | None) -> DataFrame:
     """Raw valid events -> token rows. ``prev_last_ts`` seeds the gap of each profile's first event."""
     w = Window.partitionBy("profile_id").orderBy("ts_parsed", "event_id")
@@ -180,7 +209,9 @@ def to_tokens(valid: DataFrame, prev_last_ts: DataFrame | None) -> DataFrame:
     if prev_last_ts is not None:
         valid = valid.join(prev_last_ts, "profile_id", how="left")
         prev = F.coalesce(prev, F.col("prev_last_ts"))
-    gap = F.greatest(F.unix_micros(F.col("ts_parsed")) - F.unix_micros(prev), F.lit(0)) / 1e6
+    # greatest() skips nulls, so keep the first event's missing gap null explicitly (-> OOV bucket)
+    gap = F.when(prev.isNull(), F.lit(None)).otherwise(
+        F.greatest(F.unix_micros(F.col("ts_parsed")) - F.unix_micros(prev), F.lit(0)) / 1e6)
     return valid.select(
         F.col("profile_id").cast("long").alias("profile_id"), "event_id",
         F.col("ts_parsed").alias("ts"),
@@ -194,6 +225,7 @@ def to_tokens(valid: DataFrame, prev_last_ts: DataFrame | None) -> DataFrame:
         (F.hour("ts_parsed") + S.N_SPECIAL).cast("int").alias("hour"),
         (F.dayofweek("ts_parsed") - 1 + S.N_SPECIAL).cast("int").alias("dow"),
         gap_bucket_col(gap).alias("gap"),
+        (F.col("n_events") if "n_events" in valid.columns else F.lit(1)).cast("int").alias("n_events"),
         "dt",
     )
 
@@ -279,7 +311,8 @@ def run(cfg: TokenizeConfig, paths: Paths, spark: SparkSession | None = None) ->
     prev_day = None if full else latest_partition_before(paths.history, day)
     old = read_history_structs(spark, partition(paths.history, prev_day)) if prev_day else None
     seed = old.select("profile_id", F.element_at("toks.ts", -1).alias("prev_last_ts")) if old is not None else None
-    tokens = to_tokens(deduped, seed).cache()
+    events = merge_adjacent(deduped, cfg.session_gap_s) if cfg.merge_actions else deduped
+    tokens = to_tokens(events, seed).cache()
 
     for d in days:
         write_partition(tokens.filter(F.col("dt") == F.lit(d)).drop("dt").orderBy("profile_id", "ts", "event_id"),
@@ -295,11 +328,13 @@ def run(cfg: TokenizeConfig, paths: Paths, spark: SparkSession | None = None) ->
         "date": day.isoformat(), "mode": "full" if full else "incremental", "days": len(days),
         "raw_events": classified.count(), "tokens": tokens.count(),
         "duplicates": valid.count() - deduped.count(), "quarantined": sum(reasons.values()),
+        "valid_events": deduped.count(),
         "quarantine_reasons": reasons, "new_titles": new_titles, "vocab_titles": vocab.num_rows,
         "profiles_active": tokens.filter(F.col("dt") == F.lit(day)).select("profile_id").distinct().count(),
         "history_profiles": spark.read.parquet(str(partition(paths.history, day))).count(),
         "previous_state": prev_day.isoformat() if prev_day else None,
     }
+    stats["events_per_token"] = round(stats["valid_events"] / max(stats["tokens"], 1), 3)
     for df in (classified, deduped, tokens):
         df.unpersist()
     return stats

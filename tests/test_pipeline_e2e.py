@@ -31,7 +31,8 @@ def test_every_step_ran_and_counts_agree(day_run):
     tok = r["tokenize"]
     assert tok["mode"] == "incremental" and tok["quarantined"] == 6
     assert tok["quarantine_reasons"] == {"missing_profile_id": 2, "unparseable_ts": 2, "unknown_action": 2}
-    assert tok["raw_events"] == tok["tokens"] + tok["quarantined"] + tok["duplicates"]
+    assert tok["raw_events"] == tok["valid_events"] + tok["quarantined"] + tok["duplicates"]
+    assert tok["tokens"] < tok["valid_events"] and tok["events_per_token"] > 1.5          # watches merged
     emb = pq.read_table(partition(paths.profile_embeddings, day))
     assert emb.num_rows == tok["profiles_active"] == r["embed"]["profiles"]
     assert set(emb.column_names) >= {"profile_id", "event_timestamp", "model_version", "emb_layer1_last",

@@ -133,3 +133,26 @@ def test_missing_partition_and_bad_columns_fail_clearly(spark, home):
     with pytest.raises(TypeError, match=r"column 'row_position' has type string"):
         tokenize.run(tokenize.TokenizeConfig(date=D1.isoformat()), home, spark)
     assert not partition(home.history, D1).exists()                              # nothing written
+
+
+def test_adjacent_actions_merge_into_one_watch_token(spark, home):
+    atomic_write_table(catalogue(), home.catalogue)
+    write_day(home, D1, [
+        ev("m1", 1, "2026-11-01T20:00:00Z", "a", "impression", None, "tv", "home", 3),
+        ev("m2", 1, "2026-11-01T20:00:05Z", "a", "play", 300.0),
+        ev("m3", 1, "2026-11-01T20:05:05Z", "a", "pause"),
+        ev("m4", 1, "2026-11-01T20:15:00Z", "a", "play", 400.0),
+        ev("m5", 1, "2026-11-01T20:21:40Z", "a", "complete"),
+        ev("m6", 1, "2026-11-01T20:22:00Z", "b", "impression"),                 # another title: new token
+        ev("m7", 1, "2026-11-01T23:00:00Z", "a", "play", 50.0),                 # same title, new session
+    ])
+    out = tokenize.run(tokenize.TokenizeConfig(date=D1.isoformat()), home, spark)
+    assert out["valid_events"] == 7 and out["tokens"] == 3 and out["events_per_token"] == round(7 / 3, 3)
+    watch, other, again = tokens(home, D1)
+    assert watch["event_id"] == "m1" and watch["n_events"] == 5
+    assert watch["action"] == S.vocab_index(S.ACTIONS)["complete"]
+    assert watch["duration"] == S.duration_bucket(700.0, 1000) and watch["row"] == S.row_bucket(3)
+    assert other["n_events"] == 1 and again["n_events"] == 1
+    assert other["gap"] == S.gap_bucket(1320) and again["gap"] == S.gap_bucket(9480)
+    plain = tokenize.run(tokenize.TokenizeConfig(date=D1.isoformat(), merge_actions=False), home, spark)
+    assert plain["tokens"] == 7
