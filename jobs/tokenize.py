@@ -256,7 +256,7 @@ def finish_history(merged: DataFrame, n: int) -> DataFrame:
     return out.select(
         "profile_id", F.col("last_dt").cast("date"), F.size("toks").cast("int").alias("n_tokens"),
         F.col("toks.ts").alias("ts"), *[F.col(f"toks.{f}").alias(f) for f in S.TOKEN_FIELDS],
-    ).orderBy("profile_id")
+    )
 
 
 def merge_history(old: DataFrame | None, day_tokens: DataFrame, n: int) -> DataFrame:
@@ -275,10 +275,16 @@ def merge_history(old: DataFrame | None, day_tokens: DataFrame, n: int) -> DataF
 # ------------------------------------------------------------------------------------------------
 # Writing
 # ------------------------------------------------------------------------------------------------
-def write_partition(df: DataFrame, final: Path, files: int = 1) -> None:
-    """Write a DataFrame aside, then swap it in as ``final`` (idempotent per date)."""
+def write_partition(df: DataFrame, final: Path, files: int = 1, sort_by: tuple[str, ...] = ()) -> None:
+    """Write a DataFrame aside, then swap it in as ``final`` (idempotent per date).
+
+    Rows are sorted inside each output file (a local sort, no global range shuffle).
+    """
     staging = temp_sibling(final)
-    df.coalesce(files).write.mode("overwrite").parquet(str(staging))
+    out = df.coalesce(files)
+    if sort_by:
+        out = out.sortWithinPartitions(*sort_by)
+    out.write.mode("overwrite").parquet(str(staging))
     swap_dir(staging, final)
 
 
@@ -305,8 +311,7 @@ def run(cfg: TokenizeConfig, paths: Paths, spark: SparkSession | None = None) ->
         new_titles += added
     classified = classify(raw, title_lookup(spark, paths, vocab)).cache()
     bad = classified.filter(F.col("reason").isNotNull())
-    valid = classified.filter(F.col("reason").isNull())
-    deduped = dedupe(valid).cache()
+    deduped = dedupe(classified.filter(F.col("reason").isNull())).cache()
 
     prev_day = None if full else latest_partition_before(paths.history, day)
     old = read_history_structs(spark, partition(paths.history, prev_day)) if prev_day else None
@@ -315,23 +320,26 @@ def run(cfg: TokenizeConfig, paths: Paths, spark: SparkSession | None = None) ->
     tokens = to_tokens(events, seed).cache()
 
     for d in days:
-        write_partition(tokens.filter(F.col("dt") == F.lit(d)).drop("dt").orderBy("profile_id", "ts", "event_id"),
-                        partition(paths.tokens, d))
+        write_partition(tokens.filter(F.col("dt") == F.lit(d)).drop("dt"), partition(paths.tokens, d),
+                        sort_by=("profile_id", "ts", "event_id"))
         write_partition(bad.filter(F.col("dt") == F.lit(d)).select(*[f.name for f in S.RAW_EVENT_SCHEMA], "reason"),
                         partition(paths.quarantine, d))
     history = merge_history(old, tokens, cfg.history_len)
-    write_partition(history, partition(paths.history, day), files=2)
+    write_partition(history, partition(paths.history, day), files=2, sort_by=("profile_id",))
     _gc_history(paths)
 
-    reasons = {r["reason"]: r["count"] for r in bad.groupBy("reason").count().collect()}
+    by_reason = {r["reason"]: r["count"] for r in classified.groupBy("reason").count().collect()}
+    n_valid = by_reason.pop(None, 0)
+    tok = tokens.agg(F.count(F.lit(1)).alias("n"),
+                     F.countDistinct(F.when(F.col("dt") == F.lit(day), F.col("profile_id"))).alias("active")).first()
+    n_deduped = deduped.count()
     stats = {
         "date": day.isoformat(), "mode": "full" if full else "incremental", "days": len(days),
-        "raw_events": classified.count(), "tokens": tokens.count(),
-        "duplicates": valid.count() - deduped.count(), "quarantined": sum(reasons.values()),
-        "valid_events": deduped.count(),
-        "quarantine_reasons": reasons, "new_titles": new_titles, "vocab_titles": vocab.num_rows,
-        "profiles_active": tokens.filter(F.col("dt") == F.lit(day)).select("profile_id").distinct().count(),
-        "history_profiles": spark.read.parquet(str(partition(paths.history, day))).count(),
+        "raw_events": n_valid + sum(by_reason.values()), "tokens": tok["n"],
+        "duplicates": n_valid - n_deduped, "quarantined": sum(by_reason.values()), "valid_events": n_deduped,
+        "quarantine_reasons": by_reason, "new_titles": new_titles, "vocab_titles": vocab.num_rows,
+        "profiles_active": tok["active"],
+        "history_profiles": sum(pq.read_metadata(f).num_rows for f in partition(paths.history, day).glob("*.parquet")),
         "previous_state": prev_day.isoformat() if prev_day else None,
     }
     stats["events_per_token"] = round(stats["valid_events"] / max(stats["tokens"], 1), 3)
