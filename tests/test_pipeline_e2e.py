@@ -121,3 +121,21 @@ def test_gate_blocks_bad_tables_and_names_the_expectation(day_run, kind, tmp_pat
 def test_missing_raw_partition_fails_first_step_naming_the_path(day_run):
     with pytest.raises(FileNotFoundError, match=r"raw partition missing for 2030-01-01: .*raw/dt=2030-01-01"):
         pipeline.check_raw("2030-01-01")
+
+
+def test_analyst_sql_examples_run_over_the_published_tables(day_run):
+    from jobs import sql
+    queries = sql.named_queries(sql.EXAMPLES.read_text())
+    assert {"nearest_titles", "drift_per_day", "coverage_per_layer", "profile_history"} <= set(queries)
+    paths = day_run["paths"]
+    probe = pq.read_table(partition(paths.title_embeddings, day_run["day"]))["title_id"][3].as_py()
+    near = sql.query(queries["nearest_titles"], paths, {"title": probe})
+    assert near["title_id"].iloc[0] == probe and len(near) == 10
+    cov = sql.query(queries["coverage_per_layer"], paths)
+    assert (cov["layer2_last"] == 1.0).all()
+    pid = int(pq.read_table(partition(paths.profile_embeddings, day_run["day"]))["profile_id"][0].as_py())
+    assert len(sql.query(queries["profile_history"], paths, {"profile": pid})) > 0
+    for name, q in queries.items():                       # every example at least binds and runs
+        sql.query(q, paths, {k: None for k in ("title", "profile") if f"${k}" in q})
+    with pytest.raises(ValueError, match="available views"):
+        sql.query("SELECT * FROM no_such_table", paths)

@@ -1,0 +1,80 @@
+"""``fmpipe sql "<query>"``: analysts query the pipeline's tables with SQL, no Python needed.
+
+DuckDB runs over the partitioned Parquet under ``$FMPIPE_HOME`` (read-only); every table is a view
+and ``dt`` partitions are columns. Views: raw_events, quarantine, tokens, history, title_vocab,
+catalogue, profile_embeddings, title_embeddings. Example queries: ``docs/queries.sql``
+(``fmpipe sql --file docs/queries.sql --name nearest_titles``).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import duckdb
+
+from jobs.settings import REPO_ROOT, Paths
+
+EXAMPLES = REPO_ROOT / "docs" / "queries.sql"
+
+
+def views(paths: Paths) -> dict[str, Path]:
+    return {
+        "raw_events": paths.raw, "quarantine": paths.quarantine, "tokens": paths.tokens, "history": paths.history,
+        "profile_embeddings": paths.profile_embeddings, "title_embeddings": paths.title_embeddings,
+        "title_vocab": paths.title_vocab, "catalogue": paths.catalogue,
+    }
+
+
+def connect(paths: Paths) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with one view per table that exists (partitioned dirs read with hive_partitioning)."""
+    con = duckdb.connect()
+    for name, path in views(paths).items():
+        if path.is_file():
+            con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{path}')")
+        elif path.is_dir() and any(path.glob("dt=*/*.parquet")):
+            con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{path}/dt=*/*.parquet', "
+                        "hive_partitioning=true, union_by_name=true)")
+    return con
+
+
+def named_queries(text: str) -> dict[str, str]:
+    """Split a .sql file on ``-- name: <id>`` markers."""
+    parts = re.split(r"^--\s*name:\s*(\S+)\s*$", text, flags=re.M)
+    return {parts[i]: parts[i + 1].strip().rstrip(";") for i in range(1, len(parts) - 1, 2)}
+
+
+def query(sql: str, paths: Paths, params: dict | None = None):
+    """Run one query; returns a pandas DataFrame."""
+    con = connect(paths)
+    try:
+        return con.execute(sql, params or {}).df()
+    except duckdb.CatalogException as e:
+        raise ValueError(f"{e}; available views: {sorted(v for v in views(paths) if _exists(con, v))}") from e
+
+
+def _exists(con, view: str) -> bool:
+    return bool(con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = ?", [view]).fetchone()[0])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sql", nargs="?", help="a SQL query (or use --file/--name)")
+    ap.add_argument("--file", type=Path, default=EXAMPLES)
+    ap.add_argument("--name", help="run the named query from --file")
+    ap.add_argument("--param", action="append", default=[], help="key=value bound to $key in the query")
+    ap.add_argument("--list", action="store_true", help="list the named queries in --file")
+    args = ap.parse_args(argv)
+    named = named_queries(args.file.read_text()) if args.file.exists() else {}
+    if args.list:
+        print("\n".join(named))
+        return
+    sql = named[args.name] if args.name else args.sql
+    if not sql:
+        ap.error("give a query, or --name NAME (see --list)")
+    given = dict(p.split("=", 1) for p in args.param)
+    # every $name in the query is bound: to the given value, else NULL (queries coalesce to a default)
+    used = {k: given.get(k) for k in set(re.findall(r"\$(\w+)", sql))}
+    import pandas as pd
+    with pd.option_context("display.max_rows", 200, "display.width", 200, "display.max_colwidth", 60):
+        print(query(sql, Paths.from_env(), used).to_string(index=False))
