@@ -54,16 +54,24 @@ def set_lr(opt: torch.optim.Optimizer, peak: float, frac: float, warmup: float =
         g["lr"] = lr
 
 
-def train(model: FoundationModel, seqs: Sequences, cfg: TrainConfig) -> dict:
-    """Train in place; returns metrics and the loss curve (step, loss) for plotting."""
+def split_rows(seqs: Sequences, eval_frac: float, seed: int, among: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(train_rows, eval_rows): a seeded split of the profiles with at least two tokens."""
+    rows = np.flatnonzero(seqs.lengths >= 2)
+    if among is not None:
+        rows = np.intersect1d(rows, among)
+    np.random.default_rng(seed).shuffle(rows)
+    n_eval = int(len(rows) * eval_frac)
+    return rows[n_eval:], rows[:n_eval]
+
+
+def train(model: FoundationModel, seqs: Sequences, cfg: TrainConfig, among: np.ndarray | None = None) -> dict:
+    """Train in place (on the profiles ``among``, default all); returns metrics, the held-out rows
+    and the loss curve (step, loss) for plotting."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = pick_device(cfg.device)
     model.to(device).train()
-    rows = np.flatnonzero(seqs.lengths >= 2)
-    rng.shuffle(rows)
-    n_eval = int(len(rows) * cfg.eval_frac)
-    eval_rows, train_rows = rows[:n_eval], rows[n_eval:]
+    train_rows, eval_rows = split_rows(seqs, cfg.eval_frac, cfg.seed, among)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, len(train_rows) // cfg.batch_size)
     curve, t0, step, stopped = [], time.perf_counter(), 0, "epochs"
@@ -95,7 +103,7 @@ def train(model: FoundationModel, seqs: Sequences, cfg: TrainConfig) -> dict:
     model.cpu().eval()
     metrics = next_title_eval(model, seqs, eval_rows) if len(eval_rows) else {}
     return {"steps": step, "epochs_done": epoch + 1, "stopped_by": stopped, "train_s": round(train_s, 2),
-            "final_loss": curve[-1][1] if curve else None, "eval": metrics, "curve": curve}
+            "final_loss": curve[-1][1] if curve else None, "eval": metrics, "curve": curve, "eval_rows": eval_rows}
 
 
 def plot_curve(curve: list, path: Path) -> Path:

@@ -74,3 +74,31 @@ def report(date: str) -> dict:
 def run_all(date: str) -> list[dict]:
     """The whole day without Airflow (same order as the DAG); used by tests and ad-hoc reruns."""
     return [check_raw(date), tokenize(date), embed(date), validate(date), publish(date), index(date), report(date)]
+
+
+def latest_history_date(at_most: str | None = None) -> str:
+    """The newest history state (optionally not after ``at_most``): what the model DAGs train on."""
+    from jobs.io import latest_partition_before
+    paths = Paths.from_env()
+    bound = parse_date(at_most) + dt.timedelta(days=1) if at_most else dt.date.max
+    day = latest_partition_before(paths.history, bound)
+    if day is None:
+        raise FileNotFoundError(f"no history state under {paths.history}: run the daily DAG first")
+    return day.isoformat()
+
+
+def finetune(date: str | None = None, overrides: dict | None = None) -> dict:
+    """Continue training the serving model on the days since its checkpoint, growing the vocabulary;
+    the candidate becomes current only if it passes the evaluation gate."""
+    from jobs import train as job
+    date = date or latest_history_date()
+    cfg = {"init": "current", "promote": "if_better", "time_budget_s": 120.0, "epochs": 3, **(overrides or {})}
+    return _timed("finetune", date, lambda p, d: job.run(_with(job.TrainJobConfig, date, cfg), p))
+
+
+def pretrain(date: str | None = None, overrides: dict | None = None) -> dict:
+    """Train from scratch on the latest history; gated like the fine-tune before it becomes current."""
+    from jobs import train as job
+    date = date or latest_history_date()
+    cfg = {"init": "scratch", "promote": "if_better", "time_budget_s": 1800.0, **(overrides or {})}
+    return _timed("pretrain", date, lambda p, d: job.run(_with(job.TrainJobConfig, date, cfg), p))

@@ -19,7 +19,11 @@ os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["GX_ANALYTICS_ENABLED"] = "false"
 os.environ["FMPIPE_HOME"] = str(_SCRATCH / "default-home")   # never the repo's var/
 
+import logging  # noqa: E402
+
 from jobs.settings import Paths  # noqa: E402
+
+logging.getLogger("py4j").setLevel(logging.WARNING)      # its __del__ logs after pytest closed the streams
 
 TINY = {"profiles": 150, "titles": 120, "days": 4, "new_titles_per_day": 5, "malformed_per_day": 6,
         "start": "2026-11-01", "seed": 3}
