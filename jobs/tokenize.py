@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import itertools
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,23 +62,16 @@ _ACCEPTED_TYPES: dict[str, tuple[type, ...]] = {
 
 
 def read_raw(spark: SparkSession, paths: Paths, days: list[dt.date]) -> DataFrame:
-    """Read raw partitions, failing with the path when one is missing and the column when mistyped."""
-    frames = []
+    """Read raw partitions in one scan, failing with the path when one is missing and the column when mistyped."""
     for day in days:
         path = partition(paths.raw, day)
         if not path.is_dir() or not any(path.glob("*.parquet")):
             raise FileNotFoundError(f"raw partition missing for {day}: {path} (no Parquet files)")
-        df = spark.read.parquet(str(path))
-        check_raw_columns(df, path)
-        frames.append(df.select(*[F.col(f.name) for f in S.RAW_EVENT_SCHEMA]).withColumn("dt", F.lit(day)))
-    return frames[0] if len(frames) == 1 else _union(frames)
-
-
-def _union(frames: list[DataFrame]) -> DataFrame:
-    out = frames[0]
-    for f in frames[1:]:
-        out = out.unionByName(f)
-    return out
+    where = partition(paths.raw, days[0]) if len(days) == 1 else paths.raw
+    df = (spark.read.option("basePath", str(paths.raw))
+          .parquet(*[str(partition(paths.raw, d)) for d in days]))
+    check_raw_columns(df, where)
+    return df.select(*[F.col(f.name) for f in S.RAW_EVENT_SCHEMA], F.col("dt").cast("date").alias("dt"))
 
 
 def check_raw_columns(df: DataFrame, where: Path) -> None:
@@ -97,7 +91,9 @@ def grow_vocab(paths: Paths, day: dt.date) -> tuple[pa.Table, int]:
     """Append catalogue titles released by ``day`` that have no id yet; existing ids never change."""
     vocab = read_vocab(paths)
     cat = pq.read_table(paths.catalogue, columns=["title_id", "release_date"])
-    released = cat.filter(pc.less_equal(cat["release_date"], pa.scalar(day, pa.date32())))
+    # unknown release date (imported catalogues): available from the start
+    released = cat.filter(pc.or_kleene(pc.is_null(cat["release_date"]),
+                                       pc.less_equal(cat["release_date"], pa.scalar(day, pa.date32()))))
     new = released.filter(pc.invert(pc.is_in(released["title_id"], vocab["title_id"])))
     new = new.sort_by([("release_date", "ascending"), ("title_id", "ascending")])
     if new.num_rows == 0:
@@ -288,10 +284,25 @@ def write_partition(df: DataFrame, final: Path, files: int = 1, sort_by: tuple[s
     swap_dir(staging, final)
 
 
+def write_days(df: DataFrame, root: Path, days: list[dt.date], sort_by: tuple[str, ...] = ()) -> None:
+    """Write many ``dt`` partitions in one Spark job, then swap each into place.
+
+    A day without rows loses its old partition, so a rebuild never leaves stale rows behind.
+    """
+    staging = temp_sibling(root)
+    df.repartition("dt").sortWithinPartitions("dt", *sort_by).write.partitionBy("dt").parquet(str(staging))
+    for d in days:
+        part = partition(staging, d)
+        if part.exists():
+            swap_dir(part, partition(root, d))
+        elif partition(root, d).exists():
+            shutil.rmtree(partition(root, d))
+    shutil.rmtree(staging, ignore_errors=True)
+
+
 def _gc_history(paths: Paths) -> None:
     states = sorted(paths.history.glob("dt=*"))
     for old in states[:-KEEP_HISTORY_STATES]:
-        import shutil
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -319,11 +330,13 @@ def run(cfg: TokenizeConfig, paths: Paths, spark: SparkSession | None = None) ->
     events = merge_adjacent(deduped, cfg.session_gap_s) if cfg.merge_actions else deduped
     tokens = to_tokens(events, seed).cache()
 
-    for d in days:
-        write_partition(tokens.filter(F.col("dt") == F.lit(d)).drop("dt"), partition(paths.tokens, d),
-                        sort_by=("profile_id", "ts", "event_id"))
-        write_partition(bad.filter(F.col("dt") == F.lit(d)).select(*[f.name for f in S.RAW_EVENT_SCHEMA], "reason"),
-                        partition(paths.quarantine, d))
+    quarantine = bad.select(*[f.name for f in S.RAW_EVENT_SCHEMA], "reason", "dt")
+    if len(days) == 1:
+        write_partition(tokens.drop("dt"), partition(paths.tokens, day), sort_by=("profile_id", "ts", "event_id"))
+        write_partition(quarantine.drop("dt"), partition(paths.quarantine, day))
+    else:
+        write_days(tokens, paths.tokens, days, sort_by=("profile_id", "ts", "event_id"))
+        write_days(quarantine, paths.quarantine, days)
     history = merge_history(old, tokens, cfg.history_len)
     write_partition(history, partition(paths.history, day), files=2, sort_by=("profile_id",))
     _gc_history(paths)
