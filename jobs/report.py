@@ -2,7 +2,7 @@
 
 Everything is read from what the steps wrote (their step records, the tables, the online store,
 the index), so the report checks the publication rather than echoing the steps' own claims.
-Writes ``reports/dt=D/summary.json`` and a plain-text ``summary.txt``.
+Writes ``reports/dt=D/summary.json``, a plain-text ``summary.txt`` and ``report.html`` (with plots).
 """
 from __future__ import annotations
 
@@ -67,11 +67,13 @@ def run(cfg: ReportConfig, paths: Paths) -> dict:
                           "suites": {s["suite"]: s["statistics"] for s in gate["suites"]}},
            "online_probe": _online_probe(paths, day), "index_probe": _index_probe(paths),
            "wall_s": {k: v.get("wall_s") for k, v in steps.items()}}
+    from jobs.report_html import render as render_html
+    out["html"] = str(render_html(paths, day, out))
     atomic_write_json(out, partition(paths.reports, day) / "summary.json")
     text = render(out)
     (partition(paths.reports, day) / "summary.txt").write_text(text)
     print(text)
-    return {"summary": str(partition(paths.reports, day) / "summary.json")}
+    return {"summary": str(partition(paths.reports, day) / "summary.json"), "html": out["html"]}
 
 
 def render(s: dict) -> str:
@@ -88,6 +90,7 @@ def render(s: dict) -> str:
     lines.append(f"faiss       {ix['index_type']} recall@10={ix['recall_at_10']}; 10 nearest of {ix['title_id']}:")
     lines.append("            " + ", ".join(f"{t} ({sc:.3f})" for t, sc in ix["nearest"]))
     lines += [f"wall_s      {k:<20} {w}" for k, w in s["wall_s"].items()]
+    lines.append(f"report      {s.get('html')}")
     return "\n".join(lines)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -139,3 +140,27 @@ def test_analyst_sql_examples_run_over_the_published_tables(day_run):
         sql.query(q, paths, {k: None for k in ("title", "profile") if f"${k}" in q})
     with pytest.raises(ValueError, match="available views"):
         sql.query("SELECT * FROM no_such_table", paths)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_html_report_renders_in_headless_chromium(day_run, tmp_path):
+    html = partition(day_run["paths"].reports, day_run["day"]) / "report.html"
+    assert html.exists()
+    run = lambda *a: subprocess.run([CHROMIUM, *CHROME_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *a],
+                                    capture_output=True, text=True, timeout=120)
+    dom = run("--dump-dom", html.as_uri()).stdout
+    assert 'id="gate"' in dom and "Gate PASSED" in dom
+    assert dom.count("data:image/png;base64,") == 3
+    for table in ("rows", "quarantine", "validation", "index"):
+        assert f'id="{table}"' in dom
+    assert "unparseable_ts" in dom and str(day_run["results"]["embed"]["profiles"]) in dom
+    shot = tmp_path / "report.png"
+    run(f"--screenshot={shot}", "--window-size=1100,2600", "--hide-scrollbars", html.as_uri())
+    import matplotlib.image as mpimg
+    pixels = mpimg.imread(shot)
+    assert pixels.shape[0] >= 2000 and (pixels[..., :3] < 0.9).mean() > 0.01       # a page with content, not blank
