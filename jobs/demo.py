@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from jobs import generate, pipeline, tokenize, train
+from jobs import generate, tokenize, train
 from jobs.io import partition
 from jobs.settings import REPO_ROOT, Paths, parse_overrides
 

@@ -12,19 +12,16 @@ something beats popularity on it:
 """
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from fm.schema import ACTIONS, CANVASES, CATALOGUE_SCHEMA, DEVICES, LOCALES, RAW_EVENT_SCHEMA
+from fm.schema import CANVASES, CATALOGUE_SCHEMA, DEVICES, LOCALES, RAW_EVENT_SCHEMA
 from jobs.io import atomic_write_table, raw_partition
-from jobs.settings import Paths, parse_overrides
+from jobs.settings import Paths, run_cli
 
 GENRES = ("action", "adventure", "animation", "comedy", "crime", "documentary", "drama", "family",
           "fantasy", "horror", "mystery", "romance", "scifi", "thriller", "war", "western",
@@ -213,9 +210,4 @@ def run(cfg: GenerateConfig, paths: Paths) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("overrides", nargs="*", help="key=value overrides of GenerateConfig")
-    args = ap.parse_args(argv)
-    out = run(parse_overrides(GenerateConfig, args.overrides), Paths.from_env())
-    print({k: v for k, v in out.items() if k != "days"})
-    return out
+    return run_cli(GenerateConfig, run, __doc__, argv, lambda out: {k: v for k, v in out.items() if k != "days"})

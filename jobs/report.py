@@ -6,15 +6,13 @@ Writes ``reports/dt=D/summary.json``, a plain-text ``summary.txt`` and ``report.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow.parquet as pq
 
 from jobs.io import atomic_write_json, partition
-from jobs.settings import Paths, parse_date, parse_overrides
+from jobs.settings import Paths, parse_date, run_cli
 
 
 @dataclass(frozen=True)
@@ -95,6 +93,4 @@ def render(s: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("overrides", nargs="*")
-    return run(parse_overrides(ReportConfig, ap.parse_args(argv).overrides), Paths.from_env())
+    return run_cli(ReportConfig, run, __doc__, argv, lambda out: out["summary"])

@@ -13,7 +13,6 @@ import io
 from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.io import partition

@@ -105,3 +105,14 @@ def parse_overrides(cls: type[T], overrides: list[str] | dict | None = None) -> 
         except ValueError as e:
             raise ValueError(f"option {key}: {e}") from e
     return cls(**values)
+
+
+def run_cli(cls: type[T], run: typing.Callable[[T, Paths], dict], doc: str | None, argv: list[str] | None,
+            show: typing.Callable[[dict], object] = lambda out: out) -> dict:
+    """The thin CLI every job shares: ``key=value`` overrides of ``cls`` -> ``run(cfg, Paths.from_env())``."""
+    import argparse
+    ap = argparse.ArgumentParser(description=(doc or cls.__doc__ or "").strip().splitlines()[0])
+    ap.add_argument("overrides", nargs="*", help=f"key=value overrides of {cls.__name__}")
+    out = run(parse_overrides(cls, ap.parse_args(argv).overrides), Paths.from_env())
+    print(show(out))
+    return out

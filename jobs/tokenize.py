@@ -14,7 +14,6 @@ all history); ``full=True`` rebuilds tokens and history from every raw partition
 """
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import itertools
 import shutil
@@ -31,7 +30,7 @@ from pyspark.sql.window import Window
 
 from fm import schema as S
 from jobs.io import atomic_write_table, partition, swap_dir, temp_sibling, latest_partition_before
-from jobs.settings import Paths, parse_date, parse_overrides
+from jobs.settings import Paths, parse_date, run_cli
 from jobs.spark import get_spark
 from jobs.vocab import read_vocab
 
@@ -377,9 +376,4 @@ def _all_raw_days(paths: Paths, until: dt.date) -> list[dt.date]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("overrides", nargs="*", help="key=value overrides of TokenizeConfig (date=YYYY-MM-DD required)")
-    cfg = parse_overrides(TokenizeConfig, ap.parse_args(argv).overrides)
-    out = run(cfg, Paths.from_env())
-    print(out)
-    return out
+    return run_cli(TokenizeConfig, run, __doc__, argv)

@@ -6,7 +6,6 @@ JSON sidecar + loss-curve PNG) and then points ``models/CURRENT.json`` at it.
 """
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import hashlib
 import json
@@ -26,7 +25,7 @@ from fm.evaluate import next_title_eval
 from fm.model import FoundationModel, ModelConfig, init_weights
 from fm.train import TrainConfig, plot_curve, train
 from jobs.io import atomic_write_json, partition
-from jobs.settings import Paths, parse_date, parse_overrides
+from jobs.settings import Paths, parse_date, run_cli
 from jobs.vocab import read_vocab, title_ids_by_idx
 
 
@@ -146,8 +145,4 @@ def run(cfg: TrainJobConfig, paths: Paths) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("overrides", nargs="*", help="key=value overrides of TrainJobConfig")
-    out = run(parse_overrides(TrainJobConfig, ap.parse_args(argv).overrides), Paths.from_env())
-    print(out)
-    return out
+    return run_cli(TrainJobConfig, run, __doc__, argv)

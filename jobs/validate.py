@@ -11,11 +11,9 @@ the threshold, so the DAG stops before publishing.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.io import atomic_write_json, partition
-from jobs.settings import REPO_ROOT, Paths, parse_date, parse_overrides
+from jobs.settings import REPO_ROOT, Paths, parse_date, run_cli
 
 SUITES_DIR = REPO_ROOT / "expectations"
 
@@ -157,8 +155,4 @@ def describe_failures(summaries: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("overrides", nargs="*", help="key=value overrides of ValidateConfig")
-    out = run(parse_overrides(ValidateConfig, ap.parse_args(argv).overrides), Paths.from_env())
-    print({k: v for k, v in out.items() if k != "suites"}, [(s["suite"], s["success"]) for s in out["suites"]])
-    return out
+    return run_cli(ValidateConfig, run, __doc__, argv, lambda out: {k: v for k, v in out.items() if k != "suites"})

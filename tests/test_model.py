@@ -1,7 +1,6 @@
 """The foundation model: shapes, causality, learning, checkpoints, vocabulary growth, metrics."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
