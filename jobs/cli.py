@@ -8,7 +8,7 @@ COMMANDS = {
     "generate": "jobs.generate", "tokenize": "jobs.tokenize", "train": "jobs.train",
     "embed": "jobs.embed", "validate": "jobs.validate", "publish": "jobs.publish",
     "index": "jobs.index", "report": "jobs.report", "demo": "jobs.demo", "retrieve": "jobs.retrieve",
-    "sql": "jobs.sql", "import": "jobs.importers",
+    "sql": "jobs.sql", "import": "jobs.importers", "rollback": "jobs.publication",
 }
 
 

@@ -1,22 +1,27 @@
-"""Publish the day's validated embeddings to Feast: registry apply, then materialize the day.
+"""Publish the day's validated embeddings: Feast online state + FAISS indexes, made current together.
 
 The offline store *is* the embed job's Parquet (Feast reads the ``dt=`` partitions), so
-point-in-time ``get_historical_features`` works across every published day. Materialization loads
-exactly the rows stamped for this date (``event_timestamp`` = end of day D) into the online store;
-re-running a date upserts the same values (idempotent).
+point-in-time ``get_historical_features`` works across every published day without a copy.
+Online, the day's complete state is built aside and swapped in atomically with the day's indexes
+(see :mod:`jobs.publication` for the design, rollback and failure behaviour).
+
+``method=write`` (default) writes the day's rows through Feast's provider API
+(``online_write_batch`` with Feast ``Value`` protos, encoded from Arrow in batches of
+``batch_rows``); ``method=materialize`` uses Feast's stock materialization engine for the same
+rows, for comparison (``bench/publish.py``). Both are read back with ``get_online_features``.
+Re-running a date rebuilds the same state from the same base (idempotent).
 """
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import time
 from dataclasses import dataclass
 
 import pyarrow.parquet as pq
 
-from jobs.embed import published_at
-from jobs.feast_store import get_store, load_definitions
+from jobs import publication as pubs
+from jobs.feast_store import apply_if_changed, get_store
 from jobs.io import partition
 from jobs.settings import Paths, parse_date, parse_overrides
 
@@ -27,9 +32,14 @@ FEATURE_VIEWS = {"profile_embeddings": "profile_embeddings", "title_embeddings":
 class PublishConfig:
     date: str = ""
     require_gate: bool = True          # refuse to publish a date whose validation did not pass
+    method: str = "write"              # write (Feast online_write_batch, fast) | materialize (stock Feast)
+    batch_rows: int = 4096             # rows per online_write_batch call
+    keep: int = 3                      # publications kept restorable (snapshot tables + indexes)
+    with_index: bool = True            # build the day's indexes into the publication (else `fmpipe index` does)
+    swap: str = "auto"                 # auto | atomic | in_place (non-SQLite online stores: not atomic)
 
 
-def check_gate(paths: Paths, day: dt.date) -> None:
+def check_gate(paths: Paths, day) -> None:
     summary = partition(paths.gx / "results", day) / "summary.json"
     if not summary.exists():
         raise RuntimeError(f"refusing to publish {day}: no validation result at {summary} (run validate first)")
@@ -37,11 +47,14 @@ def check_gate(paths: Paths, day: dt.date) -> None:
         raise RuntimeError(f"refusing to publish {day}: validation failed (see {summary})")
 
 
-def check_columns(store, paths: Paths, day: dt.date) -> None:
+def check_columns(store, paths: Paths, day) -> None:
     """The table must carry every field the feature view declares, or online reads would be null."""
     roots = {"profile_embeddings": paths.profile_embeddings, "title_embeddings": paths.title_embeddings}
     for fv_name, root in roots.items():
-        cols = set(pq.read_schema(next(partition(root, day).glob("*.parquet"))).names)
+        files = sorted(partition(root, day).glob("*.parquet"))
+        if not files:
+            raise FileNotFoundError(f"nothing to publish for {fv_name}: no Parquet under {partition(root, day)} (run embed first)")
+        cols = set(pq.read_schema(files[0]).names)
         fields = {f.name for f in store.get_feature_view(fv_name).features}
         missing = fields - cols
         if missing:
@@ -55,15 +68,52 @@ def run(cfg: PublishConfig, paths: Paths) -> dict:
         check_gate(paths, day)
     t0 = time.perf_counter()
     store = get_store(paths)
-    store.apply(load_definitions(paths))
+    applied = apply_if_changed(store, paths)
     check_columns(store, paths, day)
-    stamp = published_at(day)
-    store.materialize(start_date=stamp - dt.timedelta(hours=1), end_date=stamp,
-                      feature_views=list(FEATURE_VIEWS.values()))
-    rows = {name: pq.read_metadata(next(partition(root, day).glob("*.parquet"))).num_rows
-            for name, root in (("profile", paths.profile_embeddings), ("title", paths.title_embeddings))}
-    return {"date": day.isoformat(), "materialized_rows": rows, "publish_s": round(time.perf_counter() - t0, 2),
-            "registry": str(store.config.registry_config), "online_store": store.config.online_store.type}
+    online = pubs.OnlineTables(store, cfg.swap)
+    pub_id = pubs.new_id(day)
+    model_version = pq.read_table(partition(paths.profile_embeddings, day), columns=["model_version"])["model_version"][0].as_py()
+    try:
+        with pubs.lock(paths):
+            pubs.reconcile(paths, online)
+            pubs.pub_dir(paths, pub_id).mkdir(parents=True)
+            pubs.write_manifest(paths, pub_id, {"publication": pub_id, "date": day.isoformat(), "status": "staging",
+                                                "method": cfg.method, "model_version": model_version})
+            t1 = time.perf_counter()
+            staged = pubs.stage_day(store, paths, online, day, pub_id, cfg.method, cfg.batch_rows)
+            t2 = time.perf_counter()
+            index_meta, index_dir = None, None
+            if cfg.with_index:
+                from jobs.index import IndexConfig, build_publication_indexes
+                out = pubs.pub_dir(paths, pub_id) / "index"
+                index_meta = build_publication_indexes(IndexConfig(date=day.isoformat()), paths, out)
+                index_dir = str(out.relative_to(paths.home))
+            t3 = time.perf_counter()
+            m = pubs.manifest(paths, pub_id)
+            m.update({k: staged[k] for k in ("base", "rows", "carried", "seeded", "timings")})
+            m.update({"index": index_meta, "online_store": store.config.online_store.type, "atomic": online.atomic})
+            pubs.write_manifest(paths, pub_id, m)
+            record = pubs.commit(paths, online, pub_id, day, staged["staging"] if online.atomic else {}, index_dir,
+                                 model_version, "publish")
+            t4 = time.perf_counter()
+            gc = pubs.collect_garbage(paths, online, cfg.keep)
+    finally:
+        online.close()
+    write_s = sum(v["write_s"] for v in staged["timings"].values())
+    prof = staged["timings"]["profile_embeddings"]
+    online_s = (t2 - t1) + (t4 - t3)
+    return {"date": day.isoformat(), "publication": pub_id, "seq": record["seq"], "previous": record["previous"],
+            "method": cfg.method, "model_version": model_version,
+            "materialized_rows": {"profile": staged["rows"]["profile_embeddings"], "title": staged["rows"]["title_embeddings"]},
+            "carried_rows": staged["carried"], "seeded_rows": staged["seeded"], "base": staged["base"],
+            "profile_rows_per_s": round(staged["rows"]["profile_embeddings"] / max(prof["write_s"], 1e-9), 1),
+            "write_s": round(write_s, 3), "online_publish_s": round(online_s, 3), "index_s": round(t3 - t2, 3),
+            "publish_s": round(time.perf_counter() - t0, 2), "timings": staged["timings"], "applied": applied,
+            "index": {k: {kk: v.get(kk) for kk in ("type", "vectors", "recall_at_10", "nprobe", "build_s")}
+                      for k, v in (index_meta or {}).items()},
+            "dropped": gc["dropped"],
+            "registry": str(store.config.registry_config), "online_store": store.config.online_store.type,
+            "atomic_swap": online.atomic}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -115,5 +115,6 @@ th,td{{border:1px solid #ccc;padding:2px 8px;text-align:left}} .ok{{color:#2a7}}
 <h2>Drift</h2><img alt="drift over time" src="data:image/png;base64,{imgs['drift']}">
 </body></html>"""
     out = partition(paths.reports, day) / "report.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page)
     return out

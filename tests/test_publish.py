@@ -1,0 +1,301 @@
+"""Publication on a synthetic FMPIPE_HOME (no Spark, no model): real Feast apply, online writes
+through the provider, reads through ``get_online_features``, point-in-time historical reads, the
+atomic swap, failure midway, rollback (instant and rebuilt), idempotent re-runs, and retrieval."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import sqlite3
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fm.schema import (ACTIONS, HISTORY_SCHEMA, TITLE_VOCAB_SCHEMA, TOKEN_FIELDS, profile_embedding_schema,
+                       title_embedding_schema, vocab_index)
+from jobs import publication as pubs
+from jobs import publish
+from jobs.embed import published_at
+from jobs.io import atomic_write_json, atomic_write_table, partition
+from jobs.settings import Paths
+
+LAYERS = ("emb_layer1_last", "emb_layer2_last", "emb_layer2_mean")
+D1, D2, D3 = dt.date(2026, 11, 1), dt.date(2026, 11, 2), dt.date(2026, 11, 3)
+DIM, TITLES = 16, 40
+
+
+def _vec(rng, n):
+    v = rng.standard_normal((n, DIM)).astype(np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), DIM).cast(pa.list_(pa.float32())), v
+
+
+def write_day(paths: Paths, day: dt.date, pids, version: str, seed: int) -> dict:
+    """The embed job's outputs for one day (profile + title partitions) and a passed gate."""
+    rng = np.random.default_rng(seed)
+    stamp, n = published_at(day), len(pids)
+    cols = {"profile_id": pa.array(pids, pa.int64()), "event_timestamp": pa.array([stamp] * n, pa.timestamp("us", tz="UTC")),
+            "model_version": pa.array([version] * n)}
+    vecs = {}
+    for layer in LAYERS:
+        cols[layer], vecs[layer] = _vec(rng, n)
+    p = partition(paths.profile_embeddings, day)
+    p.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(cols, schema=profile_embedding_schema(list(LAYERS))), p / "part-0.parquet")
+    tarr, tv = _vec(rng, TITLES)
+    t = partition(paths.title_embeddings, day)
+    t.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"title_id": [f"t{i:03d}" for i in range(TITLES)], "event_timestamp": [stamp] * TITLES,
+                             "model_version": [version] * TITLES, "is_new": [False] * TITLES, "title_embedding": tarr},
+                            schema=title_embedding_schema()), t / "part-0.parquet")
+    atomic_write_json({"success": True, "suites": []}, partition(paths.gx / "results", day) / "summary.json")
+    return {"pids": list(pids), "version": version, "profile": vecs, "titles": tv}
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    home = tmp_path_factory.mktemp("pub") / "var"
+    old = os.environ.get("FMPIPE_HOME")
+    os.environ["FMPIPE_HOME"] = str(home)
+    paths = Paths.from_env()
+    days = {D1: write_day(paths, D1, range(0, 60), "m1", 1), D2: write_day(paths, D2, range(30, 90), "m2", 2),
+            D3: write_day(paths, D3, range(80, 100), "m3", 3)}
+    yield {"paths": paths, "days": days}
+    if old is None:
+        os.environ.pop("FMPIPE_HOME", None)
+    else:
+        os.environ["FMPIPE_HOME"] = old
+
+
+def run_publish(paths, day, **kw):
+    return publish.run(publish.PublishConfig(date=day.isoformat(), **kw), paths)
+
+
+def online(paths, pids, features=("emb_layer2_last", "model_version")) -> dict:
+    from jobs.feast_store import get_store
+    store = get_store(paths)
+    return store.get_online_features(features=[f"profile_embeddings:{f}" for f in features],
+                                     entity_rows=[{"profile_id": int(p)} for p in pids]).to_dict()
+
+
+def expect(synth, day, pid, layer="emb_layer2_last"):
+    d = synth["days"][day]
+    return d["profile"][layer][d["pids"].index(pid)]
+
+
+def live_state(paths) -> dict:
+    """Every live (entity, feature) value as bytes, straight from the online tables."""
+    con = sqlite3.connect(paths.feast / "online.db")
+    try:
+        return {t: sorted(con.execute(f'SELECT entity_key, feature_name, value, event_ts FROM "{t}"').fetchall())
+                for t in ("fm_embeddings_profile_embeddings", "fm_embeddings_title_embeddings")}
+    finally:
+        con.close()
+
+
+def test_online_rows_are_identical_to_feasts_own_conversion(synth):
+    from feast.utils import _convert_arrow_to_proto
+    from jobs.feast_store import get_store, load_definitions, online_rows
+    paths = synth["paths"]
+    store = get_store(paths)
+    store.apply(load_definitions(paths))
+    for fv_name, root in (("profile_embeddings", paths.profile_embeddings), ("title_embeddings", paths.title_embeddings)):
+        fv = store.get_feature_view(fv_name)
+        batch = pq.read_table(partition(root, D1)).slice(0, 25).combine_chunks().to_batches()[0]
+        ours = online_rows(fv, batch)
+        theirs = _convert_arrow_to_proto(batch, fv, {c.name: c.dtype.to_value_type() for c in fv.entity_columns})
+        assert len(ours) == len(theirs) == 25
+        for (k1, v1, t1, c1), (k2, v2, t2, c2) in zip(ours, theirs):
+            assert k1 == k2 and t1 == t2 and c1 == c2
+            assert {n: v.SerializeToString() for n, v in v1.items()} == {n: v.SerializeToString() for n, v in v2.items()}
+        # rows are written in the online table's primary-key order (Feast's serialized entity key)
+        from feast.infra.key_encoding_utils import serialize_entity_key
+        sample = pq.read_table(partition(root, D1))
+        if fv_name == "profile_embeddings":
+            sample = sample.set_column(0, "profile_id", pa.array([-5, 300, 2**40, 7, 256, 1] + list(range(8, 62)), pa.int64()))
+        keys = [serialize_entity_key(r[0], 3) for r in online_rows(fv, pubs.in_key_order(fv, sample))]
+        assert keys == sorted(keys) and len(set(keys)) == sample.num_rows
+
+
+def test_two_days_publish_incrementally_and_read_back_online(synth):
+    paths = synth["paths"]
+    r1 = run_publish(paths, D1)
+    assert r1["materialized_rows"] == {"profile": 60, "title": TITLES} and r1["atomic_swap"]
+    r2 = run_publish(paths, D2)
+    assert r2["base"] == r1["publication"] and r2["carried_rows"]["profile_embeddings"] == 30 * 4   # pids 0..29 x 4 fields
+    got = online(paths, [10, 40, 70, 999])
+    assert got["model_version"] == ["m1", "m2", "m2", None]                    # 10 only active on D1: carried
+    np.testing.assert_allclose(got["emb_layer2_last"][0], expect(synth, D1, 10), rtol=0, atol=0)
+    np.testing.assert_allclose(got["emb_layer2_last"][1], expect(synth, D2, 40), rtol=0, atol=0)
+    assert got["emb_layer2_last"][3] is None
+    cur = pubs.current(paths)
+    assert cur["date"] == D2.isoformat() and cur["publication"] == r2["publication"]
+    from jobs.index import ProfileIndex, TitleIndex
+    ix = TitleIndex.current(paths)
+    assert ix.meta["date"] == D2.isoformat() and ix.meta["model_version"] == "m2" and ix.similar_titles("t005", 3)[0][0] == "t005"
+    assert ProfileIndex.current(paths).similar_profiles(40, 5)[0][0] == 40
+
+
+def test_without_a_retained_base_the_state_is_seeded_from_offline_identically(synth, tmp_path):
+    """Publishing D2 into an empty store seeds D1's still-valid rows from Parquet: the same state as
+    publishing D1 then D2 (what a lost snapshot or a first run after an upgrade relies on)."""
+    paths = synth["paths"]
+    run_publish(paths, D1)
+    run_publish(paths, D2)
+    incremental = live_state(paths)
+    fresh = Paths(tmp_path / "var")
+    write_day(fresh, D1, range(0, 60), "m1", 1)
+    write_day(fresh, D2, range(30, 90), "m2", 2)
+    os.environ["FMPIPE_HOME"] = str(fresh.home)
+    try:
+        r = run_publish(fresh, D2)
+        assert r["base"] is None and r["seeded_rows"]["profile_embeddings"] == 30
+        assert live_state(fresh) == incremental
+    finally:
+        os.environ["FMPIPE_HOME"] = str(paths.home)
+
+
+def test_point_in_time_historical_features_pick_each_dates_vectors(synth):
+    from jobs.feast_store import get_store
+    paths = synth["paths"]
+    store = get_store(paths)
+    entity_df = pd.DataFrame({"profile_id": [40, 40, 10],
+                              "event_timestamp": [published_at(D1) + dt.timedelta(hours=3),
+                                                  published_at(D2) + dt.timedelta(hours=3),
+                                                  published_at(D2) + dt.timedelta(hours=3)]})
+    df = store.get_historical_features(entity_df=entity_df, features=["profile_embeddings:emb_layer2_last",
+                                                                      "profile_embeddings:model_version"]).to_df()
+    df = df.sort_values("event_timestamp", kind="stable").reset_index(drop=True)
+    rows = {(r.profile_id, r.event_timestamp.date()): r for r in df.itertuples()}
+    a, b, c = rows[(40, D2)], rows[(40, D3)], rows[(10, D3)]
+    assert (a.model_version, b.model_version, c.model_version) == ("m1", "m2", "m1")
+    np.testing.assert_allclose(a.emb_layer2_last, expect(synth, D1, 40))
+    np.testing.assert_allclose(b.emb_layer2_last, expect(synth, D2, 40))
+
+
+def test_republishing_a_date_is_idempotent(synth):
+    paths = synth["paths"]
+    before = live_state(paths)
+    again = run_publish(paths, D2)
+    assert again["base"] is not None and again["base"].startswith(D1.isoformat())
+    assert live_state(paths) == before
+    mat = run_publish(paths, D2, method="materialize")                   # stock Feast path: same values
+    assert live_state(paths) == before and mat["method"] == "materialize"
+
+
+def test_failure_midway_leaves_yesterdays_publication_serving(synth, monkeypatch):
+    from feast.infra.online_stores.sqlite import SqliteOnlineStore
+    from jobs.index import TitleIndex
+    paths = synth["paths"]
+    run_publish(paths, D2)
+    before, pointer = live_state(paths), pubs.current(paths)
+    real, calls = SqliteOnlineStore.online_write_batch, []
+
+    def flaky(self, config, table, data, progress):
+        calls.append(len(data))
+        if len(calls) > 1:
+            raise OSError("disk full (injected)")
+        return real(self, config, table, data, progress)
+    monkeypatch.setattr(SqliteOnlineStore, "online_write_batch", flaky)
+    with pytest.raises(OSError, match="injected"):
+        run_publish(paths, D3, batch_rows=5)
+    monkeypatch.undo()
+    assert calls[0] == 5                                       # the first batch really was written (to staging)
+    assert pubs.current(paths) == pointer and live_state(paths) == before
+    got = online(paths, [40, 85])
+    assert got["model_version"] == ["m2", "m2"]
+    np.testing.assert_allclose(got["emb_layer2_last"][0], expect(synth, D2, 40))
+    assert TitleIndex.current(paths).meta["date"] == D2.isoformat()
+    # the next successful run cleans the leftovers
+    run_publish(paths, D3)
+    con = sqlite3.connect(paths.feast / "online.db")
+    names = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+    con.close()
+    assert not [n for n in names if "__stage_" in n]
+    assert all(json.loads((d / "manifest.json").read_text())["status"] == "committed"
+               for d in pubs.root(paths).iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def test_crash_between_the_swap_and_the_pointer_is_repaired_by_the_next_run(synth, monkeypatch):
+    from jobs.feast_store import get_store
+    paths = synth["paths"]
+    run_publish(paths, D2)
+    before, pointer = live_state(paths), pubs.current(paths)
+    real = pubs.atomic_write_json
+
+    def crash_on_pointer(obj, path):
+        if path == pubs.pointer_path(paths):
+            raise KeyboardInterrupt("killed before CURRENT.json (injected)")
+        return real(obj, path)
+    monkeypatch.setattr(pubs, "atomic_write_json", crash_on_pointer)
+    with pytest.raises(KeyboardInterrupt):
+        run_publish(paths, D3)
+    monkeypatch.undo()
+    assert pubs.current(paths) == pointer and online(paths, [85])["model_version"] == ["m3"]   # the torn state
+    online_tables = pubs.OnlineTables(get_store(paths))
+    try:
+        assert pubs.reconcile(paths, online_tables) == pointer["publication"]
+    finally:
+        online_tables.close()
+    assert live_state(paths) == before and online(paths, [85])["model_version"] == ["m2"]
+
+
+def test_rollback_restores_features_and_index_then_rolls_forward(synth):
+    from jobs.index import TitleIndex
+    paths = synth["paths"]
+    run_publish(paths, D2)
+    d2_state = live_state(paths)
+    r3 = run_publish(paths, D3)
+    assert online(paths, [95])["model_version"] == ["m3"]
+    back = pubs.main(["--to", D2.isoformat()])
+    assert back["action"] == "rollback" and back["previous"] == r3["publication"]
+    assert live_state(paths) == d2_state                                   # exact, including deletions
+    assert online(paths, [95, 40])["model_version"] == [None, "m2"]
+    assert TitleIndex.current(paths).meta["date"] == D2.isoformat()
+    fwd = pubs.rollback(pubs.RollbackConfig(to=D3.isoformat()), paths)
+    assert fwd["rolled_back_to"] == r3["publication"] and online(paths, [95])["model_version"] == ["m3"]
+    # D1's snapshot is long gone (keep=3): its state is rebuilt from the offline tables
+    old = pubs.rollback(pubs.RollbackConfig(to=D1.isoformat()), paths)
+    assert old["action"] == "rollback_rebuild"
+    got = online(paths, [10, 40, 70, 95])
+    assert got["model_version"] == ["m1", "m1", None, None]
+    np.testing.assert_allclose(got["emb_layer2_last"][1], expect(synth, D1, 40))
+    assert TitleIndex.current(paths).meta["date"] == D1.isoformat()
+    # publishing D2 after rolling back to D1 builds on D1 again: same state as the first D2
+    run_publish(paths, D2)
+    assert live_state(paths) == d2_state
+
+
+def write_history(paths: Paths, day: dt.date, pid: int, finished: list[str]) -> None:
+    vocab = pa.table({"title_id": [f"t{i:03d}" for i in range(TITLES)], "idx": pa.array(range(2, TITLES + 2), pa.int32()),
+                      "first_dt": pa.array([D1] * TITLES, pa.date32())}, schema=TITLE_VOCAB_SCHEMA)
+    atomic_write_table(vocab, paths.title_vocab)
+    complete, play = vocab_index(ACTIONS)["complete"], vocab_index(ACTIONS)["play"]
+    titles = [2 + int(t[1:]) for t in finished] + [2 + 39]
+    actions = [complete] * len(finished) + [play]
+    n = len(titles)
+    cols = {"profile_id": [pid], "last_dt": [day], "n_tokens": [n],
+            "ts": [[dt.datetime(2026, 11, 2, 12, tzinfo=dt.timezone.utc)] * n]}
+    for f in TOKEN_FIELDS:
+        cols[f] = [titles if f == "title" else actions if f == "action" else [2] * n]
+    atomic_write_table(pa.table(cols, schema=HISTORY_SCHEMA), partition(paths.history, day) / "part-0.parquet")
+
+
+def test_retrieve_ranks_by_raw_dot_product_and_skips_finished_titles(synth):
+    from jobs import retrieve
+    paths = synth["paths"]
+    run_publish(paths, D2)
+    q = expect(synth, D2, 40)
+    scores = synth["days"][D2]["titles"] @ q
+    order = [f"t{i:03d}" for i in np.argsort(-scores)]
+    plain = retrieve.retrieve(paths, 40, k=5, exclude_finished=False)
+    assert [t["title_id"] for t in plain["titles"]] == order[:5] and not plain["model_version_mismatch"]
+    np.testing.assert_allclose([t["score"] for t in plain["titles"]], np.sort(scores)[::-1][:5], rtol=1e-5)
+    write_history(paths, D2, 40, finished=order[:2])
+    got = retrieve.main(["profile_id=40", "k=5"])
+    assert got["excluded_finished"] == sorted(order[:2])
+    assert [t["title_id"] for t in got["titles"]] == order[2:7]
+    with pytest.raises(KeyError, match="profile 12345"):
+        retrieve.retrieve(paths, 12345)
