@@ -133,9 +133,12 @@ def kill_during(step: str) -> Callable:
         deadline = time.time() + 600
         while not marker.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
-        time.sleep({"tokenize": 6.0, "embed": 0.5, "validate": 2.0, "publish": 3.0, "index": 0.05}.get(step, 0.5))
+        time.sleep({"tokenize": 6.0, "embed": 0.5, "validate": 2.0, "publish": 0.3, "index": 0.05}.get(step, 0.5))
         finished = proc.poll() is not None
-        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:                    # the whole run already ended: nothing to kill
+            pass
         proc.wait()
         o.checks["killed_mid_step"] = not finished
         o.checks["yesterday_served_after_kill"] = still_serving_yesterday(paths, yesterday) or \
