@@ -20,14 +20,13 @@ the staging directories: nothing partial is ever visible and the previous partit
 """
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import hashlib
 import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +47,7 @@ from fm.model import FoundationModel
 from fm.schema import N_SPECIAL, profile_embedding_schema, title_embedding_schema
 from fm.train import pick_device
 from jobs.io import atomic_write_json, partition, swap_dir, temp_sibling
-from jobs.settings import Paths, parse_date, parse_overrides
+from jobs.settings import run_cli, Paths, parse_date
 from jobs.train import current_model_dir
 from jobs.vocab import read_vocab, title_ids_by_idx
 
@@ -427,8 +426,4 @@ def run(cfg: EmbedConfig, paths: Paths, spark=None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("overrides", nargs="*", help="key=value overrides of EmbedConfig")
-    out = run(parse_overrides(EmbedConfig, ap.parse_args(argv).overrides), Paths.from_env())
-    print(out)
-    return out
+    return run_cli(EmbedConfig, run, __doc__, argv)

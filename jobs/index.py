@@ -24,7 +24,6 @@ of D, builds ``index/dt=D`` standalone.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime as dt
 import json
@@ -40,7 +39,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from jobs.io import atomic_write_json, atomic_write_table, partition, swap_dir, temp_sibling
-from jobs.settings import Paths, parse_date, parse_overrides
+from jobs.settings import run_cli, Paths, parse_date
 
 INDEX_FILE, IDS_FILE, META_FILE = "titles.faiss", "title_ids.parquet", "index_meta.json"
 IP_FILE = "titles_ip.faiss"
@@ -365,8 +364,4 @@ class ProfileIndex:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("overrides", nargs="*", help="key=value overrides of IndexConfig")
-    out = run(parse_overrides(IndexConfig, ap.parse_args(argv).overrides), Paths.from_env())
-    print(out)
-    return out
+    return run_cli(IndexConfig, run, __doc__, argv)

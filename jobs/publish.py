@@ -13,7 +13,6 @@ Re-running a date rebuilds the same state from the same base (idempotent).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import pyarrow.parquet as pq
 from jobs import publication as pubs
 from jobs.feast_store import apply_if_changed, get_store
 from jobs.io import partition
-from jobs.settings import Paths, parse_date, parse_overrides
+from jobs.settings import run_cli, Paths, parse_date
 
 FEATURE_VIEWS = {"profile_embeddings": "profile_embeddings", "title_embeddings": "title_embeddings"}
 
@@ -117,8 +116,4 @@ def run(cfg: PublishConfig, paths: Paths) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("overrides", nargs="*", help="key=value overrides of PublishConfig")
-    out = run(parse_overrides(PublishConfig, ap.parse_args(argv).overrides), Paths.from_env())
-    print(out)
-    return out
+    return run_cli(PublishConfig, run, __doc__, argv)
