@@ -271,6 +271,16 @@ def n_params(model: torch.nn.Module) -> int:
 # ---------------------------------------------------------------------------------------------
 # Training objective for the foundation model (full or sampled softmax, optional title bias)
 # ---------------------------------------------------------------------------------------------
+def first_positions(titles: torch.Tensor, valid: torch.Tensor, n_titles: int) -> torch.Tensor:
+    """(B, L) titles -> (B, n_titles): position of each title's first occurrence in the row, ``L`` if
+    absent (so ``first[b, v] <= t`` means "title v was seen at or before position t")."""
+    B, L = titles.shape
+    first = torch.full((B, n_titles), L, dtype=torch.long, device=titles.device)
+    pos = torch.arange(L, device=titles.device).expand(B, L)
+    pos = torch.where(valid, pos, torch.full_like(pos, L))
+    return first.scatter_reduce(1, titles, pos, reduce="amin")
+
+
 class FMObjective(torch.nn.Module):
     """Train a :class:`fm.model.FoundationModel` with the multi-task, multi-token objective of its
     ``forward`` (next titles t+1..t+k, next action, duration, device), plus two options:
@@ -281,14 +291,18 @@ class FMObjective(torch.nn.Module):
       ``n_negatives`` titles drawn once per batch from ``(count + 1) ** alpha`` (logQ-corrected,
       accidental hits masked) -- instead of the full softmax over every title.
 
+    * ``mask_history``: titles the user already had earlier in the window are removed from the
+      softmax at each position (never the target itself). The evaluation removes the history from
+      the ranking, so the model need not spend capacity on pushing seen titles down.
+
     ``exclude_titles`` (bool mask over titles) removes titles from every softmax, e.g. titles held
     out of training for a cold-start test, so training never learns anything about them.
     With no option set this computes exactly ``FoundationModel.forward``'s loss."""
 
     def __init__(self, model, counts: np.ndarray | None = None, n_negatives: int = 0, alpha: float = 0.5,
-                 title_bias: bool = False, exclude_titles: np.ndarray | None = None):
+                 title_bias: bool = False, exclude_titles: np.ndarray | None = None, mask_history: bool = False):
         super().__init__()
-        self.model, self.n_negatives = model, n_negatives
+        self.model, self.n_negatives, self.mask_history = model, n_negatives, mask_history
         n = model.cfg.n_titles
         q = np.zeros(n, np.float64)
         c = np.ones(n - N_SPECIAL) if counts is None else np.asarray(counts[N_SPECIAL:n], np.float64)
@@ -308,6 +322,7 @@ class FMObjective(torch.nn.Module):
         h = m_.encode(tokens)[-1]
         is_target = valid & m_.target_action[tokens["action"]]
         exclude = self.excluded if bool(self.excluded.any()) else None
+        first = first_positions(tokens["title"], valid, c.n_titles) if self.mask_history else None
         losses = {}
         if self.n_negatives > 0:
             table = m_.title.table()
@@ -321,12 +336,18 @@ class FMObjective(torch.nn.Module):
                 continue
             src = h[:, : -(j + 1)][m]
             tgt = tokens["title"][:, j + 1:][m]                                          # (N,)
+            if first is not None:
+                b_idx, t_idx = m.nonzero(as_tuple=True)                                   # source row, position
             if self.n_negatives <= 0:
                 logits = m_.title_logits(src.unsqueeze(0), j)[0]
                 if self.bias is not None:
                     logits = logits + self.bias
                 if exclude is not None:
                     logits = logits.masked_fill(exclude, float("-inf"))
+                if first is not None:
+                    seen = first[b_idx] <= t_idx.unsqueeze(1)                             # (N, V)
+                    seen[torch.arange(len(tgt)), tgt] = False
+                    logits = logits.masked_fill(seen, float("-inf"))
                 losses[f"title_{j + 1}"] = F.cross_entropy(logits, tgt)
                 continue
             q = src + m_.mtp[j](src)                                                   # (N, D)
@@ -335,6 +356,8 @@ class FMObjective(torch.nn.Module):
                 pos = pos + self.bias[tgt].unsqueeze(1)
             negl = q @ neg_emb.T - neg_lq                                                 # (N, K)
             negl = negl.masked_fill(neg.unsqueeze(0) == tgt.unsqueeze(1), float("-inf"))
+            if first is not None:
+                negl = negl.masked_fill(first[:, neg][b_idx] <= t_idx.unsqueeze(1), float("-inf"))
             logits = torch.cat([pos, negl], dim=1)
             losses[f"title_{j + 1}"] = F.cross_entropy(logits, torch.zeros(len(tgt), dtype=torch.long, device=logits.device))
         nxt = valid[:, 1:] & valid[:, :-1]
