@@ -45,9 +45,9 @@ ALL_RATINGS = ("complete", "thumbs_up", "thumbs_down")
 # the title signal dominates the first steps and side features grow only where they help (five of
 # the nine fields are constant on MovieLens).
 FM = {
-    "model": dict(d_model=64, n_layers=2, n_heads=2, max_len=200, dropout=0.2, mtp_k=1, content_dim=64,
-                  target_actions=ALL_RATINGS),
-    "objective": dict(n_negatives=512, alpha=1.0, title_bias=True),
+    "model": dict(d_model=64, n_layers=2, n_heads=2, max_len=200, dropout=0.1, mtp_k=1, content_dim=64,
+                  emb_norm=True, target_actions=ALL_RATINGS),
+    "objective": dict(n_negatives=512, alpha=1.0, title_bias=True, mask_history=True),
     "fit": dict(lr=3e-3, batch_size=16),
     "init": dict(zero_fields=True),
 }
@@ -337,7 +337,8 @@ def main(argv=None) -> dict:
 
     plan = ["fm"] + ([] if args.skip_sasrec else ["sasrec"])
     if args.ablations:
-        plan += ["no_content", "mtp1" if FM["model"]["mtp_k"] > 1 else "mtp2", "no_heads", "sasrec_recipe", "cold_start"]
+        plan += ["no_content", "mtp1" if FM["model"]["mtp_k"] > 1 else "mtp2", "no_heads", "no_emb_norm",
+                 "no_mask_history", "sasrec_recipe", "cold_start"]
     if args.scaling:
         plan += [f"scale_{n}" for n, _ in SCALING]
     outer = tqdm(plan, desc="bench", unit="run")
@@ -358,11 +359,16 @@ def main(argv=None) -> dict:
         elif step == "no_heads":
             res.setdefault("ablations", {})["FM without action/duration/device heads"] = bench.run_fm(
                 step, ab, {"w_action": 0.0, "w_duration": 0.0, "w_device": 0.0})[0]
+        elif step == "no_emb_norm":
+            res.setdefault("ablations", {})["FM without embedding LayerNorm"] = bench.run_fm(step, ab, {"emb_norm": False})[0]
+        elif step == "no_mask_history":
+            res.setdefault("ablations", {})["FM without history masking in the training softmax"] = bench.run_fm(
+                step, ab, None, {"mask_history": False})[0]
         elif step == "sasrec_recipe":
             # control: the baseline trained with our model's objective (sampled softmax + title bias)
             obj = FM["objective"]
             res.setdefault("ablations", {})["SASRec trained with FM's objective (control)"] = bench.run_sasrec(
-                ab, {"n_negatives": obj["n_negatives"], "alpha": obj["alpha"], "title_bias": obj["title_bias"]}, step)
+                ab, {k: obj[k] for k in ("n_negatives", "alpha", "title_bias", "mask_history") if k in obj}, step)
         elif step == "cold_start":
             res["cold_start"] = bench.cold_start(ab, fm_score)
         elif step.startswith("scale_"):

@@ -46,6 +46,9 @@ class ModelConfig:
         "canvas": S.vocab_size(S.CANVASES), "locale": S.vocab_size(S.LOCALES), "row": S.N_ROW,
         "hour": S.N_HOUR, "dow": S.N_DOW, "gap": S.N_GAP,
     })
+    # LayerNorm over the summed token embedding before the first block (as SASRec does). Off by
+    # default so existing checkpoints load unchanged; on ML-1M it speeds up learning markedly.
+    emb_norm: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -114,6 +117,7 @@ class FoundationModel(nn.Module):
                                      for f, n in cfg.field_sizes.items()})
         self.pos = nn.Embedding(cfg.max_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
+        self.emb_norm = nn.LayerNorm(cfg.d_model) if cfg.emb_norm else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.mtp = nn.ModuleList(nn.Linear(cfg.d_model, cfg.d_model) for _ in range(cfg.mtp_k))
@@ -134,6 +138,8 @@ class FoundationModel(nn.Module):
         for f in S.TOKEN_FIELDS:             # fixed order: float sums must not depend on dict order
             if f in self.fields:
                 x = x + self.fields[f](tokens[f])
+        if self.emb_norm is not None:
+            x = self.emb_norm(x)
         return self.drop(x)
 
     def encode(self, tokens: dict[str, torch.Tensor]) -> list[torch.Tensor]:

@@ -9,9 +9,10 @@ dropout 0.2, max length 200.
 It reads the same padded :class:`fm.data.Batch` as the foundation model (only the ``title`` field),
 so :mod:`fm.protocol` trains and evaluates both identically.
 
-Off by default, for a control experiment only: ``n_negatives > 0`` trains with the sampled softmax
-and ``title_bias`` adds the per-title output bias that :class:`fm.protocol.FMObjective` gives our
-model, so the benchmark can separate what the training recipe buys from what the model buys.
+Off by default, for a control experiment only: ``n_negatives > 0`` trains with the sampled softmax,
+``title_bias`` adds a per-item output bias and ``mask_history`` removes already-seen items from the
+training softmax -- the options :class:`fm.protocol.FMObjective` gives our model -- so the benchmark
+can separate what the training recipe buys from what the model buys.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ class SASRecConfig:
     n_negatives: int = 0             # 0 = full softmax (the baseline); > 0 = sampled softmax (control)
     alpha: float = 1.0               # negatives drawn from (count + 1) ** alpha, logQ-corrected
     title_bias: bool = False         # per-item output bias (control)
+    mask_history: bool = False       # drop items seen earlier in the window from the softmax (control)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,7 +93,7 @@ class SASRec(nn.Module):
         out[..., :N_SPECIAL] = float("-inf")
         return out
 
-    def sampled_loss(self, h: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    def sampled_loss(self, h: torch.Tensor, tgt: torch.Tensor, seen_neg=None) -> torch.Tensor:
         neg = torch.multinomial(self.q, self.cfg.n_negatives, replacement=True)
         log_q = torch.log(self.q.clamp_min(1e-30))
         w = self.item.weight
@@ -100,6 +102,8 @@ class SASRec(nn.Module):
         if self.bias is not None:
             pos, negl = pos + self.bias[tgt].unsqueeze(1), negl + self.bias[neg]
         negl = negl.masked_fill(neg.unsqueeze(0) == tgt.unsqueeze(1), float("-inf"))
+        if seen_neg is not None:
+            negl = negl.masked_fill(seen_neg(neg), float("-inf"))
         logits = torch.cat([pos, negl], dim=1)
         return F.cross_entropy(logits, torch.zeros(len(tgt), dtype=torch.long, device=h.device))
 
@@ -108,10 +112,22 @@ class SASRec(nn.Module):
         items = tokens["title"]
         h = self.hidden(items)
         m = valid[:, 1:] & valid[:, :-1]
+        tgt = items[:, 1:][m]
+        first = b_idx = t_idx = None
+        if self.cfg.mask_history:
+            from fm.protocol import first_positions
+            first = first_positions(items, valid, self.cfg.n_items)
+            b_idx, t_idx = m.nonzero(as_tuple=True)
         if self.cfg.n_negatives > 0:
-            loss = self.sampled_loss(h[:, :-1][m], items[:, 1:][m])
+            seen_neg = None if first is None else (lambda neg: first[:, neg][b_idx] <= t_idx.unsqueeze(1))
+            loss = self.sampled_loss(h[:, :-1][m], tgt, seen_neg)
         else:
-            loss = F.cross_entropy(self.logits(h[:, :-1][m]), items[:, 1:][m])
+            logits = self.logits(h[:, :-1][m])
+            if first is not None:
+                seen = first[b_idx] <= t_idx.unsqueeze(1)
+                seen[torch.arange(len(tgt)), tgt] = False
+                logits = logits.masked_fill(seen, float("-inf"))
+            loss = F.cross_entropy(logits, tgt)
         return loss, {"title_1": float(loss.detach())}
 
     @torch.no_grad()

@@ -128,3 +128,59 @@ def test_catalogue_text_for_content(data_dir):
     assert c.shape == (ml.n_titles, 4)
     assert (c[: S.N_SPECIAL] == 0).all()
     assert np.allclose(np.linalg.norm(c[S.N_SPECIAL:], axis=1), 1.0, atol=1e-5)
+
+
+def _tiny_tokens(n_titles: int = 20):
+    from fm.model import ModelConfig
+    fields = ModelConfig(n_titles).field_sizes
+    tok = {f: torch.full((2, 6), S.OOV) for f in fields}
+    tok["action"] = torch.full((2, 6), S.vocab_index(S.ACTIONS)["thumbs_up"])
+    tok["title"] = torch.tensor([[2, 3, 4, 3, 6, 7], [8, 9, 10, 11, 8, 0]])
+    valid = tok["title"] != S.PAD
+    return tok, valid
+
+
+def test_first_positions():
+    titles = torch.tensor([[2, 3, 2, 4, 0]])
+    first = P.first_positions(titles, titles != 0, 6)
+    assert first.tolist() == [[5, 5, 0, 1, 3, 5]]        # absent (and PAD) -> L
+
+
+def test_fm_objective_matches_model_loss_and_history_mask_lowers_it():
+    from fm.model import FoundationModel, ModelConfig
+    torch.manual_seed(0)
+    model = FoundationModel(ModelConfig(20, max_len=8, target_actions=("thumbs_up",), emb_norm=True)).eval()
+    tok, valid = _tiny_tokens()
+    plain, parts = P.FMObjective(model)(tok, valid)
+    ref, ref_parts = model(tok, valid)
+    assert torch.allclose(plain, ref) and parts == ref_parts
+    masked, _ = P.FMObjective(model, mask_history=True)(tok, valid)
+    assert float(masked.detach()) < float(plain.detach())                 # seen titles left the softmax (repeats kept as targets)
+    sampled, sparts = P.FMObjective(model, np.arange(20), n_negatives=16, title_bias=True, mask_history=True)(tok, valid)
+    assert torch.isfinite(sampled) and "title_1" in sparts
+
+
+def test_sasrec_scores_ignore_padding_and_train():
+    from fm.sasrec import SASRec, SASRecConfig
+    torch.manual_seed(0)
+    m = SASRec(SASRecConfig(20, max_len=8)).eval()
+    tok, valid = _tiny_tokens()
+    loss, _ = m(tok, valid)
+    assert torch.isfinite(loss)
+    seqs = M.to_sequences(__import__("pandas").DataFrame(
+        {"user": [1, 1, 1], "movie": [5, 6, 7], "rating": [4, 4, 4], "ts": [1, 2, 3], "line": [0, 1, 2]})).seqs
+    short = seqs.batch(np.array([0]), max_len=8, ends=np.array([2]))
+    s1 = m.scores(short)
+    padded = short._replace(tokens={k: torch.nn.functional.pad(v, (0, 3)) for k, v in short.tokens.items()})
+    assert torch.allclose(s1, m.scores(padded), atol=1e-6)
+    assert s1.shape == (1, 20) and torch.isinf(s1[0, : S.N_SPECIAL]).all()
+
+
+def test_training_windows_cover_rows():
+    rng = np.random.default_rng(0)
+    lengths = np.array([1, 5, 450])
+    rows, ends = P.training_windows(lengths, 200, rng, "tokens")
+    assert list(np.bincount(rows, minlength=3)) == [0, 1, 3]           # ceil(len / max_len) windows
+    assert (ends[rows == 1] == 5).all() and ((ends[rows == 2] >= 200) & (ends[rows == 2] <= 450)).all()
+    rows, ends = P.training_windows(lengths, 200, rng, "last")
+    assert list(rows) == [1, 2] and list(ends) == [5, 450]
