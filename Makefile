@@ -1,5 +1,5 @@
 # make demo  — set up .venv and run the whole daily pipeline on generated data (through Airflow)
-# make test  — set up .venv and run the test suite (what CI runs)
+# make test  — set up .venv (with the redis extra, for the Redis online-store test) and run the test suite (what CI runs)
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -12,7 +12,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES = False
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,redis]'
 	touch $@
 
 setup: $(VENV)/.installed

@@ -2,8 +2,10 @@
 and turn Arrow batches into the rows Feast's online stores write.
 
 ``feature_store.yaml`` is the source of truth for backends (set ``online_store.type: redis`` etc.
-there, no code change). Only when the state root is not the default ``var/`` do we rewrite the
-local SQLite/registry paths, so tests and scratch runs never touch the default store.
+there, no code change; ``$FMPIPE_FEATURE_REPO`` points the jobs at another feature repo folder,
+e.g. a deployment's copy with its own yaml). Only when the state root is not the default ``var/``
+do we rewrite the local SQLite/registry paths, so tests and scratch runs never touch the default
+store (a Redis/remote online store is used as configured).
 
 :func:`online_rows` produces exactly what Feast's own ``_convert_arrow_to_proto`` produces (entity
 key protos, ``Value`` protos, naive-UTC event timestamps) and is handed to the provider's
@@ -29,26 +31,32 @@ from jobs.settings import REPO_ROOT, Paths
 FEATURE_REPO = REPO_ROOT / "feature_repo"
 
 
+def feature_repo() -> Path:
+    """The Feast repo folder the jobs use: ``$FMPIPE_FEATURE_REPO`` if set, else ``feature_repo/``."""
+    return Path(os.environ.get("FMPIPE_FEATURE_REPO") or FEATURE_REPO).resolve()
+
+
 def get_store(paths: Paths):
     from feast import FeatureStore
     from feast.repo_config import load_repo_config
 
-    cfg = load_repo_config(FEATURE_REPO, FEATURE_REPO / "feature_store.yaml")
+    repo = feature_repo()
+    cfg = load_repo_config(repo, repo / "feature_store.yaml")
     if paths.home != (REPO_ROOT / "var").resolve():
         paths.feast.mkdir(parents=True, exist_ok=True)
         cfg.registry_config = str(paths.feast / "registry.db")
         cfg._registry = None                      # drop the one parsed from the yaml path
         if getattr(cfg.online_store, "type", None) == "sqlite":
             cfg.online_store.path = str(paths.feast / "online.db")
-    return FeatureStore(repo_path=str(FEATURE_REPO), config=cfg)
+    return FeatureStore(repo_path=str(repo), config=cfg)
 
 
 def load_definitions(paths: Paths) -> list:
-    """Import ``feature_repo/definitions.py`` with FMPIPE_HOME set, and return its Feast objects."""
+    """Import the feature repo's ``definitions.py`` with FMPIPE_HOME set, and return its Feast objects."""
     from feast import Entity, FeatureService, FeatureView, FileSource
 
     os.environ["FMPIPE_HOME"] = str(paths.home)
-    spec = importlib.util.spec_from_file_location("fmpipe_feature_definitions", FEATURE_REPO / "definitions.py")
+    spec = importlib.util.spec_from_file_location("fmpipe_feature_definitions", feature_repo() / "definitions.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     kinds = (Entity, FeatureView, FeatureService, FileSource)
@@ -69,7 +77,8 @@ def apply_if_changed(store, paths: Paths) -> bool:
     daily publish skips it when nothing changed. Returns whether it applied.
     """
     digest = hashlib.sha256()
-    for f in (FEATURE_REPO / "definitions.py", FEATURE_REPO / "feature_store.yaml"):
+    repo = Path(store.repo_path)
+    for f in (repo / "definitions.py", repo / "feature_store.yaml"):
         digest.update(f.read_bytes())
     digest.update(str(paths.home).encode())
     stamp = paths.feast / "applied.sha256"

@@ -56,9 +56,19 @@ also be set in every reader's ``feature_store.yaml`` (plain readers keep reading
 table), and each version table would still need the full state. A rename swap inside the online
 store gives one atomic step for all views with no reader-side change.
 It is specific to the SQLite online store; for another store (Redis, ...) ``publish`` falls back to
-writing the day in place (``swap=in_place``: not atomic, rollback re-writes rows) — a production
-store would use the same design with its own swap (Redis: per-publication key prefix/DB + client
-pointer; Postgres: the same renames in a transaction).
+writing the day in place (``swap=in_place``, chosen by ``swap=auto``): the day's rows go straight
+into the live keys with the same ``online_write_batch`` path (no staging, no copy forward: entities
+not active today keep yesterday's values because nothing deletes them). The trade-offs: readers see
+the day arrive batch by batch (a read during publish can mix days across entities, never within
+one entity's row of one view); a failed publish leaves a partly written day serving until the
+re-run; rollback re-writes the target date's rows on top of the live state (entities first seen
+later are not removed, entities whose later value overwrote the target's are restored only if the
+target date itself wrote them); and ``keep``/snapshots do not apply. Feast's Redis store normally
+skips a row whose event timestamp is not newer than the stored one; the publisher is the only
+writer (publication lock) and must replace what is served on a re-run of a date (same timestamps)
+or a rollback (older ones), so it writes with ``skip_dedup`` (:func:`writer_config`). A production
+store would use the same staged design with its own swap (Redis: per-publication key prefix/DB +
+client pointer; Postgres: the same renames in a transaction).
 """
 from __future__ import annotations
 
@@ -307,17 +317,33 @@ def in_key_order(fv, table: pa.Table) -> pa.Table:
     return table.take(pa.array(order))
 
 
+def writer_config(store):
+    """The RepoConfig the publisher writes with: the store's own, except that an online store which
+    drops rows not newer than the stored ones (Redis, ``skip_dedup: false``) writes unconditionally.
+
+    Why: a publication of date D must become what is served, also when D is re-run (the same event
+    timestamps) or rolled back to (older ones); the publisher is the only writer (publication lock),
+    so there is no newer concurrent write to protect. The SQLite store always overwrites."""
+    online = store.config.online_store
+    if getattr(online, "skip_dedup", True):
+        return store.config
+    cfg = copy.copy(store.config)
+    cfg._online_store = online.model_copy(update={"skip_dedup": True})
+    return cfg
+
+
 def write_rows(store, fv, table: pa.Table, batch_rows: int) -> int:
     """The day's rows through Feast: Feast ``Value`` protos -> the provider's ``online_write_batch``,
-    ``batch_rows`` at a time (one SQLite transaction each), in the table's key order."""
+    ``batch_rows`` at a time (one SQLite transaction / one Redis pipeline each), in the table's key order."""
     from jobs.feast_store import online_rows
     provider, n = store._get_provider(), 0
     conn = getattr(provider.online_store, "_get_conn", None)
     if getattr(store.config.online_store, "type", "") == "sqlite" and conn is not None:
         conn(store.config).execute(f"PRAGMA cache_size=-{CACHE_KIB}")      # Feast's own connection
+    config = writer_config(store)
     for batch in in_key_order(fv, table).to_batches(max_chunksize=batch_rows):
         if batch.num_rows:
-            provider.online_write_batch(store.config, fv, online_rows(fv, batch), None)
+            provider.online_write_batch(config, fv, online_rows(fv, batch), None)
             n += batch.num_rows
     return n
 

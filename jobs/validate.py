@@ -1,19 +1,37 @@
-"""The quality gate: Great Expectations suites over the day's embedding tables.
+"""The quality gate: Great Expectations suites over the day's token and embedding tables.
 
-Suites are declared as JSON in ``expectations/`` (table-level expectations plus a template applied
-to every vector column); run-time values such as the expected row count and the vector width are
-passed as suite parameters. Array columns are checked through derived scalar columns (length,
-L2 norm, count of NaN/Inf), because GE's length expectations do not apply to arrays.
+Suites are declared as JSON in ``expectations/`` (``tokens``, ``profile_embeddings``,
+``title_embeddings``): table-level expectations plus templates expanded per column ("{col}": every
+vector column, every token field), and a ``thresholds`` block of defaults that the job config can
+override (``thresholds=min_mean_cosine=0.3,title_embeddings.max_duplicate_share=0``). Run-time
+values (expected row counts, vector width, vocabulary ranges, learned bounds) and the thresholds
+reach GE as suite parameters (``$PARAMETER``), so the saved results show the resolved numbers.
+
+Array columns are checked through derived scalar columns, because GE's length expectations do not
+apply to arrays: ``__dim``, ``__norm``, ``__nonfinite``, ``__zero`` and ``__duplicate`` (0/1; their
+mean is the share of zero / repeated vectors) and, against the reference, ``__prev_cos``.
+
+The *reference* is the previous publication (the latest publish or rollback of an earlier date;
+before anything was published, the latest earlier date whose gate passed). With one, each vector
+column's norms must lie in a range learned from the reference's norms (its ``norm_q_low`` /
+``norm_q_high`` quantiles widened by ``norm_widen``), its median norm may move by at most
+``max_median_norm_shift`` (relative), and the mean cosine between today's and the reference's vector
+of every entity present in both must reach ``min_mean_cosine``: the embed job rotates a new model's
+space onto the previous one (:mod:`fm.align`), so a low cosine means an unaligned space, a sign flip
+or a broken model, which would silently break every consumer that stored or trained on yesterday's
+vectors. Without a reference (the first publication) the static bounds apply.
 
 Results (JSON) go to ``gx/results/dt=D/`` and Data Docs to the GE file context under ``gx/``.
-A failed suite raises :class:`GateFailed` naming each failed expectation, the observed value and
-the threshold, so the DAG stops before publishing.
+A failed suite raises :class:`GateFailed` naming, for each failed expectation, the suite, the
+expectation, the column, the observed value and the threshold, so the DAG stops before publishing.
 """
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -21,10 +39,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from fm import schema as S
 from jobs.io import atomic_write_json, partition
 from jobs.settings import REPO_ROOT, Paths, parse_date, run_cli
 
 SUITES_DIR = REPO_ROOT / "expectations"
+LONG_LIST = 10            # lists longer than this are summarised in failure messages
 
 
 class GateFailed(RuntimeError):
@@ -33,45 +53,311 @@ class GateFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class ValidateConfig:
+    """Validate day ``date``; ``thresholds`` override suite defaults: ``name=value`` for every suite
+    that declares ``name``, ``suite.name=value`` for one suite."""
     date: str = ""
     build_docs: bool = True
+    thresholds: tuple[str, ...] = ()
 
 
-def vector_columns(table: pa.Table) -> list[str]:
-    return [f.name for f in table.schema if pa.types.is_list(f.type) and pa.types.is_floating(f.type.value_type)]
+@dataclass
+class Check:
+    """One suite run: the table as a DataFrame, template expansions, parameters, and context for people."""
+    suite: str
+    df: pd.DataFrame
+    expansions: dict[str, list[str]]
+    params: dict
+    context: dict = field(default_factory=dict)
 
 
-def with_vector_stats(table: pa.Table) -> pd.DataFrame:
-    """Scalar columns per vector column: ``__dim`` (null if the vector is null), ``__norm``, ``__nonfinite``."""
-    cols = {n: table[n] for n in table.column_names if n not in vector_columns(table)}
-    for name in vector_columns(table):
-        arr = table[name].combine_chunks()
-        dim = pc.list_value_length(arr)
-        flat = arr.flatten().to_numpy(zero_copy_only=False).astype(np.float64)
-        owner = np.repeat(np.arange(len(arr)), dim.fill_null(0).to_numpy())
-        sq = np.bincount(owner, weights=np.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0) ** 2, minlength=len(arr))
-        bad = np.bincount(owner, weights=(~np.isfinite(flat)).astype(float), minlength=len(arr))
-        cols[f"{name}__dim"] = dim
-        cols[f"{name}__norm"] = pa.array(np.sqrt(sq))
-        cols[f"{name}__nonfinite"] = pa.array(bad.astype(np.int64))
-    return pa.table(cols).to_pandas()
+# ------------------------------------------------------------------------------------------------
+# Suite specs and thresholds
+# ------------------------------------------------------------------------------------------------
+def read_spec(name: str) -> dict:
+    return json.loads((SUITES_DIR / f"{name}.json").read_text())
 
 
-def load_suite_spec(name: str, vector_cols: list[str]):
+def expectation_configs(spec: dict, expansions: dict[str, list[str]]) -> list[dict]:
+    """``table`` as is, plus every ``per_*`` template section repeated for each of its columns.
+
+    A template section with no entry in ``expansions`` expands to nothing: that is how the static
+    or the reference-based norm checks are chosen per column."""
+    configs = [dict(c) for c in spec["table"]]
+    for section, columns in expansions.items():
+        for col in columns:
+            for tmpl in spec.get(section, []):
+                kwargs = json.loads(json.dumps(tmpl["kwargs"]).replace("{col}", col))
+                configs.append({"type": tmpl["type"], "kwargs": kwargs})
+    return configs
+
+
+def load_suite_spec(name: str, expansions: dict[str, list[str]]):
     """Expand a JSON suite spec into a GE ExpectationSuite."""
     import great_expectations as gx
     from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
 
-    spec = json.loads((SUITES_DIR / f"{name}.json").read_text())
-    configs = list(spec["table"])
-    for col in vector_cols:
-        for tmpl in spec["per_vector_column"]:
-            kwargs = json.loads(json.dumps(tmpl["kwargs"]).replace("{col}", col))
-            configs.append({"type": tmpl["type"], "kwargs": kwargs})
-    expectations = [ExpectationConfiguration(type=c["type"], kwargs=c["kwargs"]).to_domain_obj() for c in configs]
+    spec = read_spec(name)
+    expectations = [ExpectationConfiguration(type=c["type"], kwargs=c["kwargs"]).to_domain_obj()
+                    for c in expectation_configs(spec, expansions)]
     return gx.ExpectationSuite(name=spec["name"], expectations=expectations)
 
 
+def thresholds(suite: str, overrides: tuple[str, ...]) -> dict[str, float]:
+    """The suite's ``thresholds`` block with the job's overrides applied (unknown names rejected)."""
+    values = dict(read_spec(suite).get("thresholds", {}))
+    known = {s: set(read_spec(s).get("thresholds", {})) for s in ("tokens", "profile_embeddings", "title_embeddings")}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"threshold override {item!r}: expected name=value or suite.name=value")
+        name, raw = item.split("=", 1)
+        target, _, key = name.rpartition(".")
+        if target and target not in known:
+            raise ValueError(f"threshold override {item!r}: unknown suite {target!r}; suites: {sorted(known)}")
+        owners = [target] if target else [s for s, keys in known.items() if key in keys]
+        if not owners or key not in known[owners[0]]:
+            valid = sorted(known[target]) if target else sorted(set().union(*known.values()))
+            raise ValueError(f"threshold override {item!r}: unknown threshold {key!r}; valid: {valid}")
+        if suite in owners:
+            values[key] = float(raw)
+    return values
+
+
+# ------------------------------------------------------------------------------------------------
+# Derived columns
+# ------------------------------------------------------------------------------------------------
+def vector_columns(table: pa.Table) -> list[str]:
+    return [f.name for f in table.schema if pa.types.is_list(f.type) and pa.types.is_floating(f.type.value_type)]
+
+
+def _flat(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(float64 values, owning row of each value) of a list<float> array."""
+    dim = pc.list_value_length(arr).fill_null(0).to_numpy()
+    flat = arr.flatten().to_numpy(zero_copy_only=False).astype(np.float64)
+    return flat, np.repeat(np.arange(len(arr)), dim)
+
+
+def duplicate_flags(arr: pa.Array) -> np.ndarray:
+    """1 for a vector whose exact float bits already appeared in an earlier row (nulls never count)."""
+    offsets = arr.offsets.to_numpy()
+    raw = arr.values.cast(pa.float32()).to_numpy(zero_copy_only=False).tobytes()
+    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    keys = [raw[4 * int(offsets[i]):4 * int(offsets[i + 1])] if valid[i] else None for i in range(len(arr))]
+    dup = pd.Series(keys, dtype=object).duplicated().to_numpy() & valid
+    return dup.astype(np.int64)
+
+
+def vector_stats(arr: pa.Array) -> dict[str, pa.Array]:
+    """Scalar columns of one vector column: dim (null if the vector is null), L2 norm over the finite
+    values, count of NaN/Inf, zero flag (finite and all zero), duplicate flag (a non-zero vector
+    repeating an earlier row's exact bits)."""
+    dim = pc.list_value_length(arr)
+    flat, owner = _flat(arr)
+    sq = np.bincount(owner, weights=np.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0) ** 2, minlength=len(arr))
+    bad = np.bincount(owner, weights=(~np.isfinite(flat)).astype(float), minlength=len(arr)).astype(np.int64)
+    zero = (sq == 0) & (bad == 0) & arr.is_valid().to_numpy(zero_copy_only=False)
+    dup = duplicate_flags(arr) * ~zero                 # zero vectors are counted once, as zero vectors
+    return {"dim": dim, "norm": pa.array(np.sqrt(sq)), "nonfinite": pa.array(bad),
+            "zero": pa.array(zero.astype(np.int64)), "duplicate": pa.array(dup.astype(np.int64))}
+
+
+def with_vector_stats(table: pa.Table) -> pd.DataFrame:
+    """The table's scalar columns plus ``<col>__<stat>`` for every vector column (vectors dropped)."""
+    vcols = vector_columns(table)
+    cols = {n: table[n] for n in table.column_names if n not in vcols}
+    for name in vcols:
+        for stat, values in vector_stats(table[name].combine_chunks()).items():
+            cols[f"{name}__{stat}"] = values
+    return pa.table(cols).to_pandas()
+
+
+def matrix(arr: pa.Array, dim: int) -> np.ndarray:
+    """(N, dim) float64; rows that are null, of another length or not finite are NaN."""
+    out = np.full((len(arr), dim), np.nan)
+    ok = pc.fill_null(pc.equal(pc.list_value_length(arr), dim), False).to_numpy(zero_copy_only=False)
+    if ok.any():
+        vals = pc.filter(arr, pa.array(ok)).flatten().to_numpy(zero_copy_only=False).astype(np.float64)
+        out[ok] = vals.reshape(-1, dim)
+    return out
+
+
+def cosine_to_reference(today: pa.Table, ref: pa.Table, key: str, col: str) -> np.ndarray:
+    """Cosine between each row's vector and the reference's vector of the same key (NaN: no pair)."""
+    arr, ref_arr = today[col].combine_chunks(), ref[col].combine_chunks()
+    dims = pc.list_value_length(ref_arr).drop_null()
+    out = np.full(len(arr), np.nan)
+    if len(dims) == 0:
+        return out
+    dim = int(pc.mode(dims)[0]["mode"].as_py())
+    pos = pd.Index(ref[key].to_pandas()).get_indexer(today[key].to_pandas())
+    hit = pos >= 0
+    a, b = matrix(arr, dim)[hit], matrix(ref_arr, dim)[pos[hit]]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    out[hit] = np.where(np.isfinite(cos), cos, np.nan)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Reference publication
+# ------------------------------------------------------------------------------------------------
+def reference_date(paths: Paths, day: dt.date) -> tuple[dt.date, str] | None:
+    """The publication the day is compared with: the latest publish/rollback of an earlier date
+    (what consumers were served), else the latest earlier date whose gate passed."""
+    from jobs.publication import history
+    for rec in reversed(history(paths)):
+        d = dt.date.fromisoformat(rec["date"])
+        if d < day and partition(paths.profile_embeddings, d).exists():
+            return d, f"publication {rec['publication']}"
+    results = paths.gx / "results"
+    passed = []
+    for p in results.glob("dt=*") if results.exists() else []:
+        d = dt.date.fromisoformat(p.name[3:])
+        summary = p / "summary.json"
+        if d < day and summary.exists() and json.loads(summary.read_text()).get("success") \
+                and partition(paths.profile_embeddings, d).exists():
+            passed.append(d)
+    return (max(passed), "last passed gate (nothing published before)") if passed else None
+
+
+def reference_bounds(ref_stats: pd.DataFrame, col: str, t: dict) -> dict[str, float] | None:
+    """Learned norm range and median band for ``col`` from the reference's norms (None: no norms)."""
+    name = f"{col}__norm"
+    if name not in ref_stats:
+        return None
+    norms = ref_stats[name].to_numpy()
+    norms = norms[np.isfinite(norms) & (norms > 0)]
+    if len(norms) == 0:
+        return None
+    lo, hi = np.quantile(norms, [t["norm_q_low"], t["norm_q_high"]])
+    med = float(np.median(norms))
+    return {f"norm_min__{col}": float(lo / t["norm_widen"]), f"norm_max__{col}": float(hi * t["norm_widen"]),
+            f"median_min__{col}": med * (1 - t["max_median_norm_shift"]),
+            f"median_max__{col}": med * (1 + t["max_median_norm_shift"])}
+
+
+# ------------------------------------------------------------------------------------------------
+# The three checks
+# ------------------------------------------------------------------------------------------------
+def active_profiles(paths: Paths, day: dt.date) -> int:
+    hist = pq.read_table(partition(paths.history, day), columns=["last_dt"])
+    return int(pc.sum(pc.equal(hist["last_dt"], pa.scalar(day, pa.date32()))).as_py() or 0)
+
+
+def token_ranges(max_title_id: int) -> dict[str, tuple[int, int]]:
+    """Closed id range of every token field: exactly what tokenize can emit (see fm.schema).
+
+    Closed vocabularies fall back to OOV for unknown values, except actions (unknown actions are
+    quarantined) and titles (unknown titles are quarantined)."""
+    ranges = {
+        "title": (S.N_SPECIAL, max_title_id),
+        "action": (S.N_SPECIAL, S.vocab_size(S.ACTIONS) - 1),
+        "duration": (S.NO_DURATION, S.N_DURATION - 1),
+        "device": (S.OOV, S.vocab_size(S.DEVICES) - 1),
+        "canvas": (S.OOV, S.vocab_size(S.CANVASES) - 1),
+        "locale": (S.OOV, S.vocab_size(S.LOCALES) - 1),
+        "row": (S.OOV, S.N_ROW - 1),
+        "hour": (S.N_SPECIAL, S.N_HOUR - 1),
+        "dow": (S.N_SPECIAL, S.N_DOW - 1),
+        "gap": (S.OOV, S.N_GAP - 1),
+    }
+    if set(ranges) != set(S.TOKEN_FIELDS):
+        raise RuntimeError(f"token_ranges covers {sorted(ranges)} but TOKEN_FIELDS is {sorted(S.TOKEN_FIELDS)}")
+    return ranges
+
+
+def tokens_check(paths: Paths, day: dt.date, t: dict) -> Check:
+    """tokens/dt=D: one row per kept event, keys unique and present, every id inside its vocabulary."""
+    part = partition(paths.tokens, day)
+    if not part.exists():
+        raise FileNotFoundError(f"tokens: partition {part} missing (run tokenize for {day} first)")
+    from jobs.vocab import read_vocab
+    vocab = read_vocab(paths)
+    max_title = int(pc.max(vocab["idx"]).as_py()) if vocab.num_rows else S.N_SPECIAL - 1
+    active = active_profiles(paths, day)
+    params = {**t, "active_profiles": active, "min_rows": int(np.ceil(active * t["min_tokens_per_active_profile"]))}
+    for f, (lo, hi) in token_ranges(max_title).items():
+        params[f"min__{f}"], params[f"max__{f}"] = lo, hi
+    df = pq.read_table(part).to_pandas()
+    return Check("tokens", df, {"per_token_field": list(S.TOKEN_FIELDS)}, params,
+                 {"vocab_titles": vocab.num_rows})
+
+
+def released_titles(paths: Paths, day: dt.date) -> list[str]:
+    """Catalogue titles released by ``day`` (unknown release date: always): each needs an embedding."""
+    if not paths.catalogue.exists():
+        raise FileNotFoundError(f"title coverage: catalogue {paths.catalogue} missing")
+    cat = pq.read_table(paths.catalogue, columns=["title_id", "release_date"])
+    released = pc.or_kleene(pc.is_null(cat["release_date"]), pc.less_equal(cat["release_date"], pa.scalar(day, pa.date32())))
+    return sorted(cat.filter(released)["title_id"].to_pylist())
+
+
+def embedding_check(suite: str, key: str, table: pa.Table, params: dict, t: dict,
+                    ref: tuple[dt.date, str, pa.Table] | None) -> Check:
+    """Derived columns, static or learned norm bounds per column, and drift against ``ref``."""
+    vcols = vector_columns(table)
+    df = with_vector_stats(table)
+    params = {**t, **params}
+    context: dict = {"reference": None}
+    learned, drift = [], []
+    if ref is not None:
+        ref_day, why, ref_table = ref
+        ref_stats = with_vector_stats(ref_table.select([c for c in ref_table.column_names if c in (key, *vcols)]))
+        context["reference"] = {"date": ref_day.isoformat(), "source": why, "columns": {}}
+        for col in vcols:
+            if col not in ref_table.column_names:
+                continue
+            bounds = reference_bounds(ref_stats, col, t)
+            if bounds is None:
+                continue
+            learned.append(col)
+            params.update(bounds)
+            cos = cosine_to_reference(table, ref_table, key, col)
+            shared = int(np.isfinite(cos).sum())
+            info = {**bounds, "shared": shared}
+            if shared >= t["min_shared"]:
+                drift.append(col)
+                df[f"{col}__prev_cos"] = cos
+                info["mean_cosine"] = float(np.nanmean(cos))
+            else:
+                info["drift"] = f"not checked: {shared} shared entities < min_shared {t['min_shared']:g}"
+            context["reference"]["columns"][col] = info
+    static = [c for c in vcols if c not in learned]
+    context["norm_bounds"] = {"learned": learned, "static": static}
+    expansions = {"per_vector_column": vcols, "per_vector_column_static": static,
+                  "per_vector_column_learned": learned, "per_vector_column_drift": drift}
+    return Check(suite, df, expansions, params, context)
+
+
+def embedding_checks(paths: Paths, day: dt.date, overrides: tuple[str, ...]) -> list[Callable[[], Check]]:
+    """The profile and title checks (built lazily: one table in memory at a time)."""
+    ref = reference_date(paths, day)
+    specs = (("profile_embeddings", "profile_id", paths.profile_embeddings),
+             ("title_embeddings", "title_id", paths.title_embeddings))
+    checks = []
+    for suite, key, root in specs:
+        part = partition(root, day)
+
+        def build(suite=suite, key=key, root=root, part=part) -> Check:
+            if not part.exists():
+                raise FileNotFoundError(f"{suite}: partition {part} missing (run embed for {day} first)")
+            table = pq.read_table(part)
+            manifest = json.loads((part / "_manifest.json").read_text())
+            params = {"dim": manifest["dim"]}
+            if suite == "profile_embeddings":
+                params["expected_rows"] = active_profiles(paths, day)
+            else:
+                params["expected_rows"] = pq.read_metadata(paths.title_vocab).num_rows
+                params["catalogue_titles"] = released_titles(paths, day)
+            ref_part = partition(root, ref[0]) if ref else None
+            ref_arg = (ref[0], ref[1], pq.read_table(ref_part)) if ref_part is not None and ref_part.exists() else None
+            return embedding_check(suite, key, table, params, thresholds(suite, overrides), ref_arg)
+        checks.append(build)
+    return checks
+
+
+# ------------------------------------------------------------------------------------------------
+# Running GE
+# ------------------------------------------------------------------------------------------------
 def _context(paths: Paths):
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
@@ -79,24 +365,60 @@ def _context(paths: Paths):
     return gx.get_context(mode="file", project_root_dir=str(paths.gx))
 
 
-def run_suite(paths: Paths, suite_name: str, df: pd.DataFrame, vector_cols: list[str], params: dict, build_docs: bool = True) -> dict:
+def run_suite(paths: Paths, check: Check, build_docs: bool = True) -> dict:
     """Validate one DataFrame with one suite through a Checkpoint; return a compact summary."""
     import great_expectations as gx
     from great_expectations.checkpoint import UpdateDataDocsAction
 
     ctx = _context(paths)
     ds = ctx.data_sources.add_or_update_pandas(name="fmpipe")
-    asset = ds.add_dataframe_asset(name=suite_name)
+    asset = ds.add_dataframe_asset(name=check.suite)
     batch_def = asset.add_batch_definition_whole_dataframe("whole_table")
-    suite = ctx.suites.add_or_update(load_suite_spec(suite_name, vector_cols))
-    vd = ctx.validation_definitions.add_or_update(gx.ValidationDefinition(name=suite_name, data=batch_def, suite=suite))
+    suite = ctx.suites.add_or_update(load_suite_spec(check.suite, check.expansions))
+    vd = ctx.validation_definitions.add_or_update(gx.ValidationDefinition(name=check.suite, data=batch_def, suite=suite))
     actions = [UpdateDataDocsAction(name="data_docs")] if build_docs else []
-    cp = ctx.checkpoints.add_or_update(gx.Checkpoint(name=f"{suite_name}_gate", validation_definitions=[vd],
+    cp = ctx.checkpoints.add_or_update(gx.Checkpoint(name=f"{check.suite}_gate", validation_definitions=[vd],
                                                      actions=actions, result_format="SUMMARY"))
-    result = cp.run(batch_parameters={"dataframe": df}, expectation_parameters=params)
+    result = cp.run(batch_parameters={"dataframe": check.df}, expectation_parameters=check.params)
     vr = next(iter(result.run_results.values()))
-    return {"suite": suite_name, "success": bool(result.success), "params": params,
+    shown = {k: (_short(v) if isinstance(v, list) else v) for k, v in check.params.items()}
+    return {"suite": check.suite, "success": bool(result.success), "params": shown, "context": check.context,
             "statistics": dict(vr.statistics), "failures": _failures(vr), "result": vr.to_json_dict()}
+
+
+def _short(value):
+    """Long lists (value sets) as a count plus a few examples, so messages stay readable."""
+    if isinstance(value, (list, tuple, set)) and len(value) > LONG_LIST:
+        items = sorted(value, key=str)
+        return f"<{len(items)} values: {', '.join(map(str, items[:3]))}, ...>"
+    return value
+
+
+def _number(x):
+    """numpy scalars as plain numbers; whole floats as ints (GE turns integer thresholds into floats)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)):
+        return x
+    return int(x) if float(x).is_integer() and abs(x) < 2**53 else float(x)
+
+
+def observed(res: dict):
+    """The observed value of a result in one plain form: an aggregate (mean, median, count), the
+    titles missing from a required set, or the rows violating a per-row expectation."""
+    if res.get("observed_value") is not None:
+        v = res["observed_value"]
+        return _short(v) if isinstance(v, list) else _number(v)
+    if "partial_missing_list" in res:
+        return {"missing": _number(res.get("missing_count")), "examples": res["partial_missing_list"][:5]}
+    if "unexpected_count" in res:
+        return {"unexpected_rows": _number(res["unexpected_count"]), "of_rows": _number(res.get("element_count")),
+                "unexpected_percent": round(float(res.get("unexpected_percent") or 0.0), 3)}
+    return None
+
+
+def _kwarg_order(item: tuple[str, object]) -> tuple[int, str]:
+    """Thresholds read in one order: bounds first, then ``mostly``, then the rest."""
+    first = ("column", "value", "min_value", "max_value", "value_set", "mostly")
+    return (first.index(item[0]) if item[0] in first else len(first), item[0])
 
 
 def _failures(vr) -> list[dict]:
@@ -105,36 +427,55 @@ def _failures(vr) -> list[dict]:
         if r.success:
             continue
         cfg = r.expectation_config
-        kw = {k: v for k, v in cfg.kwargs.items() if k not in ("batch_id",)}
+        kw = {k: _short(_number(v)) for k, v in sorted(cfg.kwargs.items(), key=_kwarg_order) if k not in ("batch_id",)}
         res = r.result or {}
-        observed = res.get("observed_value", res.get("unexpected_count"))
-        out.append({"expectation": cfg.type, "column": kw.pop("column", None), "observed": observed,
+        out.append({"expectation": cfg.type, "column": kw.pop("column", None), "observed": observed(res),
                     "threshold": kw, "unexpected_examples": (res.get("partial_unexpected_list") or [])[:5],
-                    "exception": (r.exception_info or {}).get("exception_message")})
+                    "exception": exception_message(r.exception_info)})
     return out
 
 
-def expected_counts(paths: Paths, day) -> dict[str, int]:
-    hist = pq.read_table(partition(paths.history, day), columns=["last_dt"])
-    active = int(pc.sum(pc.equal(hist["last_dt"], pa.scalar(day, pa.date32()))).as_py() or 0)
-    vocab = pq.read_metadata(paths.title_vocab).num_rows
-    return {"profile_embeddings": active, "title_embeddings": vocab}
+def exception_message(info: dict | None) -> str | None:
+    """GE 1.x nests exception info per metric (``{metric_id: {exception_message: ...}}``); flatten it."""
+    if not info:
+        return None
+    if "exception_message" in info:
+        return info["exception_message"] if info.get("raised_exception", True) else None
+    msgs = sorted({v.get("exception_message") for v in info.values() if isinstance(v, dict) and v.get("exception_message")})
+    return "; ".join(msgs) or None
+
+
+def describe_failure(suite: str, f: dict) -> str:
+    """``[suite] expectation on column C: observed X; threshold k=v, ...`` (one line)."""
+    thr = ", ".join(f"{k}={v}" for k, v in f["threshold"].items()) or "(none)"
+    obs = f["observed"]
+    if isinstance(obs, dict):
+        obs = ", ".join(f"{k}={v}" for k, v in obs.items())
+    line = f"  [{suite}] {f['expectation']} on column {f['column'] or '(table)'}: observed {obs}; threshold {thr}"
+    if f.get("unexpected_examples"):
+        line += f"; e.g. {f['unexpected_examples'][:3]}"
+    if f.get("exception"):
+        line += f"; error: {f['exception']}"
+    return line
+
+
+def describe_failures(summaries: list[dict]) -> str:
+    lines = ["validation failed; nothing will be published:"]
+    for s in summaries:
+        lines.extend(describe_failure(s["suite"], f) for f in s["failures"])
+    return "\n".join(lines)
 
 
 def run(cfg: ValidateConfig, paths: Paths) -> dict:
     day = parse_date(cfg.date)
-    expected = expected_counts(paths, day)
+    builders = [lambda: tokens_check(paths, day, thresholds("tokens", cfg.thresholds)),
+                *embedding_checks(paths, day, cfg.thresholds)]
     summaries = []
-    for suite, root in (("profile_embeddings", paths.profile_embeddings), ("title_embeddings", paths.title_embeddings)):
-        part = partition(root, day)
-        if not part.exists():
-            raise FileNotFoundError(f"{suite}: partition {part} missing (run embed for {day} first)")
-        table = pq.read_table(part)
-        manifest = json.loads((part / "_manifest.json").read_text())
-        vcols = vector_columns(table)
-        s = run_suite(paths, suite, with_vector_stats(table), vcols,
-                      {"expected_rows": expected[suite], "dim": manifest["dim"]}, cfg.build_docs)
-        atomic_write_json(s, partition(paths.gx / "results", day) / f"{suite}.json")
+    for build in builders:
+        check = build()
+        s = run_suite(paths, check, cfg.build_docs)
+        del check
+        atomic_write_json(s, partition(paths.gx / "results", day) / f"{s['suite']}.json")
         summaries.append({k: v for k, v in s.items() if k != "result"})
     docs = paths.gx / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
     out = {"date": day.isoformat(), "success": all(s["success"] for s in summaries), "suites": summaries,
@@ -143,15 +484,6 @@ def run(cfg: ValidateConfig, paths: Paths) -> dict:
     if not out["success"]:
         raise GateFailed(describe_failures(summaries))
     return out
-
-
-def describe_failures(summaries: list[dict]) -> str:
-    lines = ["validation failed; nothing will be published:"]
-    for s in summaries:
-        for f in s["failures"]:
-            lines.append(f"  [{s['suite']}] {f['expectation']} on {f['column'] or 'table'}: observed "
-                         f"{f['observed']!r}, expected {f['threshold']}")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:

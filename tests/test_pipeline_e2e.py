@@ -47,8 +47,9 @@ def test_every_step_ran_and_counts_agree(day_run):
 def test_gate_results_and_data_docs_are_kept(day_run):
     paths, day = day_run["paths"], day_run["day"]
     summary = json.loads((partition(paths.gx / "results", day) / "summary.json").read_text())
-    assert summary["success"] and {s["suite"] for s in summary["suites"]} == {"profile_embeddings", "title_embeddings"}
+    assert summary["success"] and {s["suite"] for s in summary["suites"]} == {"tokens", "profile_embeddings", "title_embeddings"}
     assert (partition(paths.gx / "results", day) / "profile_embeddings.json").exists()
+    assert (partition(paths.gx / "results", day) / "tokens.json").exists()
     assert summary["data_docs"] and os.path.exists(summary["data_docs"])
 
 
@@ -93,7 +94,7 @@ def test_gate_blocks_bad_tables_and_names_the_expectation(day_run, kind, tmp_pat
     import shutil
     paths, day = day_run["paths"], day_run["day"]
     scratch = Paths(tmp_path / "var")
-    for sub in ("history", "embeddings", "vocab"):
+    for sub in ("history", "embeddings", "vocab", "tokens", "catalogue"):
         shutil.copytree(paths.home / sub, scratch.home / sub)
 
     def mutate(t: pa.Table) -> pa.Table:

@@ -299,3 +299,99 @@ def test_retrieve_ranks_by_raw_dot_product_and_skips_finished_titles(synth):
     assert [t["title_id"] for t in got["titles"]] == order[2:7]
     with pytest.raises(KeyError, match="profile 12345"):
         retrieve.retrieve(paths, 12345)
+
+
+# ---------------------------------------------------------------------------------------------
+# Redis online store, selected by feature_store.yaml only (a real redis-server, no mocks)
+# ---------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A throwaway ``redis-server`` (Debian package) on a free port, data dir in tmp_path, no persistence."""
+    import shutil
+    import subprocess
+    import time
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server not installed (Debian: apt-get install redis-server; .ci/run installs it)")
+    redis = pytest.importorskip("redis", reason="python package redis not installed (pip install -e '.[redis]')")
+    port = _free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path),
+                             "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(host="127.0.0.1", port=port)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"redis-server did not start on port {port} (exit code {proc.poll()})")
+                time.sleep(0.05)
+        yield client, port
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_redis_online_store_by_configuration_only(redis_server, tmp_path, monkeypatch):
+    """A copy of feature_repo/ whose yaml says ``type: redis``: the same publish path writes the day
+    in place (no SQLite staging or swap), re-runs and rollbacks replace what is served, and a plain
+    ``FeatureStore(repo_path=...)`` reads it back with ``get_online_features``."""
+    import shutil
+    from feast import FeatureStore
+    from jobs.feast_store import FEATURE_REPO
+    client, port = redis_server
+    repo = tmp_path / "feature_repo"
+    shutil.copytree(FEATURE_REPO, repo, ignore=shutil.ignore_patterns("__pycache__", "data"))
+    yaml = (repo / "feature_store.yaml").read_text()
+    sqlite_block = "online_store:\n  type: sqlite\n  path: ../var/feast/online.db\n"
+    assert sqlite_block in yaml
+    (repo / "feature_store.yaml").write_text(
+        yaml.replace(sqlite_block, f'online_store:\n  type: redis\n  connection_string: "127.0.0.1:{port}"\n'))
+    monkeypatch.setenv("FMPIPE_FEATURE_REPO", str(repo))
+    monkeypatch.setenv("FMPIPE_HOME", str(tmp_path / "var"))
+    paths = Paths.from_env()
+    days = {D1: write_day(paths, D1, range(0, 60), "m1", 1), D2: write_day(paths, D2, range(30, 90), "m2", 2)}
+    synth = {"days": days}
+
+    r1 = run_publish(paths, D1)
+    assert r1["online_store"] == "redis" and not r1["atomic_swap"] and r1["materialized_rows"]["profile"] == 60
+    run_publish(paths, D2)
+    assert not (paths.feast / "online.db").exists()                    # nothing went to SQLite
+    assert client.dbsize() == 90 + TITLES                              # one hash per profile / title
+    got = online(paths, [10, 40, 70, 999])
+    assert got["model_version"] == ["m1", "m2", "m2", None]            # 10 only active on D1: still served
+    np.testing.assert_array_equal(got["emb_layer2_last"][0], expect(synth, D1, 10))
+    np.testing.assert_array_equal(got["emb_layer2_last"][1], expect(synth, D2, 40))
+
+    # a plain Feast reader of the repo (registry ../var/feast/registry.db relative to it) sees the same
+    plain = FeatureStore(repo_path=str(repo)).get_online_features(
+        features=["profile_embeddings:emb_layer2_last", "title_embeddings:title_embedding"],
+        entity_rows=[{"profile_id": 40, "title_id": "t003"}]).to_dict()
+    np.testing.assert_array_equal(plain["emb_layer2_last"][0], expect(synth, D2, 40))
+    np.testing.assert_array_equal(plain["title_embedding"][0], days[D2]["titles"][3])
+
+    # re-running D2 with re-embedded vectors (same event timestamps) replaces them: Feast's Redis
+    # store alone would keep the stored row (it skips rows not newer than the stored timestamp)
+    days[D2] = write_day(paths, D2, range(30, 90), "m2b", 22)
+    run_publish(paths, D2)
+    got = online(paths, [40])
+    assert got["model_version"] == ["m2b"]
+    np.testing.assert_array_equal(got["emb_layer2_last"][0], expect(synth, D2, 40))
+
+    # rollback re-writes D1's rows (older timestamps) in place; entities first seen later stay
+    back = pubs.rollback(pubs.RollbackConfig(to=D1.isoformat()), paths)
+    assert back["action"] == "rollback_rebuild" and pubs.current(paths)["date"] == D1.isoformat()
+    got = online(paths, [40, 70])
+    assert got["model_version"] == ["m1", "m2b"]
+    np.testing.assert_array_equal(got["emb_layer2_last"][0], expect(synth, D1, 40))
