@@ -58,6 +58,13 @@ class Sequences:
         idx = np.concatenate([np.arange(self.offsets[r], self.offsets[r + 1]) for r in rows]) if len(rows) else np.array([], np.int64)
         return Sequences(self.profile_id[rows], offsets, {f: v[idx] for f, v in self.values.items()})
 
+    def keep_tokens(self, keep: np.ndarray) -> "Sequences":
+        """The same profiles with only the tokens where ``keep`` (a flat bool mask) is True, e.g. a
+        title held out of training removed from every history. Rows may become shorter or empty."""
+        kept = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])     # kept tokens before each flat index
+        offsets = kept[self.offsets].astype(np.int64)
+        return Sequences(self.profile_id.copy(), offsets, {f: v[keep] for f, v in self.values.items()})
+
     def batch(self, rows: np.ndarray, max_len: int, ends: np.ndarray | None = None) -> Batch:
         """Pad the last ``max_len`` tokens before ``ends`` (default: the sequence end) of each row."""
         starts_all, ends_all = self.offsets[rows], self.offsets[rows + 1]

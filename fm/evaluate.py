@@ -5,6 +5,8 @@ and the rank of the held-out title gives HR@k and NDCG@k (one relevant item: NDC
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -68,3 +70,40 @@ def next_title_eval(model: FoundationModel, seqs: Sequences, rows: np.ndarray, b
         history = [seqs.values["title"][seqs.offsets[r]: seqs.offsets[r] + e] for r, e in zip(keep[sel], ends[sel])]
         ranks.append(rank_of_target(scores, targets, [h[h >= N_SPECIAL] for h in history]))
     return {**metrics_from_ranks(torch.cat(ranks)), "users": len(keep)}
+
+
+@torch.no_grad()
+def head_accuracy(model: FoundationModel, seqs: Sequences, rows: np.ndarray, ends: np.ndarray,
+                  heads: tuple[str, ...] = ("action", "duration", "device"), batch_size: int = 256) -> dict[str, dict]:
+    """Accuracy of the next-event heads at the given positions: the state after ``[0, ends[i])`` of row
+    ``rows[i]`` predicts the fields of token ``ends[i]``. ``majority`` is the accuracy of always
+    answering the most frequent value at these positions, so a head that learned nothing is visible."""
+    heads = tuple(f for f in heads if f in model.heads)
+    hits = {f: 0 for f in heads}
+    model.eval()
+    for sel in length_bucketed(np.minimum(ends, model.cfg.max_len), batch_size):
+        b = seqs.batch(rows[sel], model.cfg.max_len, ends=ends[sel])
+        h = model.encode(b.tokens)[-1]
+        last = h[torch.arange(len(sel)), b.lengths - 1]                                        # (B, D)
+        at = seqs.offsets[rows[sel]] + ends[sel]
+        for f in heads:
+            pred = model.heads[f](last).argmax(-1).numpy()
+            hits[f] += int((pred == seqs.values[f][at]).sum())
+    out = {}
+    for f in heads:
+        truth = seqs.values[f][seqs.offsets[rows] + ends]
+        majority = np.bincount(truth).max() / len(truth) if len(truth) else 0.0
+        out[f] = {"accuracy": hits[f] / max(len(rows), 1), "majority": float(majority), "n": len(rows)}
+    return out
+
+
+def content_only(model: FoundationModel, titles: np.ndarray, content: bool = True) -> FoundationModel:
+    """A copy whose ``titles`` have zero ID embeddings, so they are scored (and read in histories)
+    through the content path only, as a title never seen in training is. ``content=False`` also turns
+    the content path off: the floor a model without content embeddings has on those titles."""
+    m = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        m.title.id.weight[torch.as_tensor(np.asarray(titles, np.int64))] = 0.0
+    if not content:
+        m.cfg.use_content = False
+    return m
