@@ -235,6 +235,20 @@ def reference_bounds(ref_stats: pd.DataFrame, col: str, t: dict) -> dict[str, fl
             f"median_max__{col}": med * (1 + t["max_median_norm_shift"])}
 
 
+def model_change(table: pa.Table, ref_table: pa.Table) -> str | None:
+    """``"A -> B"`` when today's vectors come from another model than the reference's.
+
+    Alignment rotates a new model's space onto the published one but cannot rescale it, so on the
+    day a retrained model takes over, norm bounds learned from the old model would block a healthy
+    publication: that day uses the static norm bounds, while the drift (cosine) check still runs.
+    """
+    if "model_version" not in table.column_names or "model_version" not in ref_table.column_names:
+        return None
+    today = set(pc.unique(table["model_version"]).to_pylist())
+    before = set(pc.unique(ref_table["model_version"]).to_pylist())
+    return None if today == before else f"{','.join(sorted(map(str, before)))} -> {','.join(sorted(map(str, today)))}"
+
+
 # ------------------------------------------------------------------------------------------------
 # The three checks
 # ------------------------------------------------------------------------------------------------
@@ -303,17 +317,21 @@ def embedding_check(suite: str, key: str, table: pa.Table, params: dict, t: dict
         ref_day, why, ref_table = ref
         ref_stats = with_vector_stats(ref_table.select([c for c in ref_table.column_names if c in (key, *vcols)]))
         context["reference"] = {"date": ref_day.isoformat(), "source": why, "columns": {}}
+        changed = model_change(table, ref_table)
+        if changed:
+            context["reference"]["model_changed"] = changed
         for col in vcols:
             if col not in ref_table.column_names:
                 continue
             bounds = reference_bounds(ref_stats, col, t)
             if bounds is None:
                 continue
-            learned.append(col)
-            params.update(bounds)
+            if not changed:
+                learned.append(col)
+                params.update(bounds)
             cos = cosine_to_reference(table, ref_table, key, col)
             shared = int(np.isfinite(cos).sum())
-            info = {**bounds, "shared": shared}
+            info = {**(bounds if not changed else {}), "shared": shared}
             if shared >= t["min_shared"]:
                 drift.append(col)
                 df[f"{col}__prev_cos"] = cos

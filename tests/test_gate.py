@@ -254,3 +254,17 @@ def test_threshold_overrides_are_validated(home):
         gate(home, thresholds=("profiles.max_zero_share=0.1",))
     t = validate.thresholds("title_embeddings", ("min_mean_cosine=0.5", "profile_embeddings.max_zero_share=0.2"))
     assert t["min_mean_cosine"] == 0.5 and t["max_zero_share"] == 0.0
+
+
+def test_a_model_change_uses_static_norm_bounds_but_still_checks_drift(home):
+    """The day a retrained model takes over, its norm scale may differ: not a failure by itself."""
+    def new_model(t: pa.Table) -> pa.Table:
+        return t.set_column(t.schema.get_field_index("model_version"), "model_version", pa.array(["m2"] * t.num_rows))
+    mutate_profiles(home, lambda m: m * 1.8)
+    part = partition(home.profile_embeddings, D2)
+    for f in part.glob("*.parquet"):
+        pq.write_table(new_model(pq.read_table(f)), f)
+    res = gate(home)
+    assert res["success"], res
+    mutate_profiles(home, lambda m: -m)                            # a flipped space is still caught
+    _fails(home, r"emb_layer2_last__prev_cos")
