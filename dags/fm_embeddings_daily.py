@@ -3,12 +3,26 @@
 Wiring only: every task calls a plain function in ``jobs.pipeline`` (heavy imports happen inside
 the task, never at parse time). The run for data interval [D, D+1) processes day D; tasks are
 idempotent on D, so retries and re-runs are safe. Job settings come from DAG Params.
+
+Spark: ``tokenize`` runs in this worker on a local Spark (``spark_mode=local``, the default) or
+is submitted with ``SparkSubmitOperator`` to the master of the Airflow connection
+``$FMPIPE_SPARK_CONN_ID`` (default ``spark_default``) as the application ``jobs/tokenize.py``
+(``spark_mode=submit``). The mode is the run's ``spark_mode`` Param when it is not ``auto``, else
+the Airflow Variable ``fmpipe_spark_mode``, else ``$FMPIPE_SPARK_MODE``, else ``local``; it is
+resolved when the run starts, so parsing this file reads no database and no network.
+
+One date is never processed twice at once: ``max_active_runs=1``, ``depends_on_past`` keeps the
+days in order (each builds on the previous day's history and publication, also in a backfill with
+several active runs), and each step holds the date's lock (``jobs.locks``).
 """
 from __future__ import annotations
 
+import os
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
-from airflow.sdk import Asset, dag, task
+from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+from airflow.sdk import Asset, Param, dag, task
 from airflow.timetables.interval import CronDataIntervalTimetable
 
 TOKENS = Asset("fmpipe://tokens")
@@ -17,9 +31,22 @@ TITLE_EMBEDDINGS = Asset("fmpipe://embeddings/title")
 FEATURES = Asset("fmpipe://feast/fm_embeddings")
 TITLE_INDEX = Asset("fmpipe://index/titles")
 
+SPARK_MODES = ("local", "submit")
+TOKENIZE_APP = os.environ.get("FMPIPE_TOKENIZE_APPLICATION",
+                              str(Path(__file__).resolve().parents[1] / "jobs" / "tokenize.py"))
+SPARK_CONN_ID = os.environ.get("FMPIPE_SPARK_CONN_ID", "spark_default")
+
 
 def _day(context) -> str:
     return context["data_interval_start"].date().isoformat()
+
+
+def resolve_spark_mode(param: str, variable: str | None, env: str | None) -> str:
+    """The first of Param (unless ``auto``), Variable, env that is set; ``local`` when none is."""
+    mode = next((m for m in (param if param != "auto" else None, variable, env) if m), "local")
+    if mode not in SPARK_MODES:
+        raise ValueError(f"spark_mode must be one of {SPARK_MODES}, got {mode!r}")
+    return mode
 
 
 @dag(
@@ -28,8 +55,15 @@ def _day(context) -> str:
     start_date=datetime(2026, 1, 1, tzinfo=timezone.utc),
     catchup=False,
     max_active_runs=1,
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=5), "execution_timeout": timedelta(hours=3)},
-    params={"tokenize": {}, "embed": {}, "index": {}},
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=5), "execution_timeout": timedelta(hours=3),
+                  "depends_on_past": True},
+    params={
+        "tokenize": {}, "embed": {}, "index": {},
+        "spark_mode": Param("auto", enum=["auto", *SPARK_MODES],
+                            description="auto: Variable fmpipe_spark_mode, then $FMPIPE_SPARK_MODE, then local"),
+        "fmpipe_home": Param("", type="string",
+                             description="FMPIPE_HOME passed to the submitted Spark job ('' = the worker's)"),
+    },
     tags=["fm", "embeddings"],
     doc_md=__doc__,
 )
@@ -39,13 +73,30 @@ def fm_embeddings_daily():
         from jobs import pipeline
         return pipeline.check_raw(_day(context))
 
+    @task.branch(retries=0)
+    def spark_mode(_raw: dict, **context) -> str:
+        from airflow.sdk import Variable
+        mode = resolve_spark_mode(context["params"]["spark_mode"], Variable.get("fmpipe_spark_mode", default=None),
+                                  os.environ.get("FMPIPE_SPARK_MODE"))
+        return f"tokenize_{mode}"
+
     @task(outlets=[TOKENS])
-    def tokenize(_raw: dict, **context) -> dict:
+    def tokenize_local(**context) -> dict:
         from jobs import pipeline
         return pipeline.tokenize(_day(context), context["params"]["tokenize"])
 
-    @task(outlets=[PROFILE_EMBEDDINGS, TITLE_EMBEDDINGS])
-    def embed(_tok: dict, **context) -> dict:
+    tokenize_submit = SparkSubmitOperator(
+        task_id="tokenize_submit",
+        application=TOKENIZE_APP,
+        conn_id=SPARK_CONN_ID,
+        name="fmpipe-tokenize",
+        application_args=["--date", "{{ data_interval_start | ds }}", "--home", "{{ params.fmpipe_home }}",
+                          "--overrides", "{{ params.tokenize | tojson }}"],
+        outlets=[TOKENS],
+    )
+
+    @task(outlets=[PROFILE_EMBEDDINGS, TITLE_EMBEDDINGS], trigger_rule="none_failed_min_one_success")
+    def embed(**context) -> dict:
         from jobs import pipeline
         return pipeline.embed(_day(context), context["params"]["embed"])
 
@@ -69,7 +120,11 @@ def fm_embeddings_daily():
         from jobs import pipeline
         return pipeline.report(_day(context))
 
-    report(index(publish(validate(embed(tokenize(check_raw()))))))
+    choose = spark_mode(check_raw())
+    tokenized = [tokenize_local(), tokenize_submit]
+    embedded = embed()
+    choose >> tokenized >> embedded
+    report(index(publish(validate(embedded))))
 
 
 fm_embeddings_daily()

@@ -5,10 +5,11 @@ import importlib
 import sys
 
 COMMANDS = {
-    "generate": "jobs.generate", "tokenize": "jobs.tokenize", "train": "jobs.train",
+    "generate": "jobs.generate", "tokenize": "jobs.tokenize", "train": "jobs.train", "evaluate": "jobs.evaluate",
     "embed": "jobs.embed", "validate": "jobs.validate", "publish": "jobs.publish",
     "index": "jobs.index", "report": "jobs.report", "demo": "jobs.demo", "retrieve": "jobs.retrieve",
     "sql": "jobs.sql", "import": "jobs.importers", "rollback": "jobs.publication",
+    "backfill": "jobs.pipeline",
 }
 
 

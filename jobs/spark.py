@@ -12,25 +12,50 @@ import sys
 from pyspark.sql import SparkSession
 
 
+def submitted() -> bool:
+    """True when spark-submit started this Python process (it hands over its JVM through
+    ``PYSPARK_GATEWAY_PORT``): the master, deploy mode and ``--conf`` values are then spark-submit's."""
+    return "PYSPARK_GATEWAY_PORT" in os.environ or "spark.master" in os.environ.get("PYSPARK_SUBMIT_ARGS", "")
+
+
+# part of the tables' contract (hour-of-day tokens, timestamp type): set even under spark-submit
+CONTRACT = {"spark.sql.session.timeZone": "UTC", "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS"}
+
+
+def _defaults() -> dict[str, str]:
+    """Tunables: under spark-submit, whatever its ``--conf`` set wins."""
+    return {
+        "spark.sql.shuffle.partitions": os.environ.get("FMPIPE_SPARK_SHUFFLE_PARTITIONS", "4"),
+        "spark.ui.enabled": "false",
+        "spark.ui.showConsoleProgress": "false",
+        "spark.sql.adaptive.enabled": "true",
+        "spark.driver.memory": os.environ.get("FMPIPE_SPARK_DRIVER_MEMORY", "4g"),
+    }
+
+
 def get_spark(app: str = "fmpipe") -> SparkSession:
-    """Return the active session or build one. Workers must use this interpreter (torch lives here)."""
+    """Return the active session or build one. Workers must use this interpreter (torch lives here).
+
+    Under spark-submit our defaults only fill in what spark-submit's ``--conf`` left unset, and the
+    master is never overridden; otherwise the master is ``FMPIPE_SPARK_MASTER`` (``local[2]``).
+    """
     active = SparkSession.getActiveSession()
     if active is not None:
         return active
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    builder = (
-        SparkSession.builder.appName(app)
-        .config("spark.sql.session.timeZone", "UTC")
-        .config("spark.sql.shuffle.partitions", os.environ.get("FMPIPE_SPARK_SHUFFLE_PARTITIONS", "4"))
-        .config("spark.ui.enabled", "false")
-        .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.sql.adaptive.enabled", "true")
-        .config("spark.driver.memory", os.environ.get("FMPIPE_SPARK_DRIVER_MEMORY", "4g"))
-        .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
-    )
-    if "spark.master" not in os.environ.get("PYSPARK_SUBMIT_ARGS", "") and not os.environ.get("SPARK_SUBMITTED"):
-        builder = builder.master(os.environ.get("FMPIPE_SPARK_MASTER", "local[2]"))
-    spark = builder.getOrCreate()
+    if submitted():
+        spark = SparkSession.builder.appName(app).getOrCreate()
+        given = spark.sparkContext.getConf()
+        for key, value in _defaults().items():
+            if not given.contains(key) and not key.startswith(("spark.ui.", "spark.driver.")):
+                spark.conf.set(key, value)           # runtime SQL settings only; the rest is fixed at launch
+        for key, value in CONTRACT.items():
+            spark.conf.set(key, value)
+    else:
+        builder = SparkSession.builder.appName(app).master(os.environ.get("FMPIPE_SPARK_MASTER", "local[2]"))
+        for key, value in {**_defaults(), **CONTRACT}.items():
+            builder = builder.config(key, value)
+        spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
     return spark

@@ -1,0 +1,235 @@
+"""Orchestration guarantees without Airflow: per-date locks, a backfill equals the daily runs, and the
+tokenize step submitted with a real ``spark-submit`` equals the in-process one."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import multiprocessing as mp
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import locks, pipeline
+from jobs.io import partition
+from jobs.settings import Paths
+
+DAY = "2026-11-03"
+SEEDED = ("raw", "catalogue", "vocab", "models")          # inputs; everything else is the pipeline's output
+KEYS = {"tokens": ("profile_id", "ts", "event_id"), "history": ("profile_id",), "quarantine": ("event_id",)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Child processes (module level so the spawn start method can import them)
+# ---------------------------------------------------------------------------------------------
+def _hold_date(home: str, day: str, ready, release) -> None:
+    """Hold ``day``'s lock as step 'publish' until ``release`` is set (or the process is killed)."""
+    with locks.date_lock(Paths(Path(home)), dt.date.fromisoformat(day), "publish"):
+        ready.set()
+        release.wait(120)
+
+
+def _publish(home: str, day: str, wait_s: str, start, results) -> None:
+    """Run the publish step for ``day`` once ``start`` fires; report ``ok`` or the error."""
+    os.environ["FMPIPE_HOME"] = home
+    os.environ["FMPIPE_LOCK_WAIT_S"] = wait_s
+    import jobs.publish  # noqa: F401  (import before the start line, so both really start together)
+    start.wait(120)
+    try:
+        out = pipeline.publish(day)
+        results.put(("ok", out["publication"]))
+    except Exception as e:                                   # noqa: BLE001 - reported to the test
+        results.put((type(e).__name__, str(e)))
+
+
+def _holder(home: Paths, day: str):
+    ctx = mp.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_hold_date, args=(str(home.home), day, ready, release))
+    proc.start()
+    assert ready.wait(60), "the holder process never took the lock"
+    return proc, release
+
+
+# ---------------------------------------------------------------------------------------------
+# Locks
+# ---------------------------------------------------------------------------------------------
+def test_second_run_for_a_locked_date_fails_fast_naming_the_date_and_the_holder(home):
+    proc, release = _holder(home, DAY)
+    try:
+        with pytest.raises(locks.LockBusy, match=rf"date {DAY} is locked by step 'publish' "
+                                                 rf"\(pid {proc.pid} on host {socket.gethostname()}"):
+            pipeline.check_raw(DAY)                          # any step of that date
+        with pytest.raises(FileNotFoundError, match="raw partition missing for 2026-11-04"):
+            pipeline.check_raw("2026-11-04")                 # other dates are not blocked
+        assert not (partition(home.reports, dt.date.fromisoformat(DAY)) / "steps" / "check_raw.json").exists()
+    finally:
+        release.set()
+        proc.join(30)
+    assert proc.exitcode == 0
+
+
+def test_a_waiting_run_gets_the_lock_when_the_holder_finishes_or_dies(home, monkeypatch):
+    day = dt.date.fromisoformat(DAY)
+    proc, release = _holder(home, DAY)
+    threading.Timer(1.0, release.set).start()
+    t0 = time.monotonic()
+    monkeypatch.setenv("FMPIPE_LOCK_WAIT_S", "60")
+    with locks.date_lock(home, day, "test") as info:          # waits for the release, then holds it
+        assert info["pid"] == os.getpid()
+        assert locks.holder(locks.date_lock_path(home, day))["step"] == "test"
+    assert time.monotonic() - t0 >= 0.9
+    proc.join(30)
+
+    proc, _ = _holder(home, DAY)                              # kill -9: the kernel drops the lock
+    proc.kill()
+    proc.join(30)
+    with locks.date_lock(home, day, "after-crash", wait_s=0):
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Backfill == daily runs
+# ---------------------------------------------------------------------------------------------
+def _seed(src: Paths, root: Path) -> Paths:
+    """A fresh FMPIPE_HOME holding only the world's inputs and its trained checkpoint."""
+    dst = Paths((root / "var").resolve())
+    for sub in SEEDED:
+        shutil.copytree(src.home / sub, dst.home / sub)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def runs(world, spark, tmp_path_factory):
+    """The first two days run one by one as daily runs in one home, and as one backfill in another."""
+    days = world["days"][:2]
+    daily, backfill = (_seed(world["paths"], tmp_path_factory.mktemp(n)) for n in ("daily", "backfill"))
+    with pytest.MonkeyPatch.context() as mp_:
+        mp_.setenv("FMPIPE_HOME", str(daily.home))
+        t0 = time.perf_counter()
+        for day in days:
+            pipeline.run_all(day)
+        daily_s = time.perf_counter() - t0
+        mp_.setenv("FMPIPE_HOME", str(backfill.home))
+        from jobs import cli
+        assert cli.main(["backfill", "--start", days[0], "--end", days[-1]]) == 0
+    return {"days": days, "daily": daily, "backfill": backfill, "daily_s": daily_s}
+
+
+def _table(root: Path, day: str, key: tuple[str, ...]):
+    return pq.read_table(partition(root, dt.date.fromisoformat(day))).sort_by([(k, "ascending") for k in key])
+
+
+def live_state(paths: Paths) -> dict:
+    """Every live (entity, feature) value as bytes, straight from the online tables."""
+    con = sqlite3.connect(paths.feast / "online.db")
+    try:
+        return {t: sorted(con.execute(f'SELECT entity_key, feature_name, value, event_ts FROM "{t}"').fetchall())
+                for t in ("fm_embeddings_profile_embeddings", "fm_embeddings_title_embeddings")}
+    finally:
+        con.close()
+
+
+def publication(paths: Paths) -> dict:
+    """The current publication without what is unique to one run (ids, timings)."""
+    from jobs import publication as pubs
+    cur = pubs.current(paths)
+    m = pubs.manifest(paths, cur["publication"])
+    index = {name: {k: v for k, v in meta.items() if k in ("type", "vectors", "dim", "metric", "recall_at_10")}
+             for name, meta in (m.get("index") or {}).items()}
+    return {"date": cur["date"], "model_version": cur["model_version"], "seq": cur["seq"], "rows": m["rows"],
+            "carried": m["carried"], "seeded": m["seeded"], "status": m.get("status"), "index": index,
+            "base_date": (m["base"] or "").split(".")[0]}
+
+
+def test_backfill_publishes_exactly_what_the_daily_runs_publish(runs):
+    daily, backfill = runs["daily"], runs["backfill"]
+    print(f"two daily runs: {runs['daily_s']:.1f}s")
+    for day in runs["days"]:
+        for root, key in KEYS.items():
+            a, b = _table(daily.home / root, day, key), _table(backfill.home / root, day, key)
+            assert a.num_rows > 0 or root == "quarantine"
+            assert a.equals(b), f"{root}/dt={day} differs"
+        for table, key in ((daily.profile_embeddings, "profile_id"), (daily.title_embeddings, "title_id")):
+            other = backfill.home / table.relative_to(daily.home)
+            assert _table(table, day, (key,)).equals(_table(other, day, (key,))), f"{table.name}/dt={day} differs"
+    assert pq.read_table(daily.title_vocab).equals(pq.read_table(backfill.title_vocab))
+    assert publication(daily) == publication(backfill)
+    assert publication(daily)["date"] == runs["days"][-1] and publication(daily)["seq"] == 2
+    assert live_state(daily) == live_state(backfill)
+    from jobs.index import TitleIndex
+    a, b = TitleIndex.current(daily), TitleIndex.current(backfill)
+    probe = a.title_ids[:: max(1, len(a.title_ids) // 10)]
+    assert [a.similar_titles(t, 10) for t in probe] == [b.similar_titles(t, 10) for t in probe]
+    last = partition(backfill.reports, dt.date.fromisoformat(runs["days"][-1]))
+    assert json.loads((last / "steps" / "report.json").read_text())["step"] == "report"
+
+
+def test_backfill_rejects_an_empty_range_and_unknown_step_options():
+    with pytest.raises(ValueError, match="end 2026-11-01 is before start 2026-11-02"):
+        pipeline.backfill("2026-11-02", "2026-11-01")
+    with pytest.raises(ValueError, match=r"no options for step\(s\) \['tokenise'\]"):
+        pipeline.run_all("2026-11-01", {"tokenise": {}})
+    assert pipeline.days_in("2026-12-30", "2027-01-02") == ["2026-12-30", "2026-12-31", "2027-01-01", "2027-01-02"]
+    assert pipeline._step_overrides(["embed.engine=spark", "tokenize.history_len=64"]) == {
+        "embed": {"engine": "spark"}, "tokenize": {"history_len": "64"}}
+
+
+def test_two_concurrent_publishes_of_one_date_leave_the_single_run_publication(runs):
+    """Both processes start publishing the same date at the same instant: one fails naming the lock
+    (or, if they did not overlap, both succeed one after the other); the served state is unchanged."""
+    home, day = runs["backfill"], runs["days"][-1]
+    before = live_state(home), publication(home)
+    ctx = mp.get_context("spawn")
+    start, results = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_publish, args=(str(home.home), day, "0", start, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    time.sleep(8)                                   # let both finish importing Feast
+    start.set()
+    got = [results.get(timeout=240) for _ in procs]
+    for p in procs:
+        p.join(30)
+    print(f"concurrent publishes of {day}: {[status for status, _ in got]}")
+    assert any(status == "ok" for status, _ in got), got
+    for status, message in got:
+        if status != "ok":
+            assert status == "LockBusy" and f"date {day} is locked by step 'publish'" in message, got
+    assert live_state(home) == before[0] == live_state(runs["daily"])
+    after = publication(home)
+    assert {k: v for k, v in after.items() if k not in ("seq", "base_date")} == \
+           {k: v for k, v in before[1].items() if k not in ("seq", "base_date")}
+
+
+# ---------------------------------------------------------------------------------------------
+# spark-submit
+# ---------------------------------------------------------------------------------------------
+def test_tokenize_as_a_spark_submit_application_equals_the_in_process_run(runs, world, tmp_path):
+    """The DAG's ``submit`` mode for real: spark-submit --master local[1] jobs/tokenize.py ...
+
+    The one place the submit path runs end to end; it costs a second JVM (~30-40 s on 2 idle cores)."""
+    home, day = _seed(world["paths"], tmp_path), runs["days"][0]
+    app = Path(__file__).resolve().parents[1] / "jobs" / "tokenize.py"
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
+           "FMPIPE_HOME": "/nonexistent"}                     # --home must win over the environment
+    cmd = [str(Path(sys.executable).with_name("spark-submit")), "--master", "local[1]", "--name", "fmpipe-tokenize",
+           str(app), "--date", day, "--home", str(home.home), "--overrides", "{}"]
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    print(f"spark-submit tokenize: {time.perf_counter() - t0:.1f}s")
+    stats = json.loads(out.stdout.strip().splitlines()[-1])
+    assert stats["step"] == "tokenize" and stats["date"] == day and stats["tokens"] > 0
+    record = partition(home.reports, dt.date.fromisoformat(day)) / "steps" / "tokenize.json"
+    assert json.loads(record.read_text())["tokens"] == stats["tokens"]
+    key = ("profile_id", "ts", "event_id")
+    assert _table(home.tokens, day, key).equals(_table(runs["daily"].tokens, day, key))
+    assert _table(home.history, day, ("profile_id",)).equals(_table(runs["daily"].history, day, ("profile_id",)))
