@@ -374,8 +374,9 @@ def main(argv=None) -> dict:
         elif step.startswith("scale_"):
             name = step[len("scale_"):]
             over = dict(SCALING)[name]
+            same_as_main = ab == args.budget_s and all(FM["model"].get(k) == v for k, v in over.items())
             res.setdefault("scaling", {})[f"{name} (d={over['d_model']}, {over['n_layers']} layers)"] = \
-                bench.run_fm(step, ab, over)[0]
+                res["fm"] if same_as_main else bench.run_fm(step, ab, over)[0]   # the main run is this size
         if args.ablations and step == "fm" and ab == args.budget_s:
             res.setdefault("ablations", {})["FM (main run)"] = res["fm"]
     outer.close()

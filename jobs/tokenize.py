@@ -11,8 +11,25 @@ run leaves the previous state untouched):
 
 The daily path reads only day D plus the previous history state (cost linear in the day, not in
 all history); ``full=True`` rebuilds tokens and history from every raw partition up to D.
+
+This file is also the ``spark-submit`` application of the DAG's ``submit`` mode (see
+:func:`submit_main`): ``spark-submit --master URL jobs/tokenize.py --date D [--home DIR]
+[--overrides JSON]`` runs the same step as the local task (same lock, same step record) on the
+master spark-submit was given.
 """
 from __future__ import annotations
+
+if __name__ == "__main__":
+    # Run as a file (spark-submit): Python put jobs/ first on sys.path, where this very file would
+    # shadow the standard library's ``tokenize`` (and jobs/io.py ``io``). Import the package from the
+    # repo root instead and run its copy of this module.
+    import sys
+    from pathlib import Path as _Path
+    _jobs = _Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if _Path(p or ".").resolve() != _jobs]
+    sys.path.insert(0, str(_jobs.parent))
+    from jobs.tokenize import submit_main
+    raise SystemExit(submit_main())
 
 import datetime as dt
 import itertools
@@ -228,57 +245,70 @@ def to_tokens(valid: DataFrame, prev_last_ts: DataFrame | None) -> DataFrame:
 # ------------------------------------------------------------------------------------------------
 # History state
 # ------------------------------------------------------------------------------------------------
-def _token_struct() -> Column:
-    return F.struct(F.col("ts"), *[F.col(f) for f in S.TOKEN_FIELDS])
+_HIST_COLS = ("ts", *S.TOKEN_FIELDS)
+
+
+def _zip(prefix: str = "") -> Column:
+    """The per-field history arrays of one profile as one array of token structs (sortable by ts)."""
+    return F.arrays_zip(*[F.col(f"{prefix}{c}").alias(c) for c in _HIST_COLS])
 
 
 def history_from_tokens(tokens: DataFrame) -> DataFrame:
     """Per-profile array of token structs (unsorted) plus the last day the profile was active."""
     return tokens.groupBy("profile_id").agg(
-        F.collect_list(_token_struct()).alias("toks"), F.max("dt").alias("last_dt"))
+        F.collect_list(F.struct(*[F.col(c) for c in _HIST_COLS])).alias("toks"), F.max("dt").alias("last_dt"))
 
 
-def read_history_structs(spark: SparkSession, path: Path) -> DataFrame:
-    hist = spark.read.parquet(str(path))
-    return hist.select("profile_id", "last_dt", F.arrays_zip("ts", *S.TOKEN_FIELDS).alias("toks"))
+def _sorted_tail(toks: Column, n: int) -> Column:
+    """Sort tokens by time (late events land in order; ties by the other fields) and keep the last ``n``."""
+    toks = F.array_sort(toks)
+    return F.slice(toks, F.greatest(F.size(toks) - n + 1, F.lit(1)), n)
 
 
-def finish_history(merged: DataFrame, n: int) -> DataFrame:
-    """Sort each profile's tokens by time (late events land in order) and keep the last ``n``."""
-    toks = F.array_sort(F.col("toks"))
-    kept = F.slice(toks, F.greatest(F.size(toks) - n + 1, F.lit(1)), n)
-    out = merged.select("profile_id", "last_dt", kept.alias("toks"))
-    return out.select(
-        "profile_id", F.col("last_dt").cast("date"), F.size("toks").cast("int").alias("n_tokens"),
-        F.col("toks.ts").alias("ts"), *[F.col(f"toks.{f}").alias(f) for f in S.TOKEN_FIELDS],
-    )
+def _history_columns(toks: Column) -> list[Column]:
+    return [F.size(toks).cast("int").alias("n_tokens"), *[toks[c].alias(c) for c in _HIST_COLS]]
 
 
 def merge_history(old: DataFrame | None, day_tokens: DataFrame, n: int) -> DataFrame:
+    """New history state = old state + the day's tokens, per profile.
+
+    Profiles without tokens today pass through untouched (their arrays are already sorted and cut),
+    so the sort cost follows the day's active profiles, not the size of the whole state.
+    """
     new = history_from_tokens(day_tokens)
     if old is None:
-        return finish_history(new, n)
-    joined = old.alias("o").join(new.alias("n"), "profile_id", how="full_outer")
+        kept = new.select("profile_id", F.col("last_dt").cast("date").alias("last_dt"),
+                          _sorted_tail(F.col("toks"), n).alias("toks"))
+        return kept.select("profile_id", "last_dt", *_history_columns(F.col("toks")))
+    o = old.select("profile_id", "last_dt", *[F.col(c).alias(f"o_{c}") for c in ("n_tokens", *_HIST_COLS)])
+    joined = o.join(new, "profile_id", how="full_outer")
+    # Only active profiles get zipped, merged and sorted (CaseWhen evaluates a branch only when taken).
+    active = F.col("toks").isNotNull()
     merged = joined.select(
         "profile_id",
-        F.coalesce(F.col("n.last_dt"), F.col("o.last_dt")).alias("last_dt"),
-        F.concat(F.coalesce(F.col("o.toks"), F.array()), F.coalesce(F.col("n.toks"), F.array())).alias("toks"),
+        F.coalesce(new["last_dt"], o["last_dt"]).cast("date").alias("last_dt"),
+        F.when(active, _sorted_tail(F.concat(F.coalesce(_zip("o_"), F.array()), F.col("toks")), n)).alias("m"),
+        *[F.col(f"o_{c}") for c in ("n_tokens", *_HIST_COLS)],
     )
-    return finish_history(merged, n)
+    m = F.col("m")
+    return merged.select(
+        "profile_id", "last_dt",
+        F.when(m.isNull(), F.col("o_n_tokens")).otherwise(F.size(m)).cast("int").alias("n_tokens"),
+        *[F.when(m.isNull(), F.col(f"o_{c}")).otherwise(m[c]).alias(c) for c in _HIST_COLS],
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # Writing
 # ------------------------------------------------------------------------------------------------
-def write_partition(df: DataFrame, final: Path, files: int = 1, sort_by: tuple[str, ...] = ()) -> None:
+def write_partition(df: DataFrame, final: Path, sort_by: tuple[str, ...] = ()) -> None:
     """Write a DataFrame aside, then swap it in as ``final`` (idempotent per date).
 
-    Rows are sorted inside each output file (a local sort, no global range shuffle).
+    One file per (adaptively coalesced) partition, rows sorted inside each file: a local sort and no
+    ``coalesce(1)``, which would squeeze every upstream stage into a single task.
     """
     staging = temp_sibling(final)
-    out = df.coalesce(files)
-    if sort_by:
-        out = out.sortWithinPartitions(*sort_by)
+    out = df.sortWithinPartitions(*sort_by) if sort_by else df
     out.write.mode("overwrite").parquet(str(staging))
     swap_dir(staging, final)
 
@@ -305,8 +335,40 @@ def _gc_history(paths: Paths) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _read_back_tokens(spark: SparkSession, paths: Paths, days: list[dt.date], computed: DataFrame) -> DataFrame:
+    """The tokens just written, read back from Parquet (cheaper than caching the whole lineage);
+    ``computed`` (the lineage itself) stands in when no day produced a token file."""
+    parts = [str(partition(paths.tokens, d)) for d in days if any(partition(paths.tokens, d).glob("*.parquet"))]
+    if not parts:
+        return computed
+    df = spark.read.option("basePath", str(paths.tokens)).parquet(*parts)
+    return df if len(days) > 1 else df.withColumn("dt", F.lit(days[0]))
+
+
+def _counts(paths: Paths, day: dt.date, days: list[dt.date]) -> dict:
+    """Report counts from the written outputs and Parquet footers: no extra Spark passes."""
+    def table(root: Path, columns: list[str]) -> pa.Table:
+        files = [f for d in days for f in sorted(partition(root, d).glob("*.parquet"))]
+        return pa.concat_tables([pq.read_table(f, columns=columns) for f in files]) if files else None
+    raw = sum(pq.read_metadata(f).num_rows for d in days for f in partition(paths.raw, d).glob("*.parquet"))
+    q = table(paths.quarantine, ["reason"])
+    by_reason = {} if q is None else {r["values"]: r["counts"] for r in pc.value_counts(q["reason"]).to_pylist()}
+    tok = table(paths.tokens, ["profile_id", "n_events"])
+    today = pq.read_table(partition(paths.tokens, day), columns=["profile_id"]) if partition(paths.tokens, day).exists() else None
+    n_tokens = 0 if tok is None else tok.num_rows
+    valid = 0 if tok is None else int(pc.sum(tok["n_events"]).as_py() or 0)
+    quarantined = sum(by_reason.values())
+    return {"raw_events": raw, "tokens": n_tokens, "duplicates": raw - quarantined - valid, "quarantined": quarantined,
+            "valid_events": valid, "quarantine_reasons": by_reason,
+            "profiles_active": 0 if today is None else pc.count_distinct(today["profile_id"]).as_py()}
+
+
 def run(cfg: TokenizeConfig, paths: Paths, spark: SparkSession | None = None) -> dict:
-    """Tokenize ``cfg.date`` (or rebuild everything up to it) and return counts for the report."""
+    """Tokenize ``cfg.date`` (or rebuild everything up to it) and return counts for the report.
+
+    Three Spark jobs, each one pass: quarantine (scan + classify), tokens (scan + classify + dedupe
+    + merge + fields), history (old state + the tokens read back). Counts come from the outputs.
+    """
     day = parse_date(cfg.date)
     spark = spark or get_spark("fmpipe-tokenize")
     today = partition(paths.raw, day)
@@ -319,15 +381,15 @@ def run(cfg: TokenizeConfig, paths: Paths, spark: SparkSession | None = None) ->
     for d in days:
         vocab, added = grow_vocab(paths, d)
         new_titles += added
-    classified = classify(raw, title_lookup(spark, paths, vocab)).cache()
+    classified = classify(raw, title_lookup(spark, paths, vocab))
     bad = classified.filter(F.col("reason").isNotNull())
-    deduped = dedupe(classified.filter(F.col("reason").isNull())).cache()
+    deduped = dedupe(classified.filter(F.col("reason").isNull()))
 
     prev_day = None if full else latest_partition_before(paths.history, day)
-    old = read_history_structs(spark, partition(paths.history, prev_day)) if prev_day else None
-    seed = old.select("profile_id", F.element_at("toks.ts", -1).alias("prev_last_ts")) if old is not None else None
+    old = spark.read.parquet(str(partition(paths.history, prev_day))) if prev_day else None
+    seed = old.select("profile_id", F.element_at("ts", -1).alias("prev_last_ts")) if old is not None else None
     events = merge_adjacent(deduped, cfg.session_gap_s) if cfg.merge_actions else deduped
-    tokens = to_tokens(events, seed).cache()
+    tokens = to_tokens(events, seed)
 
     quarantine = bad.select(*[f.name for f in S.RAW_EVENT_SCHEMA], "reason", "dt")
     if len(days) == 1:
@@ -336,27 +398,15 @@ def run(cfg: TokenizeConfig, paths: Paths, spark: SparkSession | None = None) ->
     else:
         write_days(tokens, paths.tokens, days, sort_by=("profile_id", "ts", "event_id"))
         write_days(quarantine, paths.quarantine, days)
-    history = merge_history(old, tokens, cfg.history_len)
-    write_partition(history, partition(paths.history, day), files=2, sort_by=("profile_id",))
+    history = merge_history(old, _read_back_tokens(spark, paths, days, tokens), cfg.history_len)
+    write_partition(history, partition(paths.history, day), sort_by=("profile_id",))
     _gc_history(paths)
 
-    by_reason = {r["reason"]: r["count"] for r in classified.groupBy("reason").count().collect()}
-    n_valid = by_reason.pop(None, 0)
-    tok = tokens.agg(F.count(F.lit(1)).alias("n"),
-                     F.countDistinct(F.when(F.col("dt") == F.lit(day), F.col("profile_id"))).alias("active")).first()
-    n_deduped = deduped.count()
-    stats = {
-        "date": day.isoformat(), "mode": "full" if full else "incremental", "days": len(days),
-        "raw_events": n_valid + sum(by_reason.values()), "tokens": tok["n"],
-        "duplicates": n_valid - n_deduped, "quarantined": sum(by_reason.values()), "valid_events": n_deduped,
-        "quarantine_reasons": by_reason, "new_titles": new_titles, "vocab_titles": vocab.num_rows,
-        "profiles_active": tok["active"],
-        "history_profiles": sum(pq.read_metadata(f).num_rows for f in partition(paths.history, day).glob("*.parquet")),
-        "previous_state": prev_day.isoformat() if prev_day else None,
-    }
+    stats = {"date": day.isoformat(), "mode": "full" if full else "incremental", "days": len(days),
+             **_counts(paths, day, days), "new_titles": new_titles, "vocab_titles": vocab.num_rows,
+             "history_profiles": sum(pq.read_metadata(f).num_rows for f in partition(paths.history, day).glob("*.parquet")),
+             "previous_state": prev_day.isoformat() if prev_day else None}
     stats["events_per_token"] = round(stats["valid_events"] / max(stats["tokens"], 1), 3)
-    for df in (classified, deduped, tokens):
-        df.unpersist()
     return stats
 
 
@@ -377,3 +427,29 @@ def _all_raw_days(paths: Paths, until: dt.date) -> list[dt.date]:
 
 def main(argv: list[str] | None = None) -> dict:
     return run_cli(TokenizeConfig, run, __doc__, argv)
+
+
+def submit_main(argv: list[str] | None = None) -> int:
+    """The spark-submit entry point: the DAG's tokenize step for one date, on spark-submit's master.
+
+    Goes through :func:`jobs.pipeline.tokenize`, so the submitted job takes the same date lock and
+    writes the same step record as the local task; :func:`jobs.spark.get_spark` keeps the master.
+    ``--home`` (empty: ``$FMPIPE_HOME``) and ``--overrides`` (JSON object of TokenizeConfig fields,
+    the DAG's ``tokenize`` Param) come from the DAG's application args.
+    """
+    import argparse
+    import json
+    import os
+    ap = argparse.ArgumentParser(prog="spark-submit jobs/tokenize.py", description=submit_main.__doc__)
+    ap.add_argument("--date", required=True, help="the day to tokenize, YYYY-MM-DD")
+    ap.add_argument("--home", default="", help="FMPIPE_HOME of the pipeline's state (empty: the environment's)")
+    ap.add_argument("--overrides", default="{}", help="JSON object of TokenizeConfig options")
+    args = ap.parse_args(argv)
+    overrides = json.loads(args.overrides or "{}")
+    if not isinstance(overrides, dict):
+        raise TypeError(f"--overrides must be a JSON object, got {args.overrides!r}")
+    if args.home:
+        os.environ["FMPIPE_HOME"] = args.home
+    from jobs import pipeline
+    print(json.dumps(pipeline.tokenize(args.date, overrides), default=str))
+    return 0
