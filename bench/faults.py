@@ -147,6 +147,32 @@ def kill_during(step: str) -> Callable:
     return fault
 
 
+def kill_at(point: str) -> Callable:
+    """kill -9 a subprocess running the day the moment it reaches failpoint ``point`` (jobs/failpoints.py),
+    check what consumers see, then re-run in-process."""
+    def fault(paths: Paths, day: dt.date, yesterday: dict, ref: dict, o: Outcome) -> None:
+        marker = paths.home / f"failpoint-{point}"
+        env = {**os.environ, "FMPIPE_FAILPOINT": point, "FMPIPE_FAILPOINT_MARKER": str(marker)}
+        code = f"from jobs import pipeline; pipeline.run_all({day.isoformat()!r})"
+        proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 900
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        o.checks["killed_at_failpoint"] = marker.exists()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        seen = snapshot(paths)
+        # the online views are whole: all yesterday's or all today's, never a mixture of the two
+        o.checks["online_whole_after_kill"] = seen["online"] in (yesterday["online"], ref["online"])
+        o.checks["index_is_yesterdays_after_kill"] = seen["index_date"] == yesterday["index_date"]
+        run_day(day)
+    return fault
+
+
 def input_fault(mutate: Callable[[pa.Table], pa.Table], must_fail: str | None, check: Callable | None = None) -> Callable:
     """Rewrite today's raw partition, run the day; it must fail with ``must_fail`` or succeed + ``check``."""
     def fault(paths: Paths, day: dt.date, yesterday: dict, ref: dict, o: Outcome) -> None:
@@ -307,10 +333,14 @@ FAULTS: dict[str, tuple[str, Callable]] = {
     "nan_embeddings": ("gate blocks, yesterday serves", nan_embeddings),
     "corrupt_checkpoint": ("clear error, nothing published", corrupt_checkpoint),
     "disk_full": ("clear failure, nothing half-published", disk_full),
-    **{f"kill9_{s}": ("re-run equals undisturbed run", kill_during(s)) for s in ("tokenize", "embed", "validate", "publish", "index")},
+    **{f"kill9_{s}": ("re-run equals undisturbed run", kill_during(s)) for s in ("tokenize", "embed", "validate", "index")},
+    "kill9_publish_staged": ("killed mid-publish (one view staged): yesterday whole, re-run equals undisturbed",
+                             kill_at("publish.staged_view")),
+    "kill9_publish_swapped": ("killed between online swap and CURRENT.json: online whole, re-run repairs",
+                              kill_at("publish.swapped")),
 }
 QUICK = ("empty_day", "missing_partition", "wrong_column_types", "future_timestamps", "duplicate_events",
-         "nan_embeddings", "corrupt_checkpoint", "kill9_publish")
+         "nan_embeddings", "corrupt_checkpoint", "kill9_publish_staged")
 
 
 def run_fault(name: str, base: Paths, day: dt.date, yesterday: dict, ref: dict, root: Path) -> Outcome:

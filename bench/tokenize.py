@@ -90,7 +90,9 @@ def _map_sql(col: str, values: tuple[str, ...]) -> str:
 def duckdb_anchor(paths: Paths, day: dt.date, out: Path, threads: int) -> dict:
     """The same transform as jobs/tokenize.py in one DuckDB process (the single-node anchor)."""
     con = duckdb.connect()
-    con.execute(f"SET threads={threads}")
+    # Spill instead of failing: the intermediate tables of 10M events do not all fit next to Spark's JVM.
+    con.execute(f"SET threads={threads}; SET memory_limit='8GB'; SET preserve_insertion_order=false; "
+                f"SET temp_directory='{out}/duckdb_tmp'")
     raw = str(raw_partition(paths, day) / "*.parquet")
     cat = str(paths.catalogue)
     n_titles = pq.read_metadata(cat).num_rows
@@ -100,7 +102,7 @@ def duckdb_anchor(paths: Paths, day: dt.date, out: Path, threads: int) -> dict:
     con.execute(f"""
     CREATE TEMP TABLE vocab AS SELECT title_id, CAST(row_number() OVER (ORDER BY title_id) + 1 AS INT) AS title_idx,
         CAST(runtime_s AS DOUBLE) AS runtime_s FROM read_parquet('{cat}');
-    CREATE TEMP TABLE classified AS
+    CREATE VIEW classified AS
     SELECT r.*, TRY_CAST(r.ts AS TIMESTAMPTZ) AS ts_parsed, v.title_idx, v.runtime_s,
       CASE WHEN r.event_id IS NULL THEN 'missing_event_id' WHEN r.profile_id IS NULL THEN 'missing_profile_id'
            WHEN TRY_CAST(r.ts AS TIMESTAMPTZ) IS NULL THEN 'unparseable_ts'
@@ -111,14 +113,14 @@ def duckdb_anchor(paths: Paths, day: dt.date, out: Path, threads: int) -> dict:
     FROM read_parquet('{raw}') r LEFT JOIN vocab v USING (title_id);
     COPY (SELECT * EXCLUDE (ts_parsed, title_idx, runtime_s) FROM classified WHERE reason IS NOT NULL)
       TO '{out}/quarantine.parquet' (FORMAT parquet);
-    CREATE TEMP TABLE valid AS SELECT * FROM classified WHERE reason IS NULL
+    CREATE VIEW valid AS SELECT * FROM classified WHERE reason IS NULL
       QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY ts_parsed, profile_id, title_id, action) = 1;
-    CREATE TEMP TABLE grouped AS SELECT *, sum(starts) OVER (PARTITION BY profile_id ORDER BY ts_parsed, event_id
+    CREATE VIEW grouped AS SELECT *, sum(starts) OVER (PARTITION BY profile_id ORDER BY ts_parsed, event_id
         ROWS UNBOUNDED PRECEDING) AS grp FROM (
       SELECT *, CASE WHEN lag(title_id) OVER w IS NULL OR lag(title_id) OVER w <> title_id
         OR epoch_us(ts_parsed) - epoch_us(lag(ts_parsed) OVER w) > {S.SESSION_GAP_S} * 1000000 THEN 1 ELSE 0 END AS starts
       FROM valid WINDOW w AS (PARTITION BY profile_id ORDER BY ts_parsed, event_id));
-    CREATE TEMP TABLE merged AS SELECT profile_id, grp, title_idx, any_value(runtime_s) AS runtime_s,
+    CREATE VIEW merged AS SELECT profile_id, grp, title_idx, any_value(runtime_s) AS runtime_s,
         arg_min(ts_parsed, (ts_parsed, event_id)) AS ts_parsed, arg_min(event_id, (ts_parsed, event_id)) AS event_id,
         arg_min(device, (ts_parsed, event_id)) AS device, arg_min(canvas, (ts_parsed, event_id)) AS canvas,
         arg_min(locale, (ts_parsed, event_id)) AS locale, arg_min(row_position, (ts_parsed, event_id)) AS row_position,

@@ -92,6 +92,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.embed import published_at
+from jobs.failpoints import failpoint
 from jobs.io import atomic_write_json, partition
 from jobs.settings import Paths, parse_date
 
@@ -449,6 +450,7 @@ def stage_day(store, paths: Paths, online: OnlineTables, day: dt.date, pub_id: s
         out["seeded"][fv_name] = seeded
         out["carried"][fv_name] = carried
         out["timings"][fv_name] = {"seed_s": round(t1 - t0, 3), "write_s": round(t2 - t1, 3), "write_cpu_s": round(c2 - c1, 3), "copy_s": round(t3 - t2, 3)}
+        failpoint("publish.staged_view")            # one view staged, the next not yet: a kill -9 lands mid-publish
     return out
 
 
@@ -463,6 +465,7 @@ def commit(paths: Paths, online: OnlineTables, pub_id: str, day: dt.date, incomi
     if outgoing == pub_id:
         outgoing = None
     online.swap_in(incoming, outgoing, pub_id)
+    failpoint("publish.swapped")                    # online tables swapped, CURRENT.json not yet written
     seq = max([r.get("seq", 0) for r in history(paths)] or [0]) + 1
     record = {"date": day.isoformat(), "publication": pub_id, "index_dir": index_dir, "model_version": model_version,
               "seq": seq, "action": action, "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(),

@@ -233,3 +233,16 @@ def test_tokenize_as_a_spark_submit_application_equals_the_in_process_run(runs, 
     key = ("profile_id", "ts", "event_id")
     assert _table(home.tokens, day, key).equals(_table(runs["daily"].tokens, day, key))
     assert _table(home.history, day, ("profile_id",)).equals(_table(runs["daily"].history, day, ("profile_id",)))
+
+
+def test_failpoint_blocks_only_where_named_and_signals_the_harness(tmp_path, monkeypatch):
+    """bench/faults.py kills a publish exactly at a failpoint: it must fire only for its own name."""
+    from jobs.failpoints import failpoint
+    marker = tmp_path / "reached"
+    monkeypatch.setenv("FMPIPE_FAILPOINT", "publish.swapped")
+    monkeypatch.setenv("FMPIPE_FAILPOINT_MARKER", str(marker))
+    monkeypatch.setenv("FMPIPE_FAILPOINT_PAUSE_S", "0")
+    failpoint("publish.staged_view")
+    assert not marker.exists()
+    failpoint("publish.swapped")
+    assert marker.read_text().split()[1] == "publish.swapped"
