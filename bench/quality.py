@@ -20,6 +20,11 @@ import sys
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 sys.path.insert(0, os.path.dirname(_HERE))
+# With a CPU-time budget (--clock cpu), OpenMP threads must sleep rather than spin while waiting:
+# spinning burns CPU time without progress when other jobs share the machine, which would charge a
+# model for its neighbours. Set before torch (and its OpenMP runtime) loads.
+if "--clock=cpu" in sys.argv or ("--clock" in sys.argv and sys.argv[sys.argv.index("--clock") + 1:][:1] == ["cpu"]):
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
