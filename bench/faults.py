@@ -154,12 +154,16 @@ def kill_at(point: str) -> Callable:
         marker = paths.home / f"failpoint-{point}"
         env = {**os.environ, "FMPIPE_FAILPOINT": point, "FMPIPE_FAILPOINT_MARKER": str(marker)}
         code = f"from jobs import pipeline; pipeline.run_all({day.isoformat()!r})"
-        proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+        log = paths.home.parent / f"{paths.home.name}.stderr"
+        with open(log, "wb") as err:
+            proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
+                                    stderr=err, start_new_session=True)
         deadline = time.time() + 900
         while not marker.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         o.checks["killed_at_failpoint"] = marker.exists()
+        if not marker.exists():           # say why the run never got there
+            o.detail = " / ".join(log.read_text(errors="replace").strip().splitlines()[-3:])[:300]
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
