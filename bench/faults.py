@@ -172,6 +172,11 @@ def kill_at(point: str) -> Callable:
         seen = snapshot(paths)
         # the online views are whole: all yesterday's or all today's, never a mixture of the two
         o.checks["online_whole_after_kill"] = seen["online"] in (yesterday["online"], ref["online"])
+        if not o.checks["online_whole_after_kill"]:
+            got = seen["online"]
+            o.detail = (f"sampled profiles: {sum(got[k] == yesterday['online'].get(k) for k in got)} as yesterday, "
+                        f"{sum(got[k] == ref['online'].get(k) for k in got)} as today, "
+                        f"{sum(got[k] is None for k in got)} missing, of {len(got)}")
         o.checks["index_is_yesterdays_after_kill"] = seen["index_date"] == yesterday["index_date"]
         run_day(day)
     return fault
