@@ -70,3 +70,21 @@ def airflow_db():
     exe = Path(sys.executable).with_name("airflow")
     subprocess.run([str(exe), "db", "migrate"], check=True, capture_output=True, env=dict(os.environ))
     return Path(os.environ["AIRFLOW_HOME"]) / "airflow.db"
+
+
+def _live_state(paths: Paths) -> dict:
+    """Every live (entity, feature) value as bytes, straight from the online tables."""
+    import sqlite3
+    con = sqlite3.connect(paths.feast / "online.db")
+    try:
+        return {t: sorted(con.execute(f'SELECT entity_key, feature_name, value, event_ts FROM "{t}"').fetchall())
+                for t in ("fm_embeddings_profile_embeddings", "fm_embeddings_title_embeddings")}
+    finally:
+        con.close()
+
+
+@pytest.fixture
+def live_state():
+    """The online store's full live contents of a home, for byte-exact publication comparisons."""
+    return _live_state
+

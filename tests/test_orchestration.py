@@ -8,7 +8,6 @@ import multiprocessing as mp
 import os
 import shutil
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -128,16 +127,6 @@ def _table(root: Path, day: str, key: tuple[str, ...]):
     return pq.read_table(partition(root, dt.date.fromisoformat(day))).sort_by([(k, "ascending") for k in key])
 
 
-def live_state(paths: Paths) -> dict:
-    """Every live (entity, feature) value as bytes, straight from the online tables."""
-    con = sqlite3.connect(paths.feast / "online.db")
-    try:
-        return {t: sorted(con.execute(f'SELECT entity_key, feature_name, value, event_ts FROM "{t}"').fetchall())
-                for t in ("fm_embeddings_profile_embeddings", "fm_embeddings_title_embeddings")}
-    finally:
-        con.close()
-
-
 def publication(paths: Paths) -> dict:
     """The current publication without what is unique to one run (ids, timings)."""
     from jobs import publication as pubs
@@ -150,7 +139,7 @@ def publication(paths: Paths) -> dict:
             "base_date": (m["base"] or "").split(".")[0]}
 
 
-def test_backfill_publishes_exactly_what_the_daily_runs_publish(runs):
+def test_backfill_publishes_exactly_what_the_daily_runs_publish(runs, live_state):
     daily, backfill = runs["daily"], runs["backfill"]
     print(f"two daily runs: {runs['daily_s']:.1f}s")
     for day in runs["days"]:
@@ -183,7 +172,7 @@ def test_backfill_rejects_an_empty_range_and_unknown_step_options():
         "embed": {"engine": "spark"}, "tokenize": {"history_len": "64"}}
 
 
-def test_two_concurrent_publishes_of_one_date_leave_the_single_run_publication(runs):
+def test_two_concurrent_publishes_of_one_date_leave_the_single_run_publication(runs, live_state):
     """Both processes start publishing the same date at the same instant: one fails naming the lock
     (or, if they did not overlap, both succeed one after the other); the served state is unchanged."""
     home, day = runs["backfill"], runs["days"][-1]

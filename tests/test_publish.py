@@ -85,16 +85,6 @@ def expect(synth, day, pid, layer="emb_layer2_last"):
     return d["profile"][layer][d["pids"].index(pid)]
 
 
-def live_state(paths) -> dict:
-    """Every live (entity, feature) value as bytes, straight from the online tables."""
-    con = sqlite3.connect(paths.feast / "online.db")
-    try:
-        return {t: sorted(con.execute(f'SELECT entity_key, feature_name, value, event_ts FROM "{t}"').fetchall())
-                for t in ("fm_embeddings_profile_embeddings", "fm_embeddings_title_embeddings")}
-    finally:
-        con.close()
-
-
 def test_online_rows_are_identical_to_feasts_own_conversion(synth):
     from feast.utils import _convert_arrow_to_proto
     from jobs.feast_store import get_store, load_definitions, online_rows
@@ -138,7 +128,7 @@ def test_two_days_publish_incrementally_and_read_back_online(synth):
     assert ProfileIndex.current(paths).similar_profiles(40, 5)[0][0] == 40
 
 
-def test_without_a_retained_base_the_state_is_seeded_from_offline_identically(synth, tmp_path):
+def test_without_a_retained_base_the_state_is_seeded_from_offline_identically(synth, tmp_path, live_state):
     """Publishing D2 into an empty store seeds D1's still-valid rows from Parquet: the same state as
     publishing D1 then D2 (what a lost snapshot or a first run after an upgrade relies on)."""
     paths = synth["paths"]
@@ -175,7 +165,7 @@ def test_point_in_time_historical_features_pick_each_dates_vectors(synth):
     np.testing.assert_allclose(b.emb_layer2_last, expect(synth, D2, 40))
 
 
-def test_republishing_a_date_is_idempotent(synth):
+def test_republishing_a_date_is_idempotent(synth, live_state):
     paths = synth["paths"]
     before = live_state(paths)
     again = run_publish(paths, D2)
@@ -185,7 +175,7 @@ def test_republishing_a_date_is_idempotent(synth):
     assert live_state(paths) == before and mat["method"] == "materialize"
 
 
-def test_failure_midway_leaves_yesterdays_publication_serving(synth, monkeypatch):
+def test_failure_midway_leaves_yesterdays_publication_serving(synth, monkeypatch, live_state):
     from feast.infra.online_stores.sqlite import SqliteOnlineStore
     from jobs.index import TitleIndex
     paths = synth["paths"]
@@ -218,7 +208,7 @@ def test_failure_midway_leaves_yesterdays_publication_serving(synth, monkeypatch
                for d in pubs.root(paths).iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def test_crash_between_the_swap_and_the_pointer_is_repaired_by_the_next_run(synth, monkeypatch):
+def test_crash_between_the_swap_and_the_pointer_is_repaired_by_the_next_run(synth, monkeypatch, live_state):
     from jobs.feast_store import get_store
     paths = synth["paths"]
     run_publish(paths, D2)
@@ -242,7 +232,7 @@ def test_crash_between_the_swap_and_the_pointer_is_repaired_by_the_next_run(synt
     assert live_state(paths) == before and online(paths, [85])["model_version"] == ["m2"]
 
 
-def test_rollback_restores_features_and_index_then_rolls_forward(synth):
+def test_rollback_restores_features_and_index_then_rolls_forward(synth, live_state):
     from jobs.index import TitleIndex
     paths = synth["paths"]
     run_publish(paths, D2)
