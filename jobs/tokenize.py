@@ -345,21 +345,25 @@ def _read_back_tokens(spark: SparkSession, paths: Paths, days: list[dt.date], co
     return df if len(days) > 1 else df.withColumn("dt", F.lit(days[0]))
 
 
+def _day_table(root: Path, day: dt.date, columns: list[str]) -> pa.Table | None:
+    files = sorted(partition(root, day).glob("*.parquet"))
+    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files]) if files else None
+
+
 def _counts(paths: Paths, day: dt.date, days: list[dt.date]) -> dict:
-    """Report counts from the written outputs and Parquet footers: no extra Spark passes."""
-    def table(root: Path, columns: list[str]) -> pa.Table:
-        files = [f for d in days for f in sorted(partition(root, d).glob("*.parquet"))]
-        return pa.concat_tables([pq.read_table(f, columns=columns) for f in files]) if files else None
+    """Report counts from the written outputs and Parquet footers: no extra Spark passes.
+
+    Each output partition is read once; ``day``'s token table also gives the active profiles."""
     raw = sum(pq.read_metadata(f).num_rows for d in days for f in partition(paths.raw, d).glob("*.parquet"))
-    q = table(paths.quarantine, ["reason"])
-    by_reason = {} if q is None else {r["values"]: r["counts"] for r in pc.value_counts(q["reason"]).to_pylist()}
-    tok = table(paths.tokens, ["profile_id", "n_events"])
-    today = pq.read_table(partition(paths.tokens, day), columns=["profile_id"]) if partition(paths.tokens, day).exists() else None
-    n_tokens = 0 if tok is None else tok.num_rows
-    valid = 0 if tok is None else int(pc.sum(tok["n_events"]).as_py() or 0)
+    q = [t for d in days if (t := _day_table(paths.quarantine, d, ["reason"])) is not None]
+    by_reason = {r["values"]: r["counts"] for r in pc.value_counts(pa.concat_tables(q)["reason"]).to_pylist()} if q else {}
+    tok = {d: _day_table(paths.tokens, d, ["profile_id", "n_events"]) for d in days}
+    present = [t for t in tok.values() if t is not None]
+    valid = sum(int(pc.sum(t["n_events"]).as_py() or 0) for t in present)
     quarantined = sum(by_reason.values())
-    return {"raw_events": raw, "tokens": n_tokens, "duplicates": raw - quarantined - valid, "quarantined": quarantined,
-            "valid_events": valid, "quarantine_reasons": by_reason,
+    today = tok.get(day)
+    return {"raw_events": raw, "tokens": sum(t.num_rows for t in present), "duplicates": raw - quarantined - valid,
+            "quarantined": quarantined, "valid_events": valid, "quarantine_reasons": by_reason,
             "profiles_active": 0 if today is None else pc.count_distinct(today["profile_id"]).as_py()}
 
 
