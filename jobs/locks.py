@@ -69,6 +69,17 @@ def holder(path: Path) -> dict:
         return {}
 
 
+def settled_holder(path: Path, grace_s: float = 1.0) -> dict:
+    """The holder's details, allowing it ``grace_s`` to write them: it takes the lock first and
+    writes its details just after, so a contender arriving in between would otherwise read nothing."""
+    deadline = time.monotonic() + grace_s
+    info = holder(path)
+    while not info and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+        info = holder(path)
+    return info
+
+
 def describe(info: dict) -> str:
     if not info:
         return "an unknown process (it has not written its details yet)"
@@ -105,7 +116,7 @@ def exclusive(path: Path, what: str, step: str, wait_s: float) -> Iterator[dict]
         deadline = time.monotonic() + max(wait_s, 0.0)
         while not _try_flock(fd):
             if time.monotonic() >= deadline:
-                raise LockBusy(f"{what} is locked by {describe(holder(path))}: another run is writing it "
+                raise LockBusy(f"{what} is locked by {describe(settled_holder(path))}: another run is writing it "
                                f"(waited {wait_s:g}s; lock file {path}). Retry when it has finished, or set "
                                f"FMPIPE_LOCK_WAIT_S to wait longer.")
             time.sleep(POLL_S)
