@@ -105,7 +105,7 @@ def setup(root: Path) -> tuple[Paths, dt.date, dict, dict]:
     pipeline.run_all(yesterday.isoformat())
     ref = copy_home(base, root / "reference")
     run_day(today)
-    return base, today, snapshot(use(base)), {"publication": publication(ref, today), "online": snapshot(ref)}
+    return base, today, snapshot(use(base)), {"publication": publication(ref, today), "view": snapshot(ref)}
 
 
 def copy_home(src: Paths, dst: Path) -> Paths:
@@ -141,15 +141,16 @@ def kill_during(step: str) -> Callable:
             pass
         proc.wait()
         o.checks["killed_mid_step"] = not finished
-        o.checks["yesterday_served_after_kill"] = still_serving_yesterday(paths, yesterday) or \
-            snapshot(paths)["index_date"] == day.isoformat()      # killed after the atomic swap: today's is whole
+        # one whole day is served: yesterday's, or today's if the kill landed after the publish committed
+        o.checks["whole_day_served_after_kill"] = snapshot(paths) in (yesterday, ref["view"])
         run_day(day)
     return fault
 
 
-def kill_at(point: str) -> Callable:
+def kill_at(point: str, serves: str) -> Callable:
     """kill -9 a subprocess running the day the moment it reaches failpoint ``point`` (jobs/failpoints.py),
-    check what consumers see, then re-run in-process."""
+    check consumers are served ``serves`` ("yesterday" before the commit point, "today" after it)
+    whole — online values and index of one and the same day — then re-run in-process."""
     def fault(paths: Paths, day: dt.date, yesterday: dict, ref: dict, o: Outcome) -> None:
         marker = paths.home / f"failpoint-{point}"
         env = {**os.environ, "FMPIPE_FAILPOINT": point, "FMPIPE_FAILPOINT_MARKER": str(marker)}
@@ -169,15 +170,14 @@ def kill_at(point: str) -> Callable:
         except ProcessLookupError:
             pass
         proc.wait()
-        seen = snapshot(paths)
-        # the online views are whole: all yesterday's or all today's, never a mixture of the two
-        o.checks["online_whole_after_kill"] = seen["online"] in (yesterday["online"], ref["online"])
-        if not o.checks["online_whole_after_kill"]:
+        seen, want = snapshot(paths), {"yesterday": yesterday, "today": ref["view"]}[serves]
+        o.checks[f"serves_{serves}_whole_after_kill"] = seen == want
+        if seen != want:
             got = seen["online"]
-            o.detail = (f"sampled profiles: {sum(got[k] == yesterday['online'].get(k) for k in got)} as yesterday, "
-                        f"{sum(got[k] == ref['online'].get(k) for k in got)} as today, "
+            o.detail = (f"index of {seen['index_date']}; sampled profiles: "
+                        f"{sum(got[k] == yesterday['online'].get(k) for k in got)} as yesterday, "
+                        f"{sum(got[k] == ref['view']['online'].get(k) for k in got)} as today, "
                         f"{sum(got[k] is None for k in got)} missing, of {len(got)}")
-        o.checks["index_is_yesterdays_after_kill"] = seen["index_date"] == yesterday["index_date"]
         run_day(day)
     return fault
 
@@ -344,9 +344,9 @@ FAULTS: dict[str, tuple[str, Callable]] = {
     "disk_full": ("clear failure, nothing half-published", disk_full),
     **{f"kill9_{s}": ("re-run equals undisturbed run", kill_during(s)) for s in ("tokenize", "embed", "validate", "index")},
     "kill9_publish_staged": ("killed mid-publish (one view staged): yesterday whole, re-run equals undisturbed",
-                             kill_at("publish.staged_view")),
-    "kill9_publish_swapped": ("killed between online swap and CURRENT.json: online whole, re-run repairs",
-                              kill_at("publish.swapped")),
+                             kill_at("publish.staged_view", "yesterday")),
+    "kill9_publish_swapped": ("killed after the commit (swap) before CURRENT.json: today whole, re-run equals undisturbed",
+                              kill_at("publish.swapped", "today")),
 }
 QUICK = ("empty_day", "missing_partition", "wrong_column_types", "future_timestamps", "duplicate_events",
          "nan_embeddings", "corrupt_checkpoint", "kill9_publish_staged")
@@ -360,7 +360,7 @@ def run_fault(name: str, base: Paths, day: dt.date, yesterday: dict, ref: dict, 
         fn(paths, day, yesterday, ref, o)
         o.rows_lost = rows_lost(paths, day, ref["publication"])
         o.checks["rerun_equals_reference"] = o.rows_lost == 0
-        o.checks["online_equals_reference"] = snapshot(paths) == ref["online"]
+        o.checks["online_equals_reference"] = snapshot(paths) == ref["view"]
         o.survived = all(o.checks.values())
     except Exception as e:                                           # noqa: BLE001
         o.detail = f"harness: {type(e).__name__}: {str(e).splitlines()[0][:160]}"

@@ -36,8 +36,9 @@ def feature_repo() -> Path:
     return Path(os.environ.get("FMPIPE_FEATURE_REPO") or FEATURE_REPO).resolve()
 
 
-def get_store(paths: Paths):
-    from feast import FeatureStore
+def repo_config(paths: Paths):
+    """The Feast ``RepoConfig`` the jobs use for ``paths`` (local SQLite/registry paths moved under
+    ``FMPIPE_HOME`` unless it is the default ``var/``)."""
     from feast.repo_config import load_repo_config
 
     repo = feature_repo()
@@ -48,7 +49,21 @@ def get_store(paths: Paths):
         cfg._registry = None                      # drop the one parsed from the yaml path
         if getattr(cfg.online_store, "type", None) == "sqlite":
             cfg.online_store.path = str(paths.feast / "online.db")
-    return FeatureStore(repo_path=str(repo), config=cfg)
+    return cfg
+
+
+def get_store(paths: Paths):
+    from feast import FeatureStore
+    return FeatureStore(repo_path=str(feature_repo()), config=repo_config(paths))
+
+
+def sqlite_online_path(paths: Paths) -> Path | None:
+    """The SQLite online store's database file, or None when the online store is not SQLite."""
+    cfg = repo_config(paths)
+    if getattr(cfg.online_store, "type", None) != "sqlite":
+        return None
+    p = Path(cfg.online_store.path)
+    return p if p.is_absolute() else feature_repo() / p
 
 
 def load_definitions(paths: Paths) -> list:

@@ -235,6 +235,7 @@ def run(cfg: IndexConfig, paths: Paths) -> dict:
     day = parse_date(cfg.date)
     t0 = time.perf_counter()
     with pubs.lock(paths):
+        pubs.reconcile(paths)                 # finish a commit a killed publisher left unmirrored
         cur = pubs.current(paths)
         if cur and cur["date"] == day.isoformat():
             if cur.get("index_dir"):
@@ -246,7 +247,7 @@ def run(cfg: IndexConfig, paths: Paths) -> dict:
             out = pubs.pub_dir(paths, cur["publication"]) / f"index-{uuid.uuid4().hex[:8]}"
             result = build_publication_indexes(cfg, paths, out)
             record = {**cur, "index_dir": str(out.relative_to(paths.home)), "action": "index",
-                      "seq": max([r.get("seq", 0) for r in pubs.history(paths)] or [0]) + 1,
+                      "seq": pubs.next_seq(paths),
                       "committed_at": dt.datetime.now(dt.timezone.utc).isoformat()}
             m = pubs.manifest(paths, cur["publication"])
             m["index"] = result

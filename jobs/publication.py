@@ -25,19 +25,22 @@ How a date is published (``jobs.publish.run``), and why readers never see half a
    entity within the TTL), which gives the same values.
 2. *Index.* The title and profile indexes are built aside, into the publication's folder.
 3. *Commit.* One SQLite transaction renames, for every feature view, ``live -> snapshot of the
-   publication being replaced`` and ``staging -> live`` and records the live publication in a
-   bookkeeping table; then ``CURRENT.json`` is replaced (temp file + ``os.replace``), which is the
-   commit point. A Feast reader (any process, plain ``FeatureStore(repo_path=...)``,
-   ``get_online_features``) reads the live table names: every read sees a whole day's state, the old
-   one or the new one, never a half-written day (the renames commit atomically; open connections
-   re-prepare against the new schema). Residual windows, both microseconds wide: one
-   ``get_online_features`` call over *two* views issues one SELECT per view, so a call racing the
-   swap can pair one view's old state with the other's new one; and between the swap and the
-   ``os.replace`` of CURRENT.json a reader can pair new features with the old index
-   (``jobs.retrieve`` returns both model versions). A failure before the commit leaves the previous
-   publication serving (only a staging table and a folder are left behind, removed by the next
-   run). A crash between the SQLite swap and ``CURRENT.json`` is repaired by :func:`reconcile` (run
-   under the lock at the start of every publish and rollback): CURRENT.json wins.
+   publication being replaced`` and ``staging -> live``, records the live publication in a
+   bookkeeping table and stores the new pointer record (``fmpipe_publication_pointer``): that
+   transaction is the commit point. Then the record is mirrored to the files (manifest status,
+   ``CURRENT.json`` by temp file + ``os.replace``, one history line). A Feast reader (any process,
+   plain ``FeatureStore(repo_path=...)``, ``get_online_features``) reads the live table names: every
+   read sees a whole day's state, the old one or the new one, never a half-written day (the renames
+   commit atomically; open connections re-prepare against the new schema). Readers of the pointer
+   (:func:`current`: indexes, retrieval, reports) take the newer of ``CURRENT.json`` and the stored
+   record, so they follow the features being served. Residual window, microseconds wide: one
+   ``get_online_features`` call over *two* views issues one SELECT per view, and a reader reads the
+   pointer and the features in separate statements, so a call racing the swap can pair one day's
+   state with the other's. A failure before the commit leaves the previous publication serving
+   (only a staging table and a folder are left behind, removed by the next run). A crash after it
+   (``kill -9`` between the swap and ``CURRENT.json``) has published: readers already see the new
+   day whole, features and index, and :func:`reconcile` (run under the lock before every publish,
+   index build and rollback) finishes the file mirror.
 
 Rollback (``fmpipe rollback --to DATE``) makes the latest committed publication of DATE current
 again: when its snapshot tables are retained it is the same swap (instant, exact: every entity's
@@ -98,6 +101,7 @@ from jobs.settings import Paths, parse_date
 
 FEATURE_VIEWS = ("profile_embeddings", "title_embeddings")
 LIVE_TABLE = "fmpipe_publication_live"
+POINTER_TABLE = "fmpipe_publication_pointer"     # the pointer record, written in the swap transaction
 CACHE_KIB = 256 * 1024          # SQLite page cache while staging (the default 2 MiB thrashes on large tables)
 
 
@@ -118,9 +122,40 @@ def new_id(day: dt.date) -> str:
 
 
 def current(paths: Paths) -> dict | None:
-    """The current publication's pointer record, or None before the first publish."""
+    """The current publication's pointer record, or None before the first publish.
+
+    The newer (by ``seq``) of ``CURRENT.json`` and the record the last swap transaction stored in
+    the SQLite online store: the swap is the commit point, so a publisher killed after it and
+    before ``CURRENT.json`` is written has still published, and readers (indexes, retrieval,
+    reports) follow the features they are served instead of pairing them with yesterday's index."""
     p = pointer_path(paths)
-    return json.loads(p.read_text()) if p.exists() else None
+    on_disk = json.loads(p.read_text()) if p.exists() else None
+    in_store = committed_pointer(paths)
+    if in_store is not None and (on_disk is None or in_store.get("seq", 0) > on_disk.get("seq", 0)):
+        return in_store
+    return on_disk
+
+
+def committed_pointer(paths: Paths) -> dict | None:
+    """The pointer record of the last swap (SQLite online store only; None elsewhere or before any)."""
+    from jobs.feast_store import sqlite_online_path
+    db = sqlite_online_path(paths)
+    if db is None or not db.exists():
+        return None
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=60)) as c:
+        try:
+            row = c.execute(f"SELECT record FROM {POINTER_TABLE} WHERE id = 1").fetchone()
+        except sqlite3.OperationalError as e:           # a store no swap has written to yet
+            if "no such table" in str(e):
+                return None
+            raise
+    return json.loads(row[0]) if row else None
+
+
+def next_seq(paths: Paths) -> int:
+    """The sequence number of the next pointer move (history and pointer both count)."""
+    cur = current(paths)
+    return max([r.get("seq", 0) for r in history(paths)] + [(cur or {}).get("seq", 0)]) + 1
 
 
 def manifest(paths: Paths, pub_id: str) -> dict:
@@ -184,6 +219,7 @@ class OnlineTables:
             self._conn = sqlite3.connect(path, timeout=60, isolation_level=None)
             self._conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
             self._conn.execute(f"CREATE TABLE IF NOT EXISTS {LIVE_TABLE} (feature_view TEXT PRIMARY KEY, publication TEXT)")
+            self._conn.execute(f"CREATE TABLE IF NOT EXISTS {POINTER_TABLE} (id INTEGER PRIMARY KEY CHECK (id = 1), record TEXT)")
         return self._conn
 
     def close(self) -> None:
@@ -267,8 +303,9 @@ class OnlineTables:
         return c.total_changes - before
 
     # -- the swap
-    def swap_in(self, incoming: dict[str, str], outgoing_pub: str | None, new_pub: str) -> None:
-        """One transaction: for each view, live -> snapshot(outgoing), ``incoming[view]`` -> live."""
+    def swap_in(self, incoming: dict[str, str], outgoing_pub: str | None, new_pub: str, record: dict) -> None:
+        """One transaction: for each view, live -> snapshot(outgoing), ``incoming[view]`` -> live, and
+        the pointer ``record`` stored (this transaction is the commit point of a publication)."""
         if not self.atomic:
             return
         c = self.conn()
@@ -285,6 +322,7 @@ class OnlineTables:
                         c.execute(f'DROP TABLE "{live}"')
                 c.execute(f'ALTER TABLE "{table}" RENAME TO "{live}"')
                 c.execute(f"INSERT OR REPLACE INTO {LIVE_TABLE} VALUES (?, ?)", (fv_name, new_pub))
+            c.execute(f"INSERT OR REPLACE INTO {POINTER_TABLE} VALUES (1, ?)", (json.dumps(record, sort_keys=True),))
             c.execute("COMMIT")
         except BaseException:
             c.execute("ROLLBACK")
@@ -459,48 +497,64 @@ def stage_day(store, paths: Paths, online: OnlineTables, day: dt.date, pub_id: s
 # ---------------------------------------------------------------------------------------------
 def commit(paths: Paths, online: OnlineTables, pub_id: str, day: dt.date, incoming: dict[str, str],
            index_dir: str | None, model_version: str | None, action: str) -> dict:
-    """Make ``pub_id`` current: swap its tables in (one SQLite transaction), then CURRENT.json."""
+    """Make ``pub_id`` current: swap its tables in together with the pointer record (one SQLite
+    transaction, the commit point), then mirror the record to ``CURRENT.json`` and the history."""
     cur = current(paths)
     outgoing = (cur or {}).get("publication")
     if outgoing == pub_id:
         outgoing = None
-    online.swap_in(incoming, outgoing, pub_id)
-    failpoint("publish.swapped")                    # online tables swapped, CURRENT.json not yet written
-    seq = max([r.get("seq", 0) for r in history(paths)] or [0]) + 1
     record = {"date": day.isoformat(), "publication": pub_id, "index_dir": index_dir, "model_version": model_version,
-              "seq": seq, "action": action, "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+              "seq": next_seq(paths), "action": action, "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
               "previous": outgoing}
-    m = manifest(paths, pub_id)
-    m.update({"status": "committed", "retained": True})
-    write_manifest(paths, pub_id, m)
-    atomic_write_json(record, pointer_path(paths))           # the commit point
-    _append_history(paths, record)
+    online.swap_in(incoming, outgoing, pub_id, record)
+    failpoint("publish.swapped")                    # committed in the online store, CURRENT.json not yet written
+    settle(paths, record)
     return record
 
 
-def reconcile(paths: Paths, online: OnlineTables) -> str | None:
-    """Repair a crash between the SQLite swap and CURRENT.json: put CURRENT's tables back live."""
+def settle(paths: Paths, record: dict) -> None:
+    """Mirror a committed pointer ``record`` to the files: manifest status, CURRENT.json, history."""
+    m = manifest(paths, record["publication"])
+    if m.get("status") != "committed" or not m.get("retained", True):
+        m.update({"status": "committed", "retained": True})
+        write_manifest(paths, record["publication"], m)
+    p = pointer_path(paths)
+    if not p.exists() or json.loads(p.read_text()) != record:
+        atomic_write_json(record, p)
+    if record.get("seq") not in {r.get("seq") for r in history(paths)}:
+        _append_history(paths, record)
+
+
+def reconcile(paths: Paths, online: OnlineTables | None = None) -> str | None:
+    """Finish a publisher's commit that a crash interrupted; run under the lock before every pointer move.
+
+    Killed after the swap transaction (the commit point) and before the files: roll forward (the
+    store's pointer record becomes CURRENT.json, the manifest says committed, history gets its
+    line). Killed between CURRENT.json and the history line: append it. Returns the publication
+    repaired, if any. Live tables that disagree with the pointer for any other reason (an online
+    store written by an older version, or edited by hand) are put back to the pointer's tables."""
     cur = current(paths)
     if cur is None:
         return None
-    if cur.get("seq") not in {r.get("seq") for r in history(paths)}:
-        _append_history(paths, cur)                  # crashed between CURRENT.json and the history line
-    if not online.atomic:
-        return None
-    live = online.live_publication()
-    wrong = {fv: p for fv, p in live.items() if p != cur["publication"]}
+    p = pointer_path(paths)
+    on_disk = json.loads(p.read_text()) if p.exists() else None
+    repaired = cur["publication"] if on_disk != cur else None
+    settle(paths, cur)
+    if online is None or not online.atomic:
+        return repaired
+    wrong = {fv: pub for fv, pub in online.live_publication().items() if pub != cur["publication"]}
     if not wrong:
-        return None
+        return repaired
     incoming = {fv: online.snapshot(cur["publication"], fv) for fv in wrong}
     missing = [t for t in incoming.values() if not online.exists(t)]
     if missing:
-        raise RuntimeError(f"online store serves {wrong} but CURRENT.json names {cur['publication']} whose tables "
-                           f"{missing} are gone: roll back explicitly (fmpipe rollback --to DATE)")
+        raise RuntimeError(f"online store serves {wrong} but the current pointer names {cur['publication']} whose "
+                           f"tables {missing} are gone: roll back explicitly (fmpipe rollback --to DATE)")
     by_pub: dict[str, dict[str, str]] = {}
-    for fv, p in wrong.items():
-        by_pub.setdefault(p, {})[fv] = incoming[fv]
-    for p, tables in by_pub.items():
-        online.swap_in(tables, p, cur["publication"])
+    for fv, pub in wrong.items():
+        by_pub.setdefault(pub, {})[fv] = incoming[fv]
+    for pub, tables in by_pub.items():
+        online.swap_in(tables, pub, cur["publication"], cur)
     return cur["publication"]
 
 

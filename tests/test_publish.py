@@ -208,11 +208,11 @@ def test_failure_midway_leaves_yesterdays_publication_serving(synth, monkeypatch
                for d in pubs.root(paths).iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def test_crash_between_the_swap_and_the_pointer_is_repaired_by_the_next_run(synth, monkeypatch, live_state):
-    from jobs.feast_store import get_store
+def test_a_crash_after_the_swap_has_published_whole_and_the_next_run_finishes_the_files(synth, monkeypatch, live_state):
+    from jobs.index import TitleIndex
     paths = synth["paths"]
     run_publish(paths, D2)
-    before, pointer = live_state(paths), pubs.current(paths)
+    d2_pointer = pubs.current(paths)
     real = pubs.atomic_write_json
 
     def crash_on_pointer(obj, path):
@@ -223,13 +223,24 @@ def test_crash_between_the_swap_and_the_pointer_is_repaired_by_the_next_run(synt
     with pytest.raises(KeyboardInterrupt):
         run_publish(paths, D3)
     monkeypatch.undo()
-    assert pubs.current(paths) == pointer and online(paths, [85])["model_version"] == ["m3"]   # the torn state
-    online_tables = pubs.OnlineTables(get_store(paths))
-    try:
-        assert pubs.reconcile(paths, online_tables) == pointer["publication"]
-    finally:
-        online_tables.close()
-    assert live_state(paths) == before and online(paths, [85])["model_version"] == ["m2"]
+    # the swap transaction is the commit point: features, pointer and index all say D3 already
+    on_disk = json.loads(pubs.pointer_path(paths).read_text())
+    assert on_disk == d2_pointer
+    cur = pubs.current(paths)
+    assert cur["date"] == D3.isoformat() and cur["seq"] == d2_pointer["seq"] + 1 and cur["previous"] == d2_pointer["publication"]
+    assert online(paths, [85])["model_version"] == ["m3"]
+    assert TitleIndex.current(paths).meta["date"] == D3.isoformat()
+    d3_state = live_state(paths)
+    # the next pointer move (here an index build for D3) first finishes the files, state untouched
+    from jobs import index as ix
+    assert ix.run(ix.IndexConfig(date=D3.isoformat()), paths)["reused"]
+    assert json.loads(pubs.pointer_path(paths).read_text()) == cur == pubs.current(paths)
+    assert pubs.manifest(paths, cur["publication"])["status"] == "committed"
+    seqs = [r["seq"] for r in pubs.history(paths)]
+    assert seqs == sorted(set(seqs)) and pubs.history(paths)[-1] == cur and live_state(paths) == d3_state
+    # and a re-run of D3 builds on D2 (not on the crashed attempt) and serves the same values
+    again = run_publish(paths, D3)
+    assert again["previous"] == cur["publication"] and live_state(paths) == d3_state
 
 
 def test_rollback_restores_features_and_index_then_rolls_forward(synth, live_state):
