@@ -124,6 +124,7 @@ def kill_during(step: str) -> Callable:
     """kill -9 a subprocess running the day once it has entered ``step``; then re-run in-process."""
     from jobs.pipeline import STEPS
     previous = STEPS[STEPS.index(step) - 1]
+    serves = "today" if STEPS.index(step) > STEPS.index("publish") else "yesterday"     # the publish commit decides
 
     def fault(paths: Paths, day: dt.date, yesterday: dict, ref: dict, o: Outcome) -> None:
         code = f"from jobs import pipeline; pipeline.run_all({day.isoformat()!r})"
@@ -141,8 +142,7 @@ def kill_during(step: str) -> Callable:
             pass
         proc.wait()
         o.checks["killed_mid_step"] = not finished
-        # one whole day is served: yesterday's, or today's if the kill landed after the publish committed
-        o.checks["whole_day_served_after_kill"] = snapshot(paths) in (yesterday, ref["view"])
+        o.checks[f"serves_{serves}_whole_after_kill"] = snapshot(paths) == {"yesterday": yesterday, "today": ref["view"]}[serves]
         run_day(day)
     return fault
 

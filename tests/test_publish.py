@@ -243,6 +243,49 @@ def test_a_crash_after_the_swap_has_published_whole_and_the_next_run_finishes_th
     assert again["previous"] == cur["publication"] and live_state(paths) == d3_state
 
 
+@pytest.mark.parametrize("point, serves", [("publish.staged_view", D2), ("publish.swapped", D3)],
+                         ids=["before_the_commit", "after_the_commit"])
+def test_kill_9_mid_publish_serves_one_whole_day_and_the_rerun_equals_the_undisturbed_run(synth, live_state, point, serves):
+    """A real ``kill -9`` of a publisher process at a failpoint: before the commit (one view staged)
+    yesterday stays served whole, after it (swapped, CURRENT.json not written) today is served
+    whole; either way the re-run publishes exactly what an undisturbed run publishes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from jobs.feast_store import get_store
+    from jobs.index import TitleIndex
+    from jobs.settings import REPO_ROOT
+    paths = synth["paths"]
+    run_publish(paths, D2)
+    d2_state = live_state(paths)
+    run_publish(paths, D3)
+    d3_state = live_state(paths)
+    pubs.rollback(pubs.RollbackConfig(to=D2.isoformat()), paths)
+    assert live_state(paths) == d2_state
+    marker = paths.home / f"reached-{point}"
+    env = {**os.environ, "FMPIPE_HOME": str(paths.home), "FMPIPE_FAILPOINT": point, "FMPIPE_FAILPOINT_MARKER": str(marker)}
+    code = f"from jobs import publish; from jobs.settings import Paths; publish.run(publish.PublishConfig(date={D3.isoformat()!r}), Paths.from_env())"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    _, err = proc.communicate()
+    assert marker.exists(), err.decode(errors="replace")[-2000:]
+    assert live_state(paths) == (d2_state if serves == D2 else d3_state)
+    assert pubs.current(paths)["date"] == serves.isoformat() == TitleIndex.current(paths).meta["date"]
+    assert online(paths, [85])["model_version"] == (["m2"] if serves == D2 else ["m3"])
+    run_publish(paths, D3)
+    assert live_state(paths) == d3_state and pubs.current(paths)["date"] == D3.isoformat()
+    tables = pubs.OnlineTables(get_store(paths))
+    try:
+        assert tables.tables("fm_embeddings__stage_") == []          # the killed attempt's staging is gone
+    finally:
+        tables.close()
+
+
 def test_rollback_restores_features_and_index_then_rolls_forward(synth, live_state):
     from jobs.index import TitleIndex
     paths = synth["paths"]
