@@ -243,6 +243,35 @@ def test_a_crash_after_the_swap_has_published_whole_and_the_next_run_finishes_th
     assert again["previous"] == cur["publication"] and live_state(paths) == d3_state
 
 
+def test_live_tables_that_disagree_with_the_pointer_are_put_back(synth, monkeypatch, live_state):
+    """A store whose swap stored no pointer record (written by a version before the record existed,
+    or edited by hand) and a publisher killed after that swap: the next run serves the pointer's day
+    again instead of filing the stray state under the wrong publication."""
+    from jobs.feast_store import get_store
+    paths = synth["paths"]
+    run_publish(paths, D2)
+    d2_state, d2_pointer = live_state(paths), pubs.current(paths)
+    real = pubs.atomic_write_json
+
+    def crash_on_pointer(obj, path):
+        if path == pubs.pointer_path(paths):
+            raise KeyboardInterrupt("killed before CURRENT.json (injected)")
+        return real(obj, path)
+    monkeypatch.setattr(pubs, "atomic_write_json", crash_on_pointer)
+    with pytest.raises(KeyboardInterrupt):
+        run_publish(paths, D3)
+    monkeypatch.undo()
+    with sqlite3.connect(paths.feast / "online.db") as con:
+        con.execute(f"DELETE FROM {pubs.POINTER_TABLE}")
+    assert pubs.current(paths) == d2_pointer and live_state(paths) != d2_state
+    tables = pubs.OnlineTables(get_store(paths))
+    try:
+        assert pubs.reconcile(paths, tables) == d2_pointer["publication"]
+    finally:
+        tables.close()
+    assert live_state(paths) == d2_state and online(paths, [85])["model_version"] == ["m2"]
+
+
 @pytest.mark.parametrize("point, serves", [("publish.staged_view", D2), ("publish.swapped", D3)],
                          ids=["before_the_commit", "after_the_commit"])
 def test_kill_9_mid_publish_serves_one_whole_day_and_the_rerun_equals_the_undisturbed_run(synth, live_state, point, serves):
