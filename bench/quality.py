@@ -39,7 +39,7 @@ from tqdm import tqdm  # noqa: E402
 from fm import movielens as M  # noqa: E402
 from fm import protocol as P  # noqa: E402
 from fm.data import Sequences  # noqa: E402
-from fm.model import FoundationModel, ModelConfig, init_weights  # noqa: E402
+from fm.model import FoundationModel, ModelConfig, init_weights, regress_cold_titles  # noqa: E402
 from fm.sasrec import SASRec, SASRecConfig  # noqa: E402
 from fm.schema import N_SPECIAL  # noqa: E402
 
@@ -88,6 +88,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--valid-users", type=int, default=None,
                     help="validate (checkpoint choice) on a fixed random subset of users; test always uses all")
     ap.add_argument("--holdout-frac", type=float, default=0.05, help="share of movies held out for the cold-start test")
+    ap.add_argument("--cold-id-dropout", type=float, default=0.5,
+                    help="ID dropout of the cold-start variant trained to score titles by content alone")
+    ap.add_argument("--cold-start-only", action="store_true",
+                    help="only the cold-start comparison (budget --ablation-budget-s); writes cold_start.{md,json}")
     ap.add_argument("--skip-sasrec", action="store_true", help="only our model (tuning)")
     ap.add_argument("--set", nargs="*", default=[], metavar="MODEL.KEY=VALUE",
                     help="override a setting, e.g. fm.lr=0.01 fm.d_model=128 fm.n_negatives=0 sasrec.batch_size=64")
@@ -215,9 +219,13 @@ class Bench:
         out = {"held_out_movies": int(len(held)), "users": int(len(cold))}
         if warm_score is not None:
             out["fm_trained_on_them"] = _metrics(P.evaluate(warm_score, seqs, cold, FM["model"]["max_len"]))
-        for use_content in (True, False):
-            model, obj, score = self.build_fm({"use_content": use_content}, exclude_titles=is_held, counts=counts)
-            r = P.fit(obj, sp.train, model.cfg.max_len, self.fit_cfg(FM, budget, f"cold content={use_content}"),
+        warm = self.split.test.subset(~is_held[self.split.test.targets])
+        variants = (("fm_content_only", {"use_content": True}),
+                    ("fm_content_id_dropout", {"use_content": True, "id_dropout": self.args.cold_id_dropout}),
+                    ("fm_no_content", {"use_content": False}))
+        for key, over in variants:
+            model, obj, score = self.build_fm(over, exclude_titles=is_held, counts=counts)
+            r = P.fit(obj, sp.train, model.cfg.max_len, self.fit_cfg(FM, budget, f"cold {key}"),
                       validate=lambda: P.evaluate(score, sp.seqs, sp.valid, model.cfg.max_len))
             with torch.no_grad():
                 model.title.id.weight[torch.as_tensor(held)] = 0.0
@@ -226,7 +234,17 @@ class Bench:
                     trained[:N_SPECIAL] = False
                     obj.bias[torch.as_tensor(held)] = obj.bias[torch.as_tensor(trained)].median()
             m = P.evaluate(score, seqs, cold, model.cfg.max_len)
-            out["fm_content_only" if use_content else "fm_no_content"] = {**_metrics(m), "train_s": r.train_s}
+            w = P.evaluate(score, seqs, warm, model.cfg.max_len)           # what the variant costs the other users
+            out[key] = {**_metrics(m), "warm_ndcg@10": round(w["ndcg@10"], 4), "warm_hr@10": round(w["hr@10"], 4),
+                        "train_s": r.train_s, **over}
+            if key == "fm_content_only":                                   # same model, cold rows regressed from content
+                trained = torch.as_tensor(~is_held)
+                trained[:N_SPECIAL] = False
+                regress_cold_titles(model, torch.as_tensor(held), trained)
+                m = P.evaluate(score, seqs, cold, model.cfg.max_len)
+                w = P.evaluate(score, seqs, warm, model.cfg.max_len)
+                out["fm_content_regressed"] = {**_metrics(m), "warm_ndcg@10": round(w["ndcg@10"], 4),
+                                               "warm_hr@10": round(w["hr@10"], 4), "train_s": 0.0}
         return out
 
 
@@ -279,6 +297,39 @@ def plot_scaling(rows: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
+def cold_start_lines(c: dict) -> list[str]:
+    lines = [f"## Cold start ({c['held_out_movies']} movies held out of training; {c['users']} test users "
+             "whose target is one of them; full ranking over all movies)", "",
+             "| variant | HR@10 | NDCG@10 | HR@50 | NDCG@50 | other users' NDCG@10 |", "|---|---:|---:|---:|---:|---:|"]
+    dropout = c.get("fm_content_id_dropout", {}).get("id_dropout")
+    for k, label in (("fm_content_only", "FM, held-out movies scored by content only"),
+                     ("fm_content_regressed", "same FM, held-out movies' vectors regressed from content on the trained ones"),
+                     ("fm_content_id_dropout", f"FM trained with ID dropout {dropout}, held-out movies by content only"),
+                     ("fm_no_content", "FM without content (held-out movies have no vector)"),
+                     ("fm_trained_on_them", "reference: main FM, trained with these movies")):
+        if k in c:
+            warm = c[k].get("warm_ndcg@10")
+            lines.append(f"| {label} | " + " | ".join(f"{c[k][m]:.4f}" for m in METRICS) +
+                         f" | {'' if warm is None else f'{warm:.4f}'} |")
+    return lines + [""]
+
+
+def write_cold_start(res: dict, args: argparse.Namespace, out: Path) -> Path:
+    """``--cold-start-only``: its own file, so the main quality table is not replaced by a partial run."""
+    suffix = "_quick" if args.quick else ""
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# ML-1M cold start{' (quick smoke run — not a result)' if args.quick else ''}", "",
+             f"- command: `{res['command']}`", f"- machine: {res['machine']}; torch threads {args.threads}; "
+             f"load average at start / end: {res['loadavg_start']} / {res['loadavg_end']}",
+             f"- wall time: {res['wall_s']:.0f} s; budget per model {args.ablation_budget_s:.0f} s ({args.clock} clock); "
+             f"FM config as in quality.md (`{json.dumps(res['fm_config']['model'])}`)", "",
+             *cold_start_lines(res["cold_start"])]
+    path = out / f"cold_start{suffix}.md"
+    path.write_text("\n".join(lines))
+    (out / f"cold_start{suffix}.json").write_text(json.dumps(res, indent=1))
+    return path
+
+
 def write_report(res: dict, args: argparse.Namespace, out: Path) -> Path:
     suffix = "_quick" if args.quick else ""
     out.mkdir(parents=True, exist_ok=True)
@@ -305,16 +356,7 @@ def write_report(res: dict, args: argparse.Namespace, out: Path) -> Path:
     if "ablations" in res:
         lines += [f"## Ablations (budget {args.ablation_budget_s:.0f} s each)", "", *table(res["ablations"]), ""]
     if "cold_start" in res:
-        c = res["cold_start"]
-        lines += [f"## Cold start ({c['held_out_movies']} movies held out of training; {c['users']} test users "
-                  "whose target is one of them; full ranking over all movies)", "",
-                  "| variant | HR@10 | NDCG@10 | HR@50 | NDCG@50 |", "|---|---:|---:|---:|---:|"]
-        for k, label in (("fm_content_only", "FM, held-out movies scored by content only"),
-                         ("fm_no_content", "FM without content (held-out movies have no vector)"),
-                         ("fm_trained_on_them", "reference: main FM, trained with these movies")):
-            if k in c:
-                lines.append(f"| {label} | " + " | ".join(f"{c[k][m]:.4f}" for m in METRICS) + " |")
-        lines.append("")
+        lines += cold_start_lines(res["cold_start"])
     if "scaling" in res:
         lines += [f"## Scaling (budget {args.ablation_budget_s:.0f} s each)", "", *table(res["scaling"]), "",
                   f"![scaling](scaling{suffix}.png)", ""]
@@ -341,10 +383,12 @@ def main(argv=None) -> dict:
     res["popularity"] = {**_metrics(pop), "params": 0}
 
     plan = ["fm"] + ([] if args.skip_sasrec else ["sasrec"])
-    if args.ablations:
+    if args.cold_start_only:
+        plan = ["cold_start"]
+    elif args.ablations:
         plan += ["no_content", "mtp1" if FM["model"]["mtp_k"] > 1 else "mtp2", "no_heads", "no_emb_norm",
                  "no_mask_history", "sasrec_recipe", "cold_start"]
-    if args.scaling:
+    if args.scaling and not args.cold_start_only:
         plan += [f"scale_{n}" for n, _ in SCALING]
     outer = tqdm(plan, desc="bench", unit="run")
     fm_score = None
@@ -388,9 +432,9 @@ def main(argv=None) -> dict:
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     res["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     out = Path(args.out)
-    if args.scaling:
+    if "scaling" in res:
         plot_scaling(res["scaling"], out.mkdir(parents=True, exist_ok=True) or out / f"scaling{'_quick' if args.quick else ''}.png")
-    path = write_report(res, args, out)
+    path = write_cold_start(res, args, out) if args.cold_start_only else write_report(res, args, out)
     print(f"wrote {path}", file=sys.stderr)
     print(json.dumps(res))
     return res

@@ -49,6 +49,10 @@ class ModelConfig:
     # LayerNorm over the summed token embedding before the first block (as SASRec does). Off by
     # default so existing checkpoints load unchanged; on ML-1M it speeds up learning markedly.
     emb_norm: bool = False
+    # Share of title ID embeddings zeroed per training step (inputs per occurrence, the output table
+    # per title), so the content path must carry each title on its own: an unseen title has only
+    # its content vector. 0 keeps the old behaviour (the ID embedding absorbs everything).
+    id_dropout: float = 0.0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -74,16 +78,24 @@ class TitleEmbedding(nn.Module):
         self.proj = nn.Linear(cfg.content_dim, cfg.d_model, bias=False)
 
     def table(self) -> torch.Tensor:
-        t = self.id.weight
+        t = self._drop_ids(self.id.weight, self.id.weight.shape[:1])
         if self.cfg.use_content:
             t = t + self.proj(self.content)
         return t
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        e = self.id(idx)
+        e = self._drop_ids(self.id(idx), idx.shape)
         if self.cfg.use_content:
             e = e + self.proj(self.content[idx])
         return e
+
+    def _drop_ids(self, e: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """ID dropout (training only, no rescaling: at serving a title has its whole ID or none)."""
+        p = getattr(self.cfg, "id_dropout", 0.0)
+        if not (self.training and p > 0 and self.cfg.use_content):
+            return e
+        keep = torch.rand(shape, device=e.device) >= p
+        return e * keep.unsqueeze(-1).to(e.dtype)
 
 
 class Block(nn.Module):
@@ -187,6 +199,24 @@ class FoundationModel(nn.Module):
         self.title.id = emb
         self.title.content = torch.cat([self.title.content, new_content.to(old.device, old.dtype)])
         self.cfg.n_titles += n_new
+
+
+@torch.no_grad()
+def regress_cold_titles(model: FoundationModel, cold: torch.Tensor, trained: torch.Tensor, ridge: float = 1.0) -> None:
+    """Give titles without a trained ID (``cold``: indices) the vector their content predicts.
+
+    Why: the jointly trained content projection is only a small correction on top of the ID rows,
+    so a content-only vector lands far from the trained ones. A ridge regression from content
+    vectors to the *whole* title vectors of the ``trained`` titles (bool mask) maps a new title into
+    the same space; its ID row is set to the prediction minus its content part, so ``table()``
+    returns the prediction. Trained rows are untouched (no cost for the warm titles)."""
+    t = model.title
+    x, y = t.content[trained], t.table()[trained]
+    gram = x.T @ x + ridge * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+    w = torch.linalg.solve(gram, x.T @ y)                                     # (content_dim, d_model)
+    content = t.content[cold]
+    own = t.proj(content) if model.cfg.use_content else torch.zeros_like(content @ w)
+    t.id.weight[cold] = content @ w - own
 
 
 def init_weights(model: FoundationModel) -> None:

@@ -50,6 +50,7 @@ class TrainJobConfig:
     content_dim: int = 64
     use_content: bool = True
     dropout: float = 0.1
+    id_dropout: float = 0.0            # share of title IDs dropped per step so content alone carries titles (cold start)
     epochs: int = 20
     time_budget_s: float = 120.0
     batch_size: int = 64
@@ -68,7 +69,7 @@ class TrainJobConfig:
 # Options that do not change what is trained (left out of the version hash), and options added later
 # that only enter the hash when set, so existing configs keep their version names.
 _RUN_ONLY = ("resume", "checkpoint_every_s")
-_HASHED_IF_SET = {"leave_one_out": False, "holdout_titles_frac": 0.0}
+_HASHED_IF_SET = {"leave_one_out": False, "holdout_titles_frac": 0.0, "id_dropout": 0.0}
 
 
 def model_version(cfg: TrainJobConfig, day: dt.date) -> str:
@@ -90,7 +91,7 @@ def _scratch(cfg: TrainJobConfig, ids: list, cat, vocab) -> tuple[FoundationMode
                                  dim=cfg.content_dim, seed=cfg.seed)
     mcfg = ModelConfig(n_titles=len(ids), content_dim=cfg.content_dim, d_model=cfg.d_model, n_layers=cfg.n_layers,
                        n_heads=cfg.n_heads, max_len=cfg.max_len, dropout=cfg.dropout, mtp_k=cfg.mtp_k,
-                       use_content=cfg.use_content)
+                       use_content=cfg.use_content, id_dropout=cfg.id_dropout)
     model = FoundationModel(mcfg)
     init_weights(model)
     model.title.content.copy_(torch.from_numpy(content_matrix(encoder, ids, cat)))

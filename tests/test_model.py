@@ -187,6 +187,47 @@ def test_growing_the_vocabulary_keeps_old_rows_bit_identical():
     assert (new.norm(dim=1) > 0).all()
 
 
+def test_id_dropout_trains_titles_through_content_alone_and_never_applies_at_serving():
+    m = tiny_model(id_dropout=0.5)
+    content_only = m.title.proj(m.title.content).detach()
+    full = m.title.table().detach()
+    assert torch.equal(m.title.table(), full)                                 # eval: deterministic, whole IDs
+    m.train()
+    torch.manual_seed(1)
+    t = m.title.table().detach()
+    dropped = torch.isclose(t, content_only).all(dim=1)
+    kept = torch.isclose(t, full).all(dim=1)
+    assert (dropped | kept).all() and 0.3 < dropped.float().mean() < 0.7     # whole rows, about half
+    idx = torch.randint(N_SPECIAL, 30, (4, 50))
+    e = m.title(idx).detach()
+    per_token_dropped = torch.isclose(e, content_only[idx]).all(dim=-1)
+    assert 0.3 < per_token_dropped.float().mean() < 0.7
+    assert not torch.equal(per_token_dropped[0, :], dropped[idx[0]])          # inputs draw their own mask
+    off = tiny_model().train()                                                # default: no ID dropout
+    assert torch.equal(off.title.table(), off.title.table())
+    assert ModelConfig.from_dict({k: v for k, v in m.cfg.to_dict().items() if k != "id_dropout"}).id_dropout == 0.0
+
+
+def test_cold_titles_get_the_vector_their_content_predicts_and_warm_rows_stay():
+    from fm.model import regress_cold_titles
+    m = tiny_model(n_titles=200)
+    w0 = torch.randn(8, 16)
+    with torch.no_grad():                       # trained titles whose whole vector is a linear function of content
+        m.title.id.weight.copy_(m.title.content @ w0 - m.title.proj(m.title.content))
+    cold = torch.arange(190, 200)
+    trained = torch.ones(200, dtype=torch.bool)
+    trained[:N_SPECIAL] = False
+    trained[cold] = False
+    with torch.no_grad():
+        m.title.id.weight[cold] = 0.0           # never trained: content-only vectors
+    before = m.title.table().detach().clone()
+    assert not torch.allclose(before[cold], m.title.content[cold] @ w0, atol=1e-2)
+    regress_cold_titles(m, cold, trained, ridge=1e-4)
+    after = m.title.table().detach()
+    assert torch.allclose(after[cold], m.title.content[cold] @ w0, atol=1e-2)
+    assert torch.equal(after[trained], before[trained])
+
+
 def test_content_encoder_embeds_unseen_text_near_similar_titles(tmp_path):
     enc = _encoder()
     v = enc.transform(["robot future space", "wedding love", "unrelated zzz"])
