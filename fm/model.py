@@ -54,6 +54,10 @@ class ModelConfig:
     # its content vector. 0 keeps the old behaviour (the ID embedding absorbs everything).
     id_dropout: float = 0.0
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["target_actions"] = list(self.target_actions)

@@ -206,6 +206,8 @@ def test_id_dropout_trains_titles_through_content_alone_and_never_applies_at_ser
     off = tiny_model().train()                                                # default: no ID dropout
     assert torch.equal(off.title.table(), off.title.table())
     assert ModelConfig.from_dict({k: v for k, v in m.cfg.to_dict().items() if k != "id_dropout"}).id_dropout == 0.0
+    with pytest.raises(ValueError, match="id_dropout must be in"):
+        ModelConfig(n_titles=30, id_dropout=1.0)
 
 
 def test_cold_titles_get_the_vector_their_content_predicts_and_warm_rows_stay():
