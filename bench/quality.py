@@ -237,14 +237,14 @@ class Bench:
             w = P.evaluate(score, seqs, warm, model.cfg.max_len)           # what the variant costs the other users
             out[key] = {**_metrics(m), "warm_ndcg@10": round(w["ndcg@10"], 4), "warm_hr@10": round(w["hr@10"], 4),
                         "train_s": r.train_s, **over}
-            if key == "fm_content_only":                                   # same model, cold rows regressed from content
+            if over["use_content"]:                                        # same model, cold rows regressed from content
                 trained = torch.as_tensor(~is_held)
                 trained[:N_SPECIAL] = False
                 regress_cold_titles(model, torch.as_tensor(held), trained)
                 m = P.evaluate(score, seqs, cold, model.cfg.max_len)
                 w = P.evaluate(score, seqs, warm, model.cfg.max_len)
-                out["fm_content_regressed"] = {**_metrics(m), "warm_ndcg@10": round(w["ndcg@10"], 4),
-                                               "warm_hr@10": round(w["hr@10"], 4), "train_s": 0.0}
+                out[key.replace("fm_content", "fm_regressed")] = {
+                    **_metrics(m), "warm_ndcg@10": round(w["ndcg@10"], 4), "warm_hr@10": round(w["hr@10"], 4), **over}
         return out
 
 
@@ -300,17 +300,19 @@ def plot_scaling(rows: dict[str, dict], path: Path) -> None:
 def cold_start_lines(c: dict) -> list[str]:
     lines = [f"## Cold start ({c['held_out_movies']} movies held out of training; {c['users']} test users "
              "whose target is one of them; full ranking over all movies)", "",
-             "| variant | HR@10 | NDCG@10 | HR@50 | NDCG@50 | other users' NDCG@10 |", "|---|---:|---:|---:|---:|---:|"]
+             "| variant | HR@10 | NDCG@10 | HR@50 | NDCG@50 | hits@50 | other users' NDCG@10 |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     dropout = c.get("fm_content_id_dropout", {}).get("id_dropout")
     for k, label in (("fm_content_only", "FM, held-out movies scored by content only"),
-                     ("fm_content_regressed", "same FM, held-out movies' vectors regressed from content on the trained ones"),
+                     ("fm_regressed_only", "same FM, held-out movies' vectors regressed from content on the trained ones"),
                      ("fm_content_id_dropout", f"FM trained with ID dropout {dropout}, held-out movies by content only"),
+                     ("fm_regressed_id_dropout", f"FM trained with ID dropout {dropout}, held-out movies regressed from content"),
                      ("fm_no_content", "FM without content (held-out movies have no vector)"),
                      ("fm_trained_on_them", "reference: main FM, trained with these movies")):
         if k in c:
             warm = c[k].get("warm_ndcg@10")
             lines.append(f"| {label} | " + " | ".join(f"{c[k][m]:.4f}" for m in METRICS) +
-                         f" | {'' if warm is None else f'{warm:.4f}'} |")
+                         f" | {round(c[k]['hr@50'] * c['users'])} | {'' if warm is None else f'{warm:.4f}'} |")
     return lines + [""]
 
 

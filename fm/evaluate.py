@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from fm.data import Sequences, length_bucketed
-from fm.model import FoundationModel
+from fm.model import FoundationModel, regress_cold_titles
 from fm.schema import ACTIONS, N_SPECIAL, vocab_index
 
 
@@ -95,6 +95,18 @@ def head_accuracy(model: FoundationModel, seqs: Sequences, rows: np.ndarray, end
         majority = np.bincount(truth).max() / len(truth) if len(truth) else 0.0
         out[f] = {"accuracy": hits[f] / max(len(rows), 1), "majority": float(majority), "n": len(rows)}
     return out
+
+
+def regressed(model: FoundationModel, titles: np.ndarray) -> FoundationModel:
+    """A copy whose ``titles`` get the vectors their content predicts from the other trained titles
+    (what ``grow_titles`` gives a title that arrives after training, i.e. what is served)."""
+    m = content_only(model, titles)
+    trained = torch.ones(m.cfg.n_titles, dtype=torch.bool)
+    trained[:N_SPECIAL] = False
+    held = torch.as_tensor(np.asarray(titles, np.int64))
+    trained[held] = False
+    regress_cold_titles(m, held, trained)
+    return m
 
 
 def content_only(model: FoundationModel, titles: np.ndarray, content: bool = True) -> FoundationModel:

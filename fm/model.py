@@ -3,8 +3,9 @@
 Each token is a whole event. Its embedding is the sum of one embedding per field (title, action,
 duration bucket, device, canvas, locale, row, hour, day of week, gap) plus a position embedding.
 The title part is a learned ID embedding **plus** a projection of a fixed content vector computed
-from the catalogue text, so a title never seen in training still gets a useful vector (its ID
-embedding is zero until it is trained).
+from the catalogue text, so a title never seen in training still gets a useful vector: when the
+vocabulary grows, a new title's vector is the one its content predicts (a ridge map fitted from the
+trained titles' content to their whole vectors; ``grow_titles``), until training gives it an ID.
 
 Heads, all predicting the *next* event from the state at position t:
   * next titles t+1..t+k (multi-token prediction; full softmax tied to the title table),
@@ -191,18 +192,37 @@ class FoundationModel(nn.Module):
         return total, {k: float(v.detach()) for k, v in losses.items()}
 
     @torch.no_grad()
-    def grow_titles(self, new_content: torch.Tensor) -> None:
-        """Append titles: old rows stay bit-identical, new ID rows start at zero (content-only)."""
+    def grow_titles(self, new_content: torch.Tensor, regress: bool = True) -> None:
+        """Append titles: old rows stay bit-identical; a new title gets the vector its content
+        predicts (:func:`regress_cold_titles` over the trained titles), or with ``regress=False``
+        a zero ID row (content projection only)."""
         n_new = new_content.shape[0]
         if n_new == 0:
             return
         old = self.title.id.weight.data
-        emb = nn.Embedding(old.shape[0] + n_new, old.shape[1], padding_idx=S.PAD).to(old.device)
-        emb.weight.data[: old.shape[0]] = old
-        emb.weight.data[old.shape[0]:] = 0.0
+        n_old = old.shape[0]
+        emb = nn.Embedding(n_old + n_new, old.shape[1], padding_idx=S.PAD).to(old.device)
+        emb.weight.data[:n_old] = old
+        emb.weight.data[n_old:] = 0.0
         self.title.id = emb
         self.title.content = torch.cat([self.title.content, new_content.to(old.device, old.dtype)])
         self.cfg.n_titles += n_new
+        if regress and self.cfg.use_content and n_old > S.N_SPECIAL:
+            trained = torch.zeros(n_old + n_new, dtype=torch.bool, device=old.device)
+            trained[S.N_SPECIAL:n_old] = True
+            regress_cold_titles(self, torch.arange(n_old, n_old + n_new, device=old.device), trained)
+
+
+@torch.no_grad()
+def content_map(model: FoundationModel, trained: torch.Tensor, ridge: float = 1.0) -> torch.Tensor:
+    """(content_dim, d_model) ridge least-squares map from the ``trained`` titles' content vectors to
+    their whole title vectors (float64 solve: the same answer in the driver and every Spark task)."""
+    t = model.title
+    x = t.content[trained]
+    y = t.id.weight[trained] + (t.proj(x) if model.cfg.use_content else 0.0)       # table() without ID dropout
+    x, y = x.double(), y.double()
+    gram = x.T @ x + ridge * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+    return torch.linalg.solve(gram, x.T @ y).to(t.content.dtype)
 
 
 @torch.no_grad()
@@ -215,9 +235,7 @@ def regress_cold_titles(model: FoundationModel, cold: torch.Tensor, trained: tor
     the same space; its ID row is set to the prediction minus its content part, so ``table()``
     returns the prediction. Trained rows are untouched (no cost for the warm titles)."""
     t = model.title
-    x, y = t.content[trained], t.table()[trained]
-    gram = x.T @ x + ridge * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
-    w = torch.linalg.solve(gram, x.T @ y)                                     # (content_dim, d_model)
+    w = content_map(model, trained, ridge)
     content = t.content[cold]
     own = t.proj(content) if model.cfg.use_content else torch.zeros_like(content @ w)
     t.id.weight[cold] = content @ w - own

@@ -30,7 +30,7 @@ import torch
 
 from fm import protocol as P
 from fm.data import Sequences
-from fm.evaluate import content_only, head_accuracy
+from fm.evaluate import content_only, head_accuracy, regressed
 from fm.model import FoundationModel
 from fm.schema import CATALOGUE_SCHEMA, N_SPECIAL, OOV
 from jobs.io import atomic_write_json, latest_partition_before, partition
@@ -104,11 +104,15 @@ def candidate_scores(model: FoundationModel, candidates: np.ndarray) -> P.ScoreF
 
 def cold_start(model: FoundationModel, seqs: Sequences, es: P.EvalSet, held: np.ndarray, candidates: np.ndarray,
                batch_size: int) -> dict:
-    """Users whose target was held out of training, scored content-only and with content off."""
+    """Users whose target was held out of training: held-out titles with the vectors their content
+    predicts (``regressed``: what serving gives a new title), through the content projection only
+    (``content``), and with content off (``no_content``, the floor)."""
     cold = es.subset(np.isin(es.targets, held))
     out = {"titles_held_out": len(held), "users": len(cold)}
-    for name, content in (("content", True), ("no_content", False)):
-        m = content_only(model, held, content=content)
+    variants = {"regressed": lambda: regressed(model, held), "content": lambda: content_only(model, held),
+                "no_content": lambda: content_only(model, held, content=False)}
+    for name, make in variants.items():
+        m = make()
         out[name] = P.evaluate(candidate_scores(m, candidates), seqs, cold, m.cfg.max_len, batch_size)
     return out
 

@@ -14,7 +14,7 @@ import torch
 from fm import checkpoint
 from fm import schema as S
 from fm.data import Sequences
-from fm.evaluate import content_only, head_accuracy
+from fm.evaluate import content_only, head_accuracy, regressed
 from fm.model import FoundationModel, ModelConfig
 from jobs import cli, evaluate, train
 from jobs.io import atomic_write_table, partition
@@ -108,7 +108,7 @@ def test_evaluate_cli_json(trained, capsys):
     assert all(0.0 <= h["accuracy"] <= 1.0 and h["n"] == 60 for h in printed["heads"].values())
     cold = printed["cold_start"]
     assert cold["titles_held_out"] == 8 and 0 < cold["users"] < 60
-    for variant in ("content", "no_content"):
+    for variant in ("regressed", "content", "no_content"):
         assert cold[variant]["users"] == cold["users"] and 0.0 <= cold[variant]["ndcg@10"] <= 1.0
     with pytest.raises(ValueError, match="users must be LO-HI"):
         cli.main(["evaluate", "users=abc"])
@@ -147,6 +147,9 @@ def test_head_accuracy_and_content_only_on_hand_computed_cases():
     assert torch.allclose(c.title.table()[3], c.title.proj(c.title.content[3]))
     assert torch.equal(c.title.table()[4], m.title.table()[4]) and m.title.id.weight[3].abs().sum() > 0
     assert torch.equal(content_only(m, np.array([3]), content=False).title.table()[3], torch.zeros(8))
+    r = regressed(m, np.array([3]))                           # title 3 as if it arrived after training
+    assert torch.equal(r.title.table()[4], m.title.table()[4])
+    assert not torch.allclose(r.title.table()[3], m.title.table()[3]) and not torch.allclose(r.title.table()[3], c.title.table()[3])
 
 
 def test_evaluate_reads_the_movielens_file_in_protocol_order(home, tmp_path):

@@ -178,13 +178,28 @@ def test_growing_the_vocabulary_keeps_old_rows_bit_identical():
     m = tiny_model()
     old_ids = m.title.id.weight.detach().clone()
     old_table = m.title.table().detach().clone()
-    m.grow_titles(torch.randn(5, 8))
+    m.grow_titles(torch.randn(5, 8), regress=False)
     assert m.cfg.n_titles == 35
     assert torch.equal(m.title.id.weight[:30], old_ids) and torch.equal(m.title.table()[:30], old_table)
     assert torch.equal(m.title.id.weight[30:], torch.zeros(5, 16))
     new = m.title.table()[30:]
     assert torch.allclose(new, m.title.proj(m.title.content[30:]))          # content-only vectors
     assert (new.norm(dim=1) > 0).all()
+
+
+def test_grown_titles_get_the_vector_their_content_predicts():
+    """Default growth: where the trained vectors are a linear function of content, a new title gets
+    exactly that function of its content, not the (small) content projection alone."""
+    m = tiny_model(n_titles=200)
+    w0 = torch.randn(8, 16)
+    with torch.no_grad():
+        m.title.id.weight.copy_(m.title.content @ w0 - m.title.proj(m.title.content))
+    old_table = m.title.table().detach().clone()
+    new_content = torch.randn(6, 8)
+    m.grow_titles(new_content)
+    assert torch.equal(m.title.table()[:200], old_table)
+    assert torch.allclose(m.title.table()[200:], new_content @ w0, atol=5e-2)
+    assert not torch.allclose(m.title.table()[200:], m.title.proj(new_content), atol=5e-2)
 
 
 def test_id_dropout_trains_titles_through_content_alone_and_never_applies_at_serving():
