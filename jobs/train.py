@@ -50,7 +50,8 @@ class TrainJobConfig:
     content_dim: int = 64
     use_content: bool = True
     dropout: float = 0.1
-    id_dropout: float = 0.0            # share of title IDs dropped per step so content alone carries titles (cold start)
+    id_dropout: float = 0.1            # share of title IDs dropped per step so content alone carries titles (cold start;
+                                       # bench/results/cold_start.md: 5x the unseen titles' HR@50 for -0.4% NDCG@10)
     epochs: int = 20
     time_budget_s: float = 120.0
     batch_size: int = 64
@@ -169,6 +170,7 @@ def run(cfg: TrainJobConfig, paths: Paths) -> dict:
         if since >= day:
             raise ValueError(f"current model already trained on history up to {since}; nothing new before {day}")
         among = _new_day_rows(paths, hist_path, since)
+        model.cfg.id_dropout = cfg.id_dropout          # a training option: this run's, not the parent's
         model.train()
     else:
         model, encoder = _scratch(cfg, ids, cat, vocab)
