@@ -120,6 +120,18 @@ def still_serving_yesterday(paths: Paths, yesterday_view: dict) -> bool:
 # ------------------------------------------------------------------------------------------------
 # Faults
 # ------------------------------------------------------------------------------------------------
+def check_serves_whole(paths: Paths, serves: str, yesterday: dict, ref: dict, o: Outcome) -> None:
+    """Consumers see ``serves`` ("yesterday" or "today") whole: online values and index of that one day."""
+    seen, want = snapshot(paths), {"yesterday": yesterday, "today": ref["view"]}[serves]
+    o.checks[f"serves_{serves}_whole_after_kill"] = seen == want
+    if seen != want:
+        got = seen["online"]
+        o.detail = (f"index of {seen['index_date']}; sampled profiles: "
+                    f"{sum(got[k] == yesterday['online'].get(k) for k in got)} as yesterday, "
+                    f"{sum(got[k] == ref['view']['online'].get(k) for k in got)} as today, "
+                    f"{sum(got[k] is None for k in got)} missing, of {len(got)}")
+
+
 def kill_during(step: str) -> Callable:
     """kill -9 a subprocess running the day once it has entered ``step``; then re-run in-process."""
     from jobs.pipeline import STEPS
@@ -142,7 +154,7 @@ def kill_during(step: str) -> Callable:
             pass
         proc.wait()
         o.checks["killed_mid_step"] = not finished
-        o.checks[f"serves_{serves}_whole_after_kill"] = snapshot(paths) == {"yesterday": yesterday, "today": ref["view"]}[serves]
+        check_serves_whole(paths, serves, yesterday, ref, o)
         run_day(day)
     return fault
 
@@ -170,14 +182,7 @@ def kill_at(point: str, serves: str) -> Callable:
         except ProcessLookupError:
             pass
         proc.wait()
-        seen, want = snapshot(paths), {"yesterday": yesterday, "today": ref["view"]}[serves]
-        o.checks[f"serves_{serves}_whole_after_kill"] = seen == want
-        if seen != want:
-            got = seen["online"]
-            o.detail = (f"index of {seen['index_date']}; sampled profiles: "
-                        f"{sum(got[k] == yesterday['online'].get(k) for k in got)} as yesterday, "
-                        f"{sum(got[k] == ref['view']['online'].get(k) for k in got)} as today, "
-                        f"{sum(got[k] is None for k in got)} missing, of {len(got)}")
+        check_serves_whole(paths, serves, yesterday, ref, o)
         run_day(day)
     return fault
 

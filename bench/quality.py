@@ -220,6 +220,14 @@ class Bench:
         if warm_score is not None:
             out["fm_trained_on_them"] = _metrics(P.evaluate(warm_score, seqs, cold, FM["model"]["max_len"]))
         warm = self.split.test.subset(~is_held[self.split.test.targets])
+        held_t, trained = torch.as_tensor(held), torch.as_tensor(~is_held)
+        trained[:N_SPECIAL] = False
+
+        def scored(score, max_len: int) -> dict:
+            """Cold users' metrics, and what the variant costs the other users."""
+            m, w = P.evaluate(score, seqs, cold, max_len), P.evaluate(score, seqs, warm, max_len)
+            return {**_metrics(m), "warm_ndcg@10": round(w["ndcg@10"], 4), "warm_hr@10": round(w["hr@10"], 4)}
+
         variants = (("fm_content_only", {"use_content": True}),
                     ("fm_content_id_dropout", {"use_content": True, "id_dropout": self.args.cold_id_dropout}),
                     ("fm_no_content", {"use_content": False}))
@@ -228,23 +236,13 @@ class Bench:
             r = P.fit(obj, sp.train, model.cfg.max_len, self.fit_cfg(FM, budget, f"cold {key}"),
                       validate=lambda: P.evaluate(score, sp.seqs, sp.valid, model.cfg.max_len))
             with torch.no_grad():
-                model.title.id.weight[torch.as_tensor(held)] = 0.0
+                model.title.id.weight[held_t] = 0.0
                 if obj.bias is not None:
-                    trained = ~is_held
-                    trained[:N_SPECIAL] = False
-                    obj.bias[torch.as_tensor(held)] = obj.bias[torch.as_tensor(trained)].median()
-            m = P.evaluate(score, seqs, cold, model.cfg.max_len)
-            w = P.evaluate(score, seqs, warm, model.cfg.max_len)           # what the variant costs the other users
-            out[key] = {**_metrics(m), "warm_ndcg@10": round(w["ndcg@10"], 4), "warm_hr@10": round(w["hr@10"], 4),
-                        "train_s": r.train_s, **over}
+                    obj.bias[held_t] = obj.bias[trained].median()
+            out[key] = {**scored(score, model.cfg.max_len), "train_s": r.train_s, **over}
             if over["use_content"]:                                        # same model, cold rows regressed from content
-                trained = torch.as_tensor(~is_held)
-                trained[:N_SPECIAL] = False
-                regress_cold_titles(model, torch.as_tensor(held), trained)
-                m = P.evaluate(score, seqs, cold, model.cfg.max_len)
-                w = P.evaluate(score, seqs, warm, model.cfg.max_len)
-                out[key.replace("fm_content", "fm_regressed")] = {
-                    **_metrics(m), "warm_ndcg@10": round(w["ndcg@10"], 4), "warm_hr@10": round(w["hr@10"], 4), **over}
+                regress_cold_titles(model, held_t, trained)
+                out[key.replace("fm_content", "fm_regressed")] = {**scored(score, model.cfg.max_len), **over}
         return out
 
 

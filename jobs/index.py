@@ -247,13 +247,12 @@ def run(cfg: IndexConfig, paths: Paths) -> dict:
             out = pubs.pub_dir(paths, cur["publication"]) / f"index-{uuid.uuid4().hex[:8]}"
             result = build_publication_indexes(cfg, paths, out)
             record = {**cur, "index_dir": str(out.relative_to(paths.home)), "action": "index",
-                      "seq": pubs.next_seq(paths),
+                      "seq": pubs.next_seq(paths, cur),
                       "committed_at": dt.datetime.now(dt.timezone.utc).isoformat()}
             m = pubs.manifest(paths, cur["publication"])
             m["index"] = result
             pubs.write_manifest(paths, cur["publication"], m)
-            atomic_write_json(record, pubs.pointer_path(paths))
-            pubs._append_history(paths, record)
+            pubs.settle(paths, record)
             old = paths.home / cur["index_dir"] if cur.get("index_dir") else None
             if old is not None and old != out and old.exists():
                 shutil.rmtree(old, ignore_errors=True)

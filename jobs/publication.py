@@ -128,12 +128,16 @@ def current(paths: Paths) -> dict | None:
     the SQLite online store: the swap is the commit point, so a publisher killed after it and
     before ``CURRENT.json`` is written has still published, and readers (indexes, retrieval,
     reports) follow the features they are served instead of pairing them with yesterday's index."""
-    p = pointer_path(paths)
-    on_disk = json.loads(p.read_text()) if p.exists() else None
+    on_disk = _pointer_file(paths)
     in_store = committed_pointer(paths)
     if in_store is not None and (on_disk is None or in_store.get("seq", 0) > on_disk.get("seq", 0)):
         return in_store
     return on_disk
+
+
+def _pointer_file(paths: Paths) -> dict | None:
+    p = pointer_path(paths)
+    return json.loads(p.read_text()) if p.exists() else None
 
 
 def committed_pointer(paths: Paths) -> dict | None:
@@ -152,9 +156,9 @@ def committed_pointer(paths: Paths) -> dict | None:
     return json.loads(row[0]) if row else None
 
 
-def next_seq(paths: Paths) -> int:
-    """The sequence number of the next pointer move (history and pointer both count)."""
-    cur = current(paths)
+def next_seq(paths: Paths, cur: dict | None) -> int:
+    """The sequence number of the next pointer move after ``cur`` (the current record; history and
+    pointer both count)."""
     return max([r.get("seq", 0) for r in history(paths)] + [(cur or {}).get("seq", 0)]) + 1
 
 
@@ -504,7 +508,7 @@ def commit(paths: Paths, online: OnlineTables, pub_id: str, day: dt.date, incomi
     if outgoing == pub_id:
         outgoing = None
     record = {"date": day.isoformat(), "publication": pub_id, "index_dir": index_dir, "model_version": model_version,
-              "seq": next_seq(paths), "action": action, "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+              "seq": next_seq(paths, cur), "action": action, "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
               "previous": outgoing}
     online.swap_in(incoming, outgoing, pub_id, record)
     failpoint("publish.swapped")                    # committed in the online store, CURRENT.json not yet written
@@ -518,9 +522,8 @@ def settle(paths: Paths, record: dict) -> None:
     if m.get("status") != "committed" or not m.get("retained", True):
         m.update({"status": "committed", "retained": True})
         write_manifest(paths, record["publication"], m)
-    p = pointer_path(paths)
-    if not p.exists() or json.loads(p.read_text()) != record:
-        atomic_write_json(record, p)
+    if _pointer_file(paths) != record:
+        atomic_write_json(record, pointer_path(paths))
     if record.get("seq") not in {r.get("seq") for r in history(paths)}:
         _append_history(paths, record)
 
@@ -536,9 +539,7 @@ def reconcile(paths: Paths, online: OnlineTables | None = None) -> str | None:
     cur = current(paths)
     if cur is None:
         return None
-    p = pointer_path(paths)
-    on_disk = json.loads(p.read_text()) if p.exists() else None
-    repaired = cur["publication"] if on_disk != cur else None
+    repaired = cur["publication"] if _pointer_file(paths) != cur else None
     settle(paths, cur)
     if online is None or not online.atomic:
         return repaired

@@ -208,11 +208,8 @@ def test_failure_midway_leaves_yesterdays_publication_serving(synth, monkeypatch
                for d in pubs.root(paths).iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def test_a_crash_after_the_swap_has_published_whole_and_the_next_run_finishes_the_files(synth, monkeypatch, live_state):
-    from jobs.index import TitleIndex
-    paths = synth["paths"]
-    run_publish(paths, D2)
-    d2_pointer = pubs.current(paths)
+def publish_crashing_before_current_json(paths, day, monkeypatch) -> None:
+    """Publish ``day`` but die where CURRENT.json would be written: after the swap transaction."""
     real = pubs.atomic_write_json
 
     def crash_on_pointer(obj, path):
@@ -221,8 +218,16 @@ def test_a_crash_after_the_swap_has_published_whole_and_the_next_run_finishes_th
         return real(obj, path)
     monkeypatch.setattr(pubs, "atomic_write_json", crash_on_pointer)
     with pytest.raises(KeyboardInterrupt):
-        run_publish(paths, D3)
+        run_publish(paths, day)
     monkeypatch.undo()
+
+
+def test_a_crash_after_the_swap_has_published_whole_and_the_next_run_finishes_the_files(synth, monkeypatch, live_state):
+    from jobs.index import TitleIndex
+    paths = synth["paths"]
+    run_publish(paths, D2)
+    d2_pointer = pubs.current(paths)
+    publish_crashing_before_current_json(paths, D3, monkeypatch)
     # the swap transaction is the commit point: features, pointer and index all say D3 already
     on_disk = json.loads(pubs.pointer_path(paths).read_text())
     assert on_disk == d2_pointer
@@ -251,16 +256,7 @@ def test_live_tables_that_disagree_with_the_pointer_are_put_back(synth, monkeypa
     paths = synth["paths"]
     run_publish(paths, D2)
     d2_state, d2_pointer = live_state(paths), pubs.current(paths)
-    real = pubs.atomic_write_json
-
-    def crash_on_pointer(obj, path):
-        if path == pubs.pointer_path(paths):
-            raise KeyboardInterrupt("killed before CURRENT.json (injected)")
-        return real(obj, path)
-    monkeypatch.setattr(pubs, "atomic_write_json", crash_on_pointer)
-    with pytest.raises(KeyboardInterrupt):
-        run_publish(paths, D3)
-    monkeypatch.undo()
+    publish_crashing_before_current_json(paths, D3, monkeypatch)
     with sqlite3.connect(paths.feast / "online.db") as con:
         con.execute(f"DELETE FROM {pubs.POINTER_TABLE}")
     assert pubs.current(paths) == d2_pointer and live_state(paths) != d2_state
