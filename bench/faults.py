@@ -101,7 +101,7 @@ def setup(root: Path) -> tuple[Paths, dt.date, dict, dict]:
     days = sorted(dt.date.fromisoformat(p.name[3:]) for p in base.raw.glob("dt=*"))
     yesterday, today = days[-2], days[-1]
     tokenize.run(tokenize.TokenizeConfig(date=days[-3].isoformat(), full=True), base)
-    train.run(train.TrainJobConfig(date=days[-3].isoformat(), time_budget_s=5, epochs=3, d_model=64), base)
+    train.run(train.TrainJobConfig(date=days[-3].isoformat(), time_budget_s=5, max_epochs=3, d_model=64), base)
     pipeline.run_all(yesterday.isoformat())
     ref = copy_home(base, root / "reference")
     run_day(today)

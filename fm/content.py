@@ -22,7 +22,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 def title_text(cat: pa.Table) -> list[str]:
     """One document per title; genres repeated so they weigh more than free text."""
     rows = cat.select(["name", "kind", "genres", "synopsis"]).to_pylist()
-    return [" ".join([r["name"] or "", r["kind"] or "", " ".join(r["genres"] or []) * 3, r["synopsis"] or ""])
+    return [" ".join([r["name"] or "", r["kind"] or "", " ".join((r["genres"] or []) * 3), r["synopsis"] or ""])
             for r in rows]
 
 

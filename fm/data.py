@@ -7,6 +7,7 @@ changes the states of real tokens.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -17,6 +18,13 @@ import pyarrow.parquet as pq
 import torch
 
 from fm.schema import PAD, TOKEN_FIELDS
+
+
+def data_root() -> Path:
+    """Where the shared real datasets lie: ``$FMPIPE_DATA``, else ``../shared/data`` beside the repository
+    (never copied into it)."""
+    env = os.environ.get("FMPIPE_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 class Batch(NamedTuple):

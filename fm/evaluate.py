@@ -1,4 +1,4 @@
-"""Ranking metrics and the next-title evaluation used for checkpoints and gates.
+"""Ranking metrics, head accuracy and cold-start variants of a model, for ``fm.protocol``.
 
 Full ranking: every title is scored, titles already in the profile's input history are removed,
 and the rank of the held-out title gives HR@k and NDCG@k (one relevant item: NDCG = 1/log2(rank+2)).
@@ -12,7 +12,7 @@ import torch
 
 from fm.data import Sequences, length_bucketed
 from fm.model import FoundationModel, regress_cold_titles
-from fm.schema import ACTIONS, N_SPECIAL, vocab_index
+from fm.schema import N_SPECIAL
 
 
 def rank_of_target(scores: torch.Tensor, targets: torch.Tensor, exclude: list[np.ndarray] | None = None) -> torch.Tensor:
@@ -40,39 +40,6 @@ def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...] = (10, 50)) -> d
 
 
 @torch.no_grad()
-def next_title_eval(model: FoundationModel, seqs: Sequences, rows: np.ndarray, batch_size: int = 256) -> dict[str, float]:
-    """Hold out each profile's last target-action token on a title it had not seen before, and rank it
-    against every title given everything before it, with the history's titles removed (the same
-    "history removed" protocol as the MovieLens benchmark; repeats would make the task trivial)."""
-    target_ids = np.array([vocab_index(ACTIONS)[a] for a in model.cfg.target_actions])
-    ends, keep = [], []
-    for r in rows:
-        s, e = seqs.offsets[r], seqs.offsets[r + 1]
-        titles = seqs.values["title"][s:e]
-        first_seen = np.zeros(len(titles), bool)
-        first_seen[np.unique(titles, return_index=True)[1]] = True
-        pos = np.flatnonzero(np.isin(seqs.values["action"][s:e], target_ids) & first_seen)
-        pos = pos[pos >= 1]
-        if len(pos):
-            keep.append(r)
-            ends.append(pos[-1])
-    if not keep:
-        return {}
-    keep, ends = np.array(keep), np.array(ends)
-    model.eval()
-    ranks = []
-    for sel in length_bucketed(ends, batch_size):
-        b = seqs.batch(keep[sel], model.cfg.max_len, ends=ends[sel])
-        h = model.encode(b.tokens)[-1]
-        last = h[torch.arange(len(sel)), b.lengths - 1]
-        scores = model.title_logits(last.unsqueeze(1), 0)[:, 0]
-        targets = torch.as_tensor(seqs.values["title"][seqs.offsets[keep[sel]] + ends[sel]], dtype=torch.long)
-        history = [seqs.values["title"][seqs.offsets[r]: seqs.offsets[r] + e] for r, e in zip(keep[sel], ends[sel])]
-        ranks.append(rank_of_target(scores, targets, [h[h >= N_SPECIAL] for h in history]))
-    return {**metrics_from_ranks(torch.cat(ranks)), "users": len(keep)}
-
-
-@torch.no_grad()
 def head_accuracy(model: FoundationModel, seqs: Sequences, rows: np.ndarray, ends: np.ndarray,
                   heads: tuple[str, ...] = ("action", "duration", "device"), batch_size: int = 256) -> dict[str, dict]:
     """Accuracy of the next-event heads at the given positions: the state after ``[0, ends[i])`` of row
@@ -87,7 +54,7 @@ def head_accuracy(model: FoundationModel, seqs: Sequences, rows: np.ndarray, end
         last = h[torch.arange(len(sel)), b.lengths - 1]                                        # (B, D)
         at = seqs.offsets[rows[sel]] + ends[sel]
         for f in heads:
-            pred = model.heads[f](last).argmax(-1).numpy()
+            pred = model.head(f, last).argmax(-1).numpy()
             hits[f] += int((pred == seqs.values[f][at]).sum())
     out = {}
     for f in heads:

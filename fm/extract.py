@@ -120,6 +120,7 @@ class ProfileEncoder(nn.Module):
         self.register_buffer("table", torch.cat(tables).contiguous().clone())
         self.register_buffer("offsets", torch.tensor(np.cumsum([0] + sizes[:-1]), dtype=torch.long))
         self.register_buffer("pos", model.pos.weight.detach().clone())
+        self.emb_norm = model.emb_norm                      # the embedding LayerNorm, when the model has one
         self.depth = max(s.layer for s in specs)
         self.blocks = nn.ModuleList(list(model.blocks)[: self.depth])
         self.ln_f = model.ln_f if self.depth == cfg.n_layers else None
@@ -161,6 +162,8 @@ class ProfileEncoder(nn.Module):
         B, L, nf = tokens.shape
         idx = (tokens + self.offsets).reshape(B * L, nf)
         x = F.embedding_bag(idx, self.table, mode="sum").view(B, L, self.d_model).add_(self.pos[:L])
+        if self.emb_norm is not None:
+            x = self.emb_norm(x)
         states: list[torch.Tensor] = []
         for blk in self.blocks:
             x = self._block(blk, x)

@@ -8,9 +8,11 @@ vocabulary grows, a new title's vector is the one its content predicts (a ridge 
 trained titles' content to their whole vectors; ``grow_titles``), until training gives it an ID.
 
 Heads, all predicting the *next* event from the state at position t:
-  * next titles t+1..t+k (multi-token prediction; full softmax tied to the title table),
+  * next titles t+1..t+k (multi-token prediction; scores tied to the title table, plus an optional
+    learned per-title bias: popularity the dot product need not encode),
   * next action, duration bucket and device.
-``encode()`` returns every layer's hidden states; extraction lives in ``fm.extract``.
+``encode()`` returns every layer's hidden states; extraction lives in ``fm.extract``; the training
+objective (full or sampled softmax, multi-task, multi-token) lives in ``fm.losses``.
 """
 from __future__ import annotations
 
@@ -50,6 +52,11 @@ class ModelConfig:
     # LayerNorm over the summed token embedding before the first block (as SASRec does). Off by
     # default so existing checkpoints load unchanged; on ML-1M it speeds up learning markedly.
     emb_norm: bool = False
+    # A learned per-title output bias added to every title score (off: old checkpoints load unchanged).
+    title_bias: bool = False
+    # Side heads (action / duration / device) read a stop-gradient copy of the state: they are trained
+    # and served, but never pull the shared representation away from next-title prediction.
+    detach_heads: bool = False
     # Share of title ID embeddings zeroed per training step (inputs per occurrence, the output table
     # per title), so the content path must carry each title on its own: an unseen title has only
     # its content vector. 0 keeps the old behaviour (the ID embedding absorbs everything).
@@ -140,6 +147,7 @@ class FoundationModel(nn.Module):
         self.mtp = nn.ModuleList(nn.Linear(cfg.d_model, cfg.d_model) for _ in range(cfg.mtp_k))
         self.heads = nn.ModuleDict({f: nn.Linear(cfg.d_model, cfg.field_sizes[f])
                                     for f in ("action", "duration", "device")})
+        self.bias = nn.Parameter(torch.zeros(cfg.n_titles)) if cfg.title_bias else None
         target = torch.zeros(cfg.field_sizes["action"], dtype=torch.bool)
         for a in cfg.target_actions:
             target[S.vocab_index(S.ACTIONS)[a]] = True
@@ -170,26 +178,19 @@ class FoundationModel(nn.Module):
 
     def title_logits(self, h: torch.Tensor, j: int) -> torch.Tensor:
         """Scores of every title as the (j+1)-th next title: (B, L, D) -> (B, L, V)."""
-        logits = (h + self.mtp[j](h)) @ self.title.table().T
+        logits = self.query(h, j) @ self.title.table().T
+        if self.bias is not None:
+            logits = logits + self.bias
         logits[..., : S.N_SPECIAL] = float("-inf")
         return logits
 
-    def forward(self, tokens: dict[str, torch.Tensor], valid: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Multi-task, multi-token loss. ``valid`` (B, L) marks real (non-pad) tokens."""
-        h = self.encode(tokens)[-1]                                              # (B, L, D)
-        c, losses = self.cfg, {}
-        is_target = valid & self.target_action[tokens["action"]]
-        for j in range(c.mtp_k):
-            src, tgt = h[:, : -(j + 1)], tokens["title"][:, j + 1:]              # state t -> title t+j+1
-            m = is_target[:, j + 1:] & valid[:, : -(j + 1)]
-            if m.any():
-                losses[f"title_{j + 1}"] = F.cross_entropy(self.title_logits(src[m].unsqueeze(0), j)[0], tgt[m])
-        nxt = valid[:, 1:] & valid[:, :-1]
-        for f in ("action", "duration", "device"):
-            losses[f] = F.cross_entropy(self.heads[f](h[:, :-1][nxt]), tokens[f][:, 1:][nxt])
-        w = {"title_1": c.w_title, "action": c.w_action, "duration": c.w_duration, "device": c.w_device}
-        total = sum(w.get(k, c.w_mtp) * v for k, v in losses.items())
-        return total, {k: float(v.detach()) for k, v in losses.items()}
+    def query(self, h: torch.Tensor, j: int = 0) -> torch.Tensor:
+        """The vector a state matches titles with for the (j+1)-th next title."""
+        return h + self.mtp[j](h)
+
+    def head(self, name: str, h: torch.Tensor) -> torch.Tensor:
+        """Logits of a side head (action / duration / device) from states ``h``."""
+        return self.heads[name](h.detach() if self.cfg.detach_heads else h)
 
     @torch.no_grad()
     def grow_titles(self, new_content: torch.Tensor, regress: bool = True) -> None:
@@ -206,6 +207,9 @@ class FoundationModel(nn.Module):
         emb.weight.data[n_old:] = 0.0
         self.title.id = emb
         self.title.content = torch.cat([self.title.content, new_content.to(old.device, old.dtype)])
+        if self.bias is not None:               # a new title starts at the typical trained title's bias
+            fill = self.bias.data[S.N_SPECIAL:].median() if n_old > S.N_SPECIAL else self.bias.new_zeros(())
+            self.bias = nn.Parameter(torch.cat([self.bias.data, fill.expand(n_new).clone()]))
         self.cfg.n_titles += n_new
         if regress and self.cfg.use_content and n_old > S.N_SPECIAL:
             trained = torch.zeros(n_old + n_new, dtype=torch.bool, device=old.device)
@@ -241,10 +245,18 @@ def regress_cold_titles(model: FoundationModel, cold: torch.Tensor, trained: tor
     t.id.weight[cold] = content @ w - own
 
 
-def init_weights(model: FoundationModel) -> None:
-    """GPT-2 style init: small normal weights, residual projections scaled by depth."""
+def init_weights(model: FoundationModel, zero_fields: bool = False) -> None:
+    """GPT-2 style init: small normal weights, residual projections scaled by depth.
+
+    ``zero_fields`` starts every non-title field embedding (action, time, device, ...) at zero, so
+    the title signal dominates the first steps and side features grow only where they help (on
+    ML-1M five of the nine fields are constant)."""
     for name, p in model.named_parameters():
         if p.dim() >= 2 and "title.id" not in name:
             nn.init.normal_(p, std=0.02)
         if name.endswith("out.weight") or name.endswith("mlp.2.weight"):
             nn.init.normal_(p, std=0.02 / math.sqrt(2 * model.cfg.n_layers))
+    if zero_fields:
+        with torch.no_grad():
+            for emb in model.fields.values():
+                emb.weight.zero_()

@@ -14,7 +14,7 @@ One token per rating. Mapping onto the event schema (``fm.schema``):
 
 Each user's ratings are ordered by (timestamp, line order in the file), the order the evaluation
 protocol in ``/work/shared/data/README.md`` prescribes. The data are read where they lie
-(default ``/work/shared/data/ml-1m``, or ``$FMPIPE_ML1M``); nothing is copied into the repository.
+(default ``ml-1m`` under :func:`fm.data.data_root`, or ``$FMPIPE_ML1M``); nothing is copied into the repository.
 """
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ import pandas as pd
 import pyarrow as pa
 
 from fm import schema as S
-from fm.data import Sequences
+from fm.data import Sequences, data_root
 
-DEFAULT_PATH = Path("/work/shared/data/ml-1m")
+DEFAULT_PATH = data_root() / "ml-1m"
 RATINGS_FILE = "ratings_users_0001-2999.dat.gz"
 ACTION_OF_RATING = {1: "thumbs_down", 2: "thumbs_down", 3: "complete", 4: "thumbs_up", 5: "thumbs_up"}
 

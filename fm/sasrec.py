@@ -7,11 +7,11 @@ softmax cross-entropy over every item at every position. Defaults: 2 layers, d=6
 dropout 0.2, max length 200.
 
 It reads the same padded :class:`fm.data.Batch` as the foundation model (only the ``title`` field),
-so :mod:`fm.protocol` trains and evaluates both identically.
+so :func:`fm.fit.fit` trains and :mod:`fm.protocol` evaluates both identically.
 
 Off by default, for a control experiment only: ``n_negatives > 0`` trains with the sampled softmax,
 ``title_bias`` adds a per-item output bias and ``mask_history`` removes already-seen items from the
-training softmax -- the options :class:`fm.protocol.FMObjective` gives our model -- so the benchmark
+training softmax -- the options :class:`fm.losses.Objective` gives our model -- so the benchmark
 can separate what the training recipe buys from what the model buys.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fm.data import Batch
+from fm.losses import first_positions
 from fm.schema import N_SPECIAL, PAD
 
 
@@ -115,7 +116,6 @@ class SASRec(nn.Module):
         tgt = items[:, 1:][m]
         first = b_idx = t_idx = None
         if self.cfg.mask_history:
-            from fm.protocol import first_positions
             first = first_positions(items, valid, self.cfg.n_items)
             b_idx, t_idx = m.nonzero(as_tuple=True)
         if self.cfg.n_negatives > 0:

@@ -45,7 +45,7 @@ from fm.extract import (LayerSpec, ProfileEncoder, default_layers, embed_batches
                         iter_history, parse_layers, profile_embeddings, title_embeddings, vector_array)
 from fm.model import FoundationModel
 from fm.schema import N_SPECIAL, profile_embedding_schema, title_embedding_schema
-from fm.train import pick_device
+from fm.fit import pick_device
 from jobs.io import atomic_write_json, partition, swap_dir, temp_sibling
 from jobs.settings import run_cli, Paths, parse_date
 from jobs.train import current_model_dir

@@ -1,6 +1,6 @@
 """Evaluate a checkpoint under the shared protocol: ``fmpipe evaluate [model=PATH] [users=1-2999] ...``.
 
-The protocol of ``/work/shared/data/README.md``, computed by ``fm.protocol`` (the code the quality
+The protocol of ``shared/data/README.md`` (beside the repository), computed by ``fm.protocol`` (the code the quality
 benchmark uses): leave-one-out by time (last event = test target, second-last = validation), full
 ranking over every title of the dataset, all titles of the user's input history removed, HR@10 /
 NDCG@10 / HR@50 / NDCG@50 averaged over users. On the same test positions it adds the accuracy of
@@ -11,10 +11,11 @@ the content path off, the floor a model without content embeddings would have.
 
 Data: ``data=history`` (default) reads the pipeline's history table (``date=``, default the latest);
 ``data=movielens`` reads the ML-1M ratings file itself (``path=``, default the shared copy) in the
-protocol's exact event order, mapped onto the pipeline vocabulary -- use it for figures that compare
-with the README's, since the history table orders equal timestamps by token (not file line) and
-keeps only the last 512 events of a profile. The JSON result is printed and written to ``out=``
-(default ``reports/evaluate/<model version>-<split>.json``).
+protocol's exact event order, mapped onto the pipeline vocabulary. Both order equal timestamps by
+arrival (file line), so on the same users and model they agree, except that the history table keeps
+only the last ``history_len`` (512) events of a profile. ``trained_on_eval_targets`` checks the
+targets against the events the model actually trained and validated on (its checkpoint's
+``trained_on`` record). The JSON result is printed and written to ``out=`` (default ``reports/evaluate/<model version>-<split>.json``).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
@@ -71,12 +73,20 @@ def user_rows(seqs: Sequences, users: str, max_users: int) -> np.ndarray:
     return rows[:max_users] if max_users else rows
 
 
+def history_seconds(path: Path) -> np.ndarray:
+    """The ``ts`` of every token of a history table as unix seconds, flat, in token order."""
+    ts = pq.read_table(path, columns=["ts"]).column("ts").combine_chunks().flatten()
+    return ts.cast("int64").to_numpy(zero_copy_only=False) // 1_000_000
+
+
 def history_data(cfg: EvalConfig, paths: Paths) -> tuple[Sequences, dict]:
     day = parse_date(cfg.date) if cfg.date else latest_partition_before(paths.history, dt.date.max)
     if day is None or not partition(paths.history, day).exists():
         raise FileNotFoundError(f"no history state {cfg.date or ''} under {paths.history} (run tokenize first)")
     path = partition(paths.history, day)
-    return Sequences.read(path), {"source": "history", "date": day.isoformat(), "path": str(path)}
+    seqs = Sequences.read(path)
+    seqs.values[TS] = history_seconds(path)
+    return seqs, {"source": "history", "date": day.isoformat(), "path": str(path)}
 
 
 def movielens_data(cfg: EvalConfig, ids: list) -> tuple[Sequences, dict]:
@@ -90,7 +100,61 @@ def movielens_data(cfg: EvalConfig, ids: list) -> tuple[Sequences, dict]:
                          "import the same ratings (`fmpipe import movielens`) and tokenize first")
     seqs = ml.seqs
     seqs.values["title"] = lut[seqs.values["title"]]
+    seqs.values[TS] = ml.ts
     return seqs, {"source": "movielens", "path": str(M.data_path(cfg.path or None))}
+
+
+TS = "_ts_s"      # event time (unix seconds) carried beside the token fields, for the overlap check
+
+
+def _keys(profile: np.ndarray, title: np.ndarray, ts: np.ndarray) -> pd.MultiIndex:
+    return pd.MultiIndex.from_arrays([profile.astype(np.int64), title.astype(np.int64), ts.astype(np.int64)])
+
+
+def trained_events(paths: Paths, entry: dict, held: np.ndarray) -> tuple[pd.MultiIndex, pd.MultiIndex] | None:
+    """(events the model trained on, its validation targets) of one ``trained_on`` entry, as
+    (profile, title, unix second) keys rebuilt from that history state; None when it is gone."""
+    path = partition(paths.history, parse_date(entry["history_state"]))
+    if not path.exists():
+        return None
+    seqs = Sequences.read(path)
+    seqs.values[TS] = history_seconds(path)
+    if len(held):
+        seqs = seqs.keep_tokens(~np.isin(seqs.values["title"], held))
+    lengths = seqs.lengths
+    row = np.repeat(np.arange(len(seqs)), lengths)
+    pos = np.arange(int(seqs.offsets[-1])) - seqs.offsets[row]
+    cut = (lengths - int(entry["held_out_back"]))[row]
+    key = lambda m: _keys(seqs.profile_id[row[m]], seqs.values["title"][m], seqs.values[TS][m])  # noqa: E731
+    return key(pos < cut), key(pos == cut)
+
+
+def target_overlap(paths: Paths, meta: dict, seqs: Sequences, es: P.EvalSet, held: np.ndarray) -> dict:
+    """How many evaluation targets the model trained on, or chose its checkpoint on (same profile,
+    title and second), from the ``trained_on`` record of its checkpoint (fine-tunes inherit their
+    parent's). ``trained_on_eval_targets`` is true when either count is above zero."""
+    entries = meta.get("trained_on")
+    if not entries:
+        loo = meta.get("evaluation_split") == "leave_one_out"
+        return {"trained_on_eval_targets": not loo, "overlap": None,
+                "overlap_note": "checkpoint predates the trained_on record: judged by its leave_one_out flag only"}
+    at = seqs.offsets[es.rows] + es.ends
+    targets = _keys(seqs.profile_id[es.rows], es.targets, seqs.values[TS][at])
+    trained = validated = 0
+    missing = []
+    for entry in entries:
+        got = trained_events(paths, entry, held)
+        if got is None:
+            missing.append(entry["history_state"])
+            continue
+        trained += int(targets.isin(got[0]).sum())
+        validated += int(targets.isin(got[1]).sum())
+    out = {"trained_on_eval_targets": bool(trained or validated),
+           "overlap": {"targets": len(es), "trained": trained, "validated": validated}}
+    if missing:
+        out["overlap_note"] = f"history states {missing} are gone: overlap with them was not checked"
+        out["trained_on_eval_targets"] = out["trained_on_eval_targets"] or None
+    return out
 
 
 def candidate_scores(model: FoundationModel, candidates: np.ndarray) -> P.ScoreFn:
@@ -129,24 +193,25 @@ def run(cfg: EvalConfig, paths: Paths) -> dict:
     candidates = np.unique(seqs.values["title"])
     candidates = candidates[candidates >= N_SPECIAL]
     seqs = seqs.take(user_rows(seqs, cfg.users, cfg.max_users))
+    ts = seqs.values.pop(TS)
     split = P.leave_one_out(seqs)
     es = split.test if cfg.split == "test" else split.valid
     index = {t: i for i, t in enumerate(ids) if t is not None}
     held = np.array(sorted(index[t] for t in (meta.get("holdout_titles") or {}).get("title_ids", []) if t in index), np.int64)
-    trained_loo = meta.get("evaluation_split") == "leave_one_out"
+    overlap = target_overlap(paths, meta, Sequences(seqs.profile_id, seqs.offsets, {**seqs.values, TS: ts}), es, held)
     out = {
         "model_version": meta.get("model_version"), "model_path": str(directory), "split": cfg.split,
         "data": {**source, "users": len(seqs), "titles_ranked": len(candidates),
                  "titles_added_since_training": model.cfg.n_titles - N_SPECIAL - meta["vocab_size"]},
         "protocol": "leave-one-out by time; full ranking over the data's titles; input history removed",
-        "trained_on_eval_targets": not trained_loo,
+        **overlap,
         "metrics": P.evaluate(candidate_scores(model, candidates), seqs, es, model.cfg.max_len, cfg.batch_size),
         "heads": head_accuracy(model, seqs, es.rows, es.ends, batch_size=cfg.batch_size),
         "cold_start": cold_start(model, seqs, es, held, candidates, cfg.batch_size) if len(held) else None,
     }
-    if not trained_loo:
-        out["warning"] = ("the model was trained on every event, these targets included; train with "
-                          "leave_one_out=true for a fair figure")
+    if overlap["trained_on_eval_targets"] is not False:
+        out["warning"] = ("the model trained on, or chose its checkpoint on, these targets (see overlap); "
+                          "train with leave_one_out=true and evaluate split=test for a fair figure")
     out["eval_s"] = round(time.perf_counter() - t0, 2)
     out["config"] = asdict(cfg)
     target = Path(cfg.out) if cfg.out else paths.reports / "evaluate" / f"{out['model_version']}-{cfg.split}.json"

@@ -176,6 +176,7 @@ def _day_table(world: _World, day: dt.date, cfg: GenerateConfig, rng: np.random.
             cols["locale"].append(locale)
     n = len(cols["profile_id"])
     cols["event_id"] = [f"{day:%Y%m%d}-{i:08d}" for i in range(n)]
+    cols["seq"] = list(range(n))                  # arrival order: the log's row order
     _inject_malformed(cols, cfg.malformed_per_day, rng)
     return pa.table(cols, schema=RAW_EVENT_SCHEMA)
 

@@ -4,6 +4,8 @@
   device=... canvas=... action_map=click:play,buy:complete catalogue=items.csv]`` — a generic
   CSV/Parquet log with a column mapping. Missing or mistyped columns fail with the column, the row
   and what was expected; nothing is written until the whole file has been checked.
+* ``fmpipe import beauty [path=.../amazon-beauty]`` — the Amazon Beauty reviews (one line per user with
+  day-resolution gaps; item attributes become the catalogue's content).
 * ``fmpipe import movielens [path=.../ml-1m] [users=N]`` — MovieLens ``ratings.dat`` (+ movies and
   extra infos as the catalogue): each rating is an event; 4-5 -> thumbs_up, 1-2 -> thumbs_down,
   3 -> complete; device/canvas/locale are unknown (OOV tokens).
@@ -14,6 +16,8 @@ with deterministic ``event_id`` = ``<source>-<row>``; then ``fmpipe tokenize dat
 from __future__ import annotations
 
 import argparse
+import gzip
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +29,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from fm import schema as S
-from jobs.io import atomic_write_table
+from fm.data import data_root
+from jobs.io import atomic_write_json, atomic_write_table
 from jobs.settings import Paths, parse_overrides
 
 
@@ -48,6 +53,8 @@ class ImportConfig:
     default_action: str = "play"         # when there is no action column
     catalogue: str = ""                  # optional CSV/Parquet in the catalogue schema (title_id required)
     delimiter: str = ","
+    target_actions: str = ""             # actions that count as interactions (next-title targets), comma-separated;
+                                         # default: every imported action except impression / pause / search
 
 
 def read_any(path: Path, delimiter: str = ",") -> pa.Table:
@@ -122,8 +129,25 @@ def events_from_table(table: pa.Table, cfg: ImportConfig, source_name: str) -> p
         "event_id": [f"{source_name}-{i}" for i in range(n)], "profile_id": users,
         "ts": ts.dt.strftime("%Y-%m-%dT%H:%M:%SZ"), "title_id": items, "action": actions, "duration_s": duration,
         "device": opt["device"], "canvas": opt["canvas"], "row_position": pd.Series([None] * n, dtype="Int32"),
-        "locale": pd.Series([None] * n, dtype="string"), "dt": ts.dt.strftime("%Y-%m-%d"),
+        "locale": pd.Series([None] * n, dtype="string"), "seq": np.arange(n, dtype=np.int64),
+        "dt": ts.dt.strftime("%Y-%m-%d"),
     })
+
+
+NOT_INTERACTIONS = ("impression", "pause", "search")
+
+
+def write_dataset_meta(paths: Paths, source: str, actions, explicit: str = "") -> dict:
+    """Record which actions of this dataset are interactions: ``fmpipe train`` predicts exactly those
+    (a new dataset needs no code to get its targets right). Unknown names fail with the valid ones."""
+    chosen = [a for a in explicit.split(",") if a] if explicit else \
+        sorted({str(a) for a in actions if a is not None} - set(NOT_INTERACTIONS))
+    unknown = sorted(set(chosen) - set(S.ACTIONS))
+    if unknown:
+        raise ImportError_(f"target_actions: unknown action(s) {unknown}; valid: {list(S.ACTIONS)}")
+    meta = {"source": source, "target_actions": chosen}
+    atomic_write_json(meta, paths.home / "dataset.json")
+    return meta
 
 
 def write_raw(events: pd.DataFrame, paths: Paths) -> dict:
@@ -158,7 +182,8 @@ def run(cfg: ImportConfig, paths: Paths) -> dict:
     else:
         cat = minimal_catalogue(sorted(events["title_id"].dropna().unique().tolist()))
     atomic_write_table(cat, paths.catalogue)
-    return {**write_raw(events, paths), "catalogue_titles": cat.num_rows}
+    meta = write_dataset_meta(paths, str(src), events["action"].dropna().unique(), cfg.target_actions)
+    return {**write_raw(events, paths), "catalogue_titles": cat.num_rows, "target_actions": meta["target_actions"]}
 
 
 def import_movielens(paths: Paths, path: str | None = None, users: int = 0, ratings_file: str | None = None) -> dict:
@@ -175,17 +200,80 @@ def import_movielens(paths: Paths, path: str | None = None, users: int = 0, rati
     events = events_from_table(table, ImportConfig(user="user", item="item", timestamp="timestamp", action="action"),
                                "ml")
     events["event_id"] = [f"ml-{line}" for line in ratings["line"]]
+    events["seq"] = ratings["line"].to_numpy(np.int64)       # the file's line order breaks equal timestamps
     atomic_write_table(movielens.movie_catalogue(path), paths.catalogue)
+    write_dataset_meta(paths, "movielens", movielens.ACTION_OF_RATING.values())   # every rating is an interaction
+    return write_raw(events, paths)
+
+
+BEAUTY_EPOCH = pd.Timestamp("2014-07-01", tz="UTC")   # every user's last review lands on this day
+
+
+def read_beauty(path: Path) -> pd.DataFrame:
+    """``Beauty_with_gaps.txt.gz`` (one line per user: ``user item1 .. itemN<TAB>gap1 .. gapN``, items in
+    time order, gaps in seconds since the previous event) -> one row per event, in file order, with
+    ``seq`` = the event's position in the file. Absolute dates are not in the file: each user's last
+    event is put on :data:`BEAUTY_EPOCH` and earlier ones go back by the gaps (relative time kept)."""
+    users, items, gaps = [], [], []
+    with gzip.open(path, "rt") as f:
+        for no, line in enumerate(f, 1):
+            ids, _, gap_text = line.rstrip("\n").partition("\t")
+            fields, g = ids.split(), gap_text.split()
+            if len(fields) < 2 or len(g) != len(fields) - 1:
+                raise ImportError_(f"{path}: line {no}: expected 'user item1 .. itemN<TAB>gap1 .. gapN' with one "
+                                   f"gap per item, got {len(fields) - 1} items and {len(g)} gaps")
+            users += [int(fields[0])] * (len(fields) - 1)
+            items += fields[1:]
+            gaps.append(np.asarray(g, np.int64))
+    df = pd.DataFrame({"user": np.asarray(users, np.int64), "item": items})
+    elapsed = np.concatenate([np.cumsum(g) for g in gaps])
+    total = np.repeat([int(np.sum(g)) for g in gaps], [len(g) for g in gaps])
+    df["ts"] = BEAUTY_EPOCH - pd.to_timedelta(total - elapsed, unit="s")
+    df["seq"] = np.arange(len(df), dtype=np.int64)
+    return df
+
+
+def beauty_catalogue(path: Path, item_ids: list[str]) -> pa.Table:
+    """Items with their anonymised brand/category attribute ids as the content (``attr<k>`` words)."""
+    attrs = json.loads(gzip.open(path, "rt").read()) if path.exists() else {}
+    genres = [[f"attr{a}" for a in attrs.get(i, [])] for i in item_ids]
+    n = len(item_ids)
+    return pa.table({"title_id": item_ids, "name": [f"item {i}" for i in item_ids], "kind": ["product"] * n,
+                     "genres": genres, "release_date": [None] * n, "synopsis": [""] * n, "runtime_s": [None] * n},
+                    schema=S.CATALOGUE_SCHEMA)
+
+
+def import_beauty(paths: Paths, path: str | None = None, users: int = 0) -> dict:
+    """Amazon Beauty (5-core, the sequential-recommendation preprocessing) -> raw events + catalogue.
+    Every review is an interaction (action ``play``)."""
+    root = Path(path) if path else data_root() / "amazon-beauty"
+    source = root / "Beauty_with_gaps.txt.gz"
+    if not source.exists():
+        raise FileNotFoundError(f"{source} does not exist (give path=<folder with Beauty_with_gaps.txt.gz>)")
+    df = read_beauty(source)
+    if users:
+        df = df[df["user"] <= users]
+    table = pa.table({"user": df["user"].to_numpy(), "item": df["item"].to_numpy(), "timestamp": df["ts"]})
+    events = events_from_table(table, ImportConfig(user="user", item="item", timestamp="timestamp"), "beauty")
+    events["seq"] = df["seq"].to_numpy()
+    atomic_write_table(beauty_catalogue(root / "Beauty_item2attributes.json.gz", sorted(df["item"].unique())),
+                       paths.catalogue)
+    write_dataset_meta(paths, "amazon-beauty", ["play"])
     return write_raw(events, paths)
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("kind", choices=["events", "movielens"])
+    ap.add_argument("kind", choices=["events", "movielens", "beauty"])
     ap.add_argument("overrides", nargs="*", help="key=value (events: ImportConfig fields; movielens: path=, users=)")
     args = ap.parse_args(argv)
     paths = Paths.from_env()
-    if args.kind == "movielens":
+    if args.kind == "beauty":
+        opts = dict(o.split("=", 1) for o in args.overrides)
+        if set(opts) - {"path", "users"}:
+            raise SystemExit(f"unknown option(s) {sorted(set(opts) - {'path', 'users'})} for beauty; valid: path, users")
+        out = import_beauty(paths, opts.get("path"), int(opts.get("users", 0)))
+    elif args.kind == "movielens":
         opts = dict(o.split("=", 1) for o in args.overrides)
         unknown = set(opts) - {"path", "users", "ratings_file"}
         if unknown:

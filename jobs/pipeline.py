@@ -185,7 +185,7 @@ def finetune(date: str | None = None, overrides: dict | None = None) -> dict:
     the candidate becomes current only if it passes the evaluation gate."""
     from jobs import train as job
     date = date or latest_history_date()
-    cfg = {"init": "current", "promote": "if_better", "time_budget_s": 120.0, "epochs": 3, **(overrides or {})}
+    cfg = {"init": "current", "promote": "if_better", "time_budget_s": 120.0, "max_epochs": 3, **(overrides or {})}
     return _timed("finetune", date, lambda p, d: job.run(_with(job.TrainJobConfig, date, cfg), p))
 
 

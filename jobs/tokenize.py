@@ -65,6 +65,10 @@ class TokenizeConfig:
     session_gap_s: int = S.SESSION_GAP_S
 
 
+# Events of a profile in the order they happened: time, ties by arrival (source row), then id.
+ARRIVAL_ORDER = ("ts_parsed", "seq", "event_id")
+
+
 # ------------------------------------------------------------------------------------------------
 # Input checks
 # ------------------------------------------------------------------------------------------------
@@ -73,8 +77,9 @@ _ACCEPTED_TYPES: dict[str, tuple[type, ...]] = {
     "ts": (T.StringType, T.TimestampType, T.TimestampNTZType), "title_id": (T.StringType,),
     "action": (T.StringType,), "duration_s": (T.DoubleType, T.FloatType, T.LongType, T.IntegerType),
     "device": (T.StringType,), "canvas": (T.StringType,), "row_position": (T.IntegerType, T.LongType, T.ShortType),
-    "locale": (T.StringType,),
+    "locale": (T.StringType,), "seq": (T.LongType, T.IntegerType),
 }
+_OPTIONAL = ("seq",)     # raw partitions written before the column existed: ties fall back to event_id
 
 
 def read_raw(spark: SparkSession, paths: Paths, days: list[dt.date]) -> DataFrame:
@@ -86,8 +91,11 @@ def read_raw(spark: SparkSession, paths: Paths, days: list[dt.date]) -> DataFram
     where = partition(paths.raw, days[0]) if len(days) == 1 else paths.raw
     df = (spark.read.option("basePath", str(paths.raw))
           .parquet(*[str(partition(paths.raw, d)) for d in days]))
+    for name in _OPTIONAL:
+        if name not in df.columns:
+            df = df.withColumn(name, F.lit(None).cast("long"))
     check_raw_columns(df, where)
-    return df.select(*[F.col(f.name) for f in S.RAW_EVENT_SCHEMA], F.col("dt").cast("date").alias("dt"))
+    return df.withColumn("seq", F.col("seq").cast("long")).select(*[F.col(f.name) for f in S.RAW_EVENT_SCHEMA], F.col("dt").cast("date").alias("dt"))
 
 
 def check_raw_columns(df: DataFrame, where: Path) -> None:
@@ -183,7 +191,7 @@ def classify(df: DataFrame, lookup: DataFrame) -> DataFrame:
 
 def dedupe(valid: DataFrame) -> DataFrame:
     """Keep one row per event_id (the earliest; ties broken by the row's content, deterministically)."""
-    w = Window.partitionBy("event_id").orderBy("ts_parsed", "profile_id", "title_id", "action")
+    w = Window.partitionBy("event_id").orderBy("ts_parsed", "seq", "profile_id", "title_id", "action")
     return valid.withColumn("_rn", F.row_number().over(w)).filter(F.col("_rn") == 1).drop("_rn")
 
 
@@ -194,14 +202,14 @@ def merge_adjacent(events: DataFrame, session_gap_s: int) -> DataFrame:
     action (:data:`fm.schema.ACTION_STRENGTH`), the first event's id, time and context, and
     ``n_events`` = how many raw events it stands for.
     """
-    w = Window.partitionBy("profile_id").orderBy("ts_parsed", "event_id")
+    w = Window.partitionBy("profile_id").orderBy(*ARRIVAL_ORDER)
     gap = F.unix_micros(F.col("ts_parsed")) - F.unix_micros(F.lag("ts_parsed").over(w))
     starts = (F.lag("title_id").over(w).isNull() | (F.lag("title_id").over(w) != F.col("title_id"))
               | (gap > session_gap_s * 1_000_000))
     strength = F.create_map(*itertools.chain.from_iterable((F.lit(k), F.lit(v)) for k, v in S.ACTION_STRENGTH.items()))
     grouped = (events.withColumn("_start", starts.cast("int"))
                .withColumn("_group", F.sum("_start").over(w.rowsBetween(Window.unboundedPreceding, 0))))
-    first = F.min(F.struct("ts_parsed", "event_id", "device", "canvas", "locale", "row_position", "dt"))
+    first = F.min(F.struct("ts_parsed", "seq", "event_id", "device", "canvas", "locale", "row_position", "dt"))
     agg = grouped.groupBy("profile_id", "_group", "title_id", "title_idx", "runtime_s").agg(
         first.alias("f"),
         F.max(F.struct(strength[F.col("action")], F.col("action"))).alias("strongest"),
@@ -210,13 +218,13 @@ def merge_adjacent(events: DataFrame, session_gap_s: int) -> DataFrame:
     )
     return agg.select("profile_id", "title_id", "title_idx", "runtime_s", "duration_s", "n_events",
                       F.col("strongest.action").alias("action"),
-                      *[F.col(f"f.{c}").alias(c) for c in ("ts_parsed", "event_id", "device", "canvas", "locale",
+                      *[F.col(f"f.{c}").alias(c) for c in ("ts_parsed", "seq", "event_id", "device", "canvas", "locale",
                                                             "row_position", "dt")])
 
 
 def to_tokens(valid: DataFrame, prev_last_ts: DataFrame | None) -> DataFrame:
     """Raw valid events -> token rows. ``prev_last_ts`` seeds the gap of each profile's first event."""
-    w = Window.partitionBy("profile_id").orderBy("ts_parsed", "event_id")
+    w = Window.partitionBy("profile_id").orderBy(*ARRIVAL_ORDER)
     prev = F.lag("ts_parsed").over(w)
     if prev_last_ts is not None:
         valid = valid.join(prev_last_ts, "profile_id", how="left")
@@ -226,7 +234,7 @@ def to_tokens(valid: DataFrame, prev_last_ts: DataFrame | None) -> DataFrame:
         F.greatest(F.unix_micros(F.col("ts_parsed")) - F.unix_micros(prev), F.lit(0)) / 1e6)
     return valid.select(
         F.col("profile_id").cast("long").alias("profile_id"), "event_id",
-        F.col("ts_parsed").alias("ts"),
+        F.col("ts_parsed").alias("ts"), F.col("seq").cast("long").alias("seq"),
         F.col("title_idx").alias("title"),
         _lookup("action", S.ACTIONS).alias("action"),
         duration_bucket_col(F.col("duration_s").cast("double"), F.col("runtime_s")).alias("duration"),
@@ -245,7 +253,7 @@ def to_tokens(valid: DataFrame, prev_last_ts: DataFrame | None) -> DataFrame:
 # ------------------------------------------------------------------------------------------------
 # History state
 # ------------------------------------------------------------------------------------------------
-_HIST_COLS = ("ts", *S.TOKEN_FIELDS)
+_HIST_COLS = ("ts", "seq", *S.TOKEN_FIELDS)   # struct order = sort order: time, then arrival
 
 
 def _zip(prefix: str = "") -> Column:
@@ -260,7 +268,7 @@ def history_from_tokens(tokens: DataFrame) -> DataFrame:
 
 
 def _sorted_tail(toks: Column, n: int) -> Column:
-    """Sort tokens by time (late events land in order; ties by the other fields) and keep the last ``n``."""
+    """Sort tokens by time, ties by arrival (``seq``; late events land in order), keep the last ``n``."""
     toks = F.array_sort(toks)
     return F.slice(toks, F.greatest(F.size(toks) - n + 1, F.lit(1)), n)
 
@@ -391,16 +399,18 @@ def run(cfg: TokenizeConfig, paths: Paths, spark: SparkSession | None = None) ->
 
     prev_day = None if full else latest_partition_before(paths.history, day)
     old = spark.read.parquet(str(partition(paths.history, prev_day))) if prev_day else None
+    if old is not None and "seq" not in old.columns:      # a state written before arrival order was kept
+        old = old.withColumn("seq", F.transform("ts", lambda _: F.lit(None).cast("long")))
     seed = old.select("profile_id", F.element_at("ts", -1).alias("prev_last_ts")) if old is not None else None
     events = merge_adjacent(deduped, cfg.session_gap_s) if cfg.merge_actions else deduped
     tokens = to_tokens(events, seed)
 
     quarantine = bad.select(*[f.name for f in S.RAW_EVENT_SCHEMA], "reason", "dt")
     if len(days) == 1:
-        write_partition(tokens.drop("dt"), partition(paths.tokens, day), sort_by=("profile_id", "ts", "event_id"))
+        write_partition(tokens.drop("dt"), partition(paths.tokens, day), sort_by=("profile_id", "ts", "seq", "event_id"))
         write_partition(quarantine.drop("dt"), partition(paths.quarantine, day))
     else:
-        write_days(tokens, paths.tokens, days, sort_by=("profile_id", "ts", "event_id"))
+        write_days(tokens, paths.tokens, days, sort_by=("profile_id", "ts", "seq", "event_id"))
         write_days(quarantine, paths.quarantine, days)
     history = merge_history(old, _read_back_tokens(spark, paths, days, tokens), cfg.history_len)
     write_partition(history, partition(paths.history, day), sort_by=("profile_id",))

@@ -6,8 +6,12 @@ JSON sidecar + loss-curve PNG) and then points ``models/CURRENT.json`` at it.
 
 While training, a resumable state is saved under ``models/.train-state/<version>/`` every
 ``checkpoint_every_s`` seconds; ``resume=true`` continues an interrupted run of the same config
-from it (and starts fresh when there is none). ``leave_one_out=true`` trains without each profile's
-last two events (the validation and test targets of ``fmpipe evaluate``);
+from it (and starts fresh when there is none). The model, objective and fit settings are
+``fm.recipe.Recipe``'s (defaults = what validation chose; ``fmpipe train lr=... n_negatives=...``
+overrides any of them). Every profile trains; each profile's last target event is the validation
+target that picks the checkpoint and gates promotion. ``leave_one_out=true`` also keeps the event
+after it out (training ends two events before the end: the validation and test targets of
+``fmpipe evaluate``);
 ``holdout_titles_frac=F`` removes a seeded random fraction of the titles from training entirely, for
 the cold-start evaluation (their ids are recorded in the checkpoint's metadata).
 """
@@ -27,57 +31,50 @@ import pyarrow.parquet as pq
 import torch
 
 from fm import checkpoint
+from fm import protocol as P
 from fm.content import ContentEncoder, content_matrix, title_text
 from fm.data import Sequences
-from fm.evaluate import next_title_eval
-from fm.model import FoundationModel, ModelConfig, init_weights
+from fm.fit import plot_curve
+from fm.model import FoundationModel
+from fm.recipe import Recipe, build, held_out_back, recipe_of, train
 from fm.schema import N_SPECIAL
-from fm.train import TrainConfig, plot_curve, train
 from jobs.io import atomic_write_json, partition
 from jobs.settings import Paths, parse_date, run_cli
 from jobs.vocab import read_vocab, title_ids_by_idx
 
 
 @dataclass(frozen=True)
-class TrainJobConfig:
-    """Model size and training budget. Small defaults train in ~2 minutes on 2 CPU cores."""
+class TrainJobConfig(Recipe):
+    """What to train on and what to do with the result; the model, objective and fit settings are the
+    recipe's (``fm.recipe.Recipe``: the defaults validation chose)."""
     date: str = ""
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 2
-    max_len: int = 128
-    mtp_k: int = 2
-    content_dim: int = 64
-    use_content: bool = True
-    dropout: float = 0.1
-    id_dropout: float = 0.1            # share of title IDs dropped per step so content alone carries titles (cold start;
-                                       # bench/results/cold_start.md: 5x the unseen titles' HR@50 for -0.4% NDCG@10)
-    epochs: int = 20
-    time_budget_s: float = 120.0
-    batch_size: int = 64
-    lr: float = 3e-3
-    seed: int = 0
-    device: str = "auto"
     init: str = "scratch"              # scratch | current (fine-tune the serving model on the new days)
     promote: str = "always"            # always | if_better (evaluation gate) | never
     min_ratio: float = 0.98            # if_better: candidate NDCG@10 >= min_ratio x current's
-    leave_one_out: bool = False        # train without each profile's last two events (for `fmpipe evaluate`)
+    leave_one_out: bool = False        # also keep each profile's last event out (the test target of `fmpipe evaluate`)
     holdout_titles_frac: float = 0.0   # titles removed from training entirely (cold-start evaluation)
     resume: bool = False               # continue an interrupted run of this config from its saved state
     checkpoint_every_s: float = 60.0   # how often the resumable state is saved (0: never)
 
 
-# Options that do not change what is trained (left out of the version hash), and options added later
-# that only enter the hash when set, so existing configs keep their version names.
-_RUN_ONLY = ("resume", "checkpoint_every_s")
-_HASHED_IF_SET = {"leave_one_out": False, "holdout_titles_frac": 0.0, "id_dropout": 0.0}
+# Options that do not change what is trained (left out of the version hash).
+_RUN_ONLY = ("resume", "checkpoint_every_s", "device")
+DATASET_META = "dataset.json"
 
 
 def model_version(cfg: TrainJobConfig, day: dt.date) -> str:
-    """Deterministic version name: a resumed run writes the same version as the run it continues."""
-    key = {k: v for k, v in asdict(cfg).items()
-           if k not in _RUN_ONLY and not (k in _HASHED_IF_SET and v == _HASHED_IF_SET[k])}
+    """Deterministic version name: a resumed run writes the same version as the run it continues;
+    a re-run of a version that exists gets a new suffix (see ``fresh_version``)."""
+    key = {k: v for k, v in asdict(cfg).items() if k not in _RUN_ONLY}
     return f"fm-{day:%Y%m%d}-{cfg.init}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]}"
+
+
+def dataset_target_actions(paths: Paths) -> tuple[str, ...]:
+    """The interactions the imported dataset counts as next-title targets (written by the importer)."""
+    meta = paths.home / DATASET_META
+    if not meta.exists():
+        return ()
+    return tuple(json.loads(meta.read_text()).get("target_actions") or ())
 
 
 def current_model_dir(paths: Paths) -> Path:
@@ -87,15 +84,10 @@ def current_model_dir(paths: Paths) -> Path:
     return paths.models / json.loads(pointer.read_text())["version"]
 
 
-def _scratch(cfg: TrainJobConfig, ids: list, cat, vocab) -> tuple[FoundationModel, ContentEncoder]:
+def _scratch(cfg: TrainJobConfig, ids: list, cat, vocab, paths: Paths) -> tuple[FoundationModel, ContentEncoder]:
     encoder = ContentEncoder.fit(title_text(cat.filter(pc.is_in(cat["title_id"], vocab["title_id"]))),
                                  dim=cfg.content_dim, seed=cfg.seed)
-    mcfg = ModelConfig(n_titles=len(ids), content_dim=cfg.content_dim, d_model=cfg.d_model, n_layers=cfg.n_layers,
-                       n_heads=cfg.n_heads, max_len=cfg.max_len, dropout=cfg.dropout, mtp_k=cfg.mtp_k,
-                       use_content=cfg.use_content, id_dropout=cfg.id_dropout)
-    model = FoundationModel(mcfg)
-    init_weights(model)
-    model.title.content.copy_(torch.from_numpy(content_matrix(encoder, ids, cat)))
+    model = build(recipe_of(cfg), len(ids), content_matrix(encoder, ids, cat), dataset_target_actions(paths))
     return model, encoder
 
 
@@ -123,28 +115,55 @@ def holdout_titles(seqs: Sequences, frac: float, seed: int) -> np.ndarray:
 
 
 def training_sequences(cfg: TrainJobConfig, seqs: Sequences) -> tuple[Sequences, np.ndarray]:
-    """What the model may learn from: without the evaluation targets (``leave_one_out``) and without
-    the held-out titles' tokens. Returns the sequences and the held-out title ids."""
-    if cfg.leave_one_out:
-        from fm.protocol import truncate
-        seqs = truncate(seqs, 2)
+    """What the model may see: the sequences without the held-out titles' tokens (the validation and
+    test targets are cut off by ``fm.recipe.train``). Returns the sequences and the held-out title ids."""
     held = holdout_titles(seqs, cfg.holdout_titles_frac, cfg.seed) if cfg.holdout_titles_frac > 0 else np.array([], np.int64)
     if len(held):
         seqs = seqs.keep_tokens(~np.isin(seqs.values["title"], held))
     return seqs, held
 
 
-def gate(candidate: FoundationModel, current: FoundationModel | None, seqs: Sequences, rows: np.ndarray,
+def gate(candidate: FoundationModel, current: FoundationModel | None, seqs: Sequences, valid: P.EvalSet,
          min_ratio: float) -> dict:
-    """Evaluate both models on the candidate's held-out profiles; promote if not worse than allowed."""
-    cand = next_title_eval(candidate, seqs, rows)
-    if current is None:
-        return {"candidate": cand, "current": None, "promote": True, "reason": "no current model"}
-    cur = next_title_eval(current, seqs, rows)
+    """Both models on the candidate's validation targets (the protocol's ranking); promote if the
+    candidate is not worse than allowed."""
+    with P.selecting():
+        cand = P.evaluate(P.fm_scores(candidate), seqs, valid, candidate.cfg.max_len)
+        if current is None:
+            return {"candidate": cand, "current": None, "promote": True, "reason": "no current model"}
+        cur = P.evaluate(P.fm_scores(current), seqs, valid, current.cfg.max_len)
     ok = cand.get("ndcg@10", 0.0) >= min_ratio * cur.get("ndcg@10", 0.0)
     return {"candidate": cand, "current": cur, "promote": ok,
             "reason": f"candidate ndcg@10 {cand.get('ndcg@10', 0):.4f} vs current {cur.get('ndcg@10', 0):.4f} "
-                      f"(needs >= {min_ratio:.2f}x)"}
+                      f"on {cand.get('users', 0)} validation targets (needs >= {min_ratio:.2f}x)"}
+
+
+def _check(cfg: TrainJobConfig) -> None:
+    if cfg.init not in ("scratch", "current") or cfg.promote not in ("always", "if_better", "never"):
+        raise ValueError(f"init must be scratch|current and promote always|if_better|never, got {cfg.init!r}, {cfg.promote!r}")
+    if not 0.0 <= cfg.holdout_titles_frac < 1.0:
+        raise ValueError(f"holdout_titles_frac must be in [0, 1), got {cfg.holdout_titles_frac}")
+
+
+def _model(cfg: TrainJobConfig, paths: Paths, ids: list, cat, vocab, hist_path: Path, day: dt.date):
+    """(model, encoder, parent meta or None, rows to train on or None for all)."""
+    if cfg.init == "scratch":
+        return (*_scratch(cfg, ids, cat, vocab, paths), None, None)
+    model, encoder, parent = load_grown(current_model_dir(paths), ids, cat)
+    since = parse_date(parent["data_range"]["history_state"])
+    if since >= day:
+        raise ValueError(f"current model already trained on history up to {since}; nothing new before {day}")
+    model.cfg.id_dropout = cfg.id_dropout          # a training option: this run's, not the parent's
+    model.train()
+    return model, encoder, parent, _new_day_rows(paths, hist_path, since)
+
+
+def trained_on(cfg: TrainJobConfig, day: dt.date, parent: dict | None) -> list[dict]:
+    """Which events trained (and validated) this model: per history state, how many events at the end
+    of each profile it never trained on; the first of them was its validation target. Inherited from
+    the parent for fine-tunes, so `fmpipe evaluate` can find any overlap with its targets."""
+    own = {"history_state": day.isoformat(), "held_out_back": held_out_back(cfg.leave_one_out)}
+    return [own, *((parent or {}).get("trained_on") or [])]
 
 
 def run(cfg: TrainJobConfig, paths: Paths) -> dict:
@@ -153,56 +172,43 @@ def run(cfg: TrainJobConfig, paths: Paths) -> dict:
     hist_path = partition(paths.history, day)
     if not hist_path.exists():
         raise FileNotFoundError(f"history state for {day} missing: {hist_path} (run tokenize first)")
-    if cfg.init not in ("scratch", "current") or cfg.promote not in ("always", "if_better", "never"):
-        raise ValueError(f"init must be scratch|current and promote always|if_better|never, got {cfg.init!r}, {cfg.promote!r}")
-    if not 0.0 <= cfg.holdout_titles_frac < 1.0:
-        raise ValueError(f"holdout_titles_frac must be in [0, 1), got {cfg.holdout_titles_frac}")
+    _check(cfg)
     torch.manual_seed(cfg.seed)
     vocab = read_vocab(paths)
     ids = title_ids_by_idx(vocab)
     cat = pq.read_table(paths.catalogue)
     seqs, held = training_sequences(cfg, Sequences.read(hist_path))
     has_current = (paths.models / "CURRENT.json").exists()
-    among, parent = None, None
-    if cfg.init == "current":
-        model, encoder, parent = load_grown(current_model_dir(paths), ids, cat)
-        since = parse_date(parent["data_range"]["history_state"])
-        if since >= day:
-            raise ValueError(f"current model already trained on history up to {since}; nothing new before {day}")
-        among = _new_day_rows(paths, hist_path, since)
-        model.cfg.id_dropout = cfg.id_dropout          # a training option: this run's, not the parent's
-        model.train()
-    else:
-        model, encoder = _scratch(cfg, ids, cat, vocab)
+    model, encoder, parent, among = _model(cfg, paths, ids, cat, vocab, hist_path, day)
     version = model_version(cfg, day)
     state_dir = paths.models / ".train-state" / version
-    tcfg = TrainConfig(batch_size=cfg.batch_size, lr=cfg.lr, epochs=cfg.epochs, time_budget_s=cfg.time_budget_s,
-                       seed=cfg.seed, device=cfg.device, checkpoint_every_s=cfg.checkpoint_every_s)
     excluded = np.isin(np.arange(model.cfg.n_titles), held) if len(held) else None
-    result = train(model, seqs, tcfg, among=among, exclude_titles=excluded,
-                   state_dir=state_dir if cfg.checkpoint_every_s > 0 else None, resume=cfg.resume)
+    result, valid = train(recipe_of(cfg), model, seqs, cfg.leave_one_out, among=among, exclude_titles=excluded,
+                          state_dir=state_dir if cfg.checkpoint_every_s > 0 else None, resume=cfg.resume,
+                          checkpoint_every_s=cfg.checkpoint_every_s)
     if len(held):
-        with torch.no_grad():                    # never trained: leave them content-only, as a new title is
+        with torch.no_grad():                    # never trained: they get what a new title gets
             model.title.id.weight[torch.as_tensor(held)] = 0.0
     current = load_grown(current_model_dir(paths), ids, cat)[0] if has_current and cfg.promote == "if_better" else None
-    decision = gate(model, current, seqs, result["eval_rows"], cfg.min_ratio) if cfg.promote == "if_better" else \
+    decision = gate(model, current, seqs, valid, cfg.min_ratio) if cfg.promote == "if_better" else \
         {"promote": cfg.promote == "always", "reason": f"promote={cfg.promote}"}
-    metrics = {k: v for k, v in result.items() if k not in ("curve", "eval_rows")}
+    metrics = result.summary()
     meta = {"model_version": version, "vocab_size": len(ids) - 2, "vocab_fingerprint": checkpoint.vocab_fingerprint(ids[2:]),
             "data_range": {"history_state": day.isoformat(), "profiles_trained": int(len(among) if among is not None else len(seqs))},
             "parent": parent["model_version"] if parent else None, "train_config": asdict(cfg),
             "metrics": metrics, "gate": decision, "n_params": model.n_params(),
             "evaluation_split": "leave_one_out" if cfg.leave_one_out else None,
+            "trained_on": trained_on(cfg, day, parent),
             "holdout_titles": {"frac": cfg.holdout_titles_frac, "seed": cfg.seed,
                                "title_ids": [ids[i] for i in held.tolist()]}}
     out = checkpoint.save(model, encoder, paths.models / version, meta)
-    plot_curve(result["curve"], out / "loss_curve.png")
+    plot_curve(result.curve, out / "loss_curve.png", result.history)
     shutil.rmtree(state_dir, ignore_errors=True)          # the run is complete: nothing left to resume
     if decision["promote"]:
         atomic_write_json({"version": version, "promoted_at": dt.datetime.now(dt.timezone.utc).isoformat()},
                           paths.models / "CURRENT.json")
     return {"model_version": version, "path": str(out), "n_params": model.n_params(), "promoted": decision["promote"],
-            "gate": decision, **metrics}
+            "gate": decision, "valid": result.best, **{k: v for k, v in metrics.items() if k != "history"}}
 
 
 def main(argv: list[str] | None = None) -> dict:

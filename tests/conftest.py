@@ -59,7 +59,7 @@ def world(spark, tmp_path_factory) -> dict:
     generate.run(cfg, paths)
     days = sorted(p.name[3:] for p in paths.raw.glob("dt=*"))
     tokenize.run(tokenize.TokenizeConfig(date=days[-2], full=True), paths, spark)
-    train.run(train.TrainJobConfig(date=days[-2], time_budget_s=8, epochs=4, d_model=32, max_len=64), paths)
+    train.run(train.TrainJobConfig(date=days[-2], time_budget_s=8, max_epochs=4, d_model=32, max_len=64), paths)
     return {"paths": paths, "root": root, "days": days}
 
 

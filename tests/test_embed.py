@@ -243,7 +243,7 @@ def test_retrained_model_is_aligned_onto_the_published_space(world, home):
     shift_history(paths, d1, d3)
     first = run(paths, d1)
     assert first["alignment"] == "none"
-    v2 = train.run(train.TrainJobConfig(date=d1.isoformat(), seed=7, time_budget_s=3, epochs=1, d_model=32,
+    v2 = train.run(train.TrainJobConfig(date=d1.isoformat(), seed=7, time_budget_s=3, max_epochs=1, d_model=32,
                                         max_len=64, promote="always"), paths)["model_version"]
     assert v2 != first["model_version"]
 

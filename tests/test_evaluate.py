@@ -65,7 +65,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-TINY = {"date": DAY, "d_model": 16, "n_layers": 1, "n_heads": 2, "max_len": 32, "content_dim": 8, "epochs": 3,
+TINY = {"date": DAY, "d_model": 16, "n_layers": 1, "n_heads": 2, "max_len": 32, "content_dim": 8, "max_epochs": 3,
         "time_budget_s": 30.0, "batch_size": 16, "lr": 1e-2}
 
 
@@ -88,7 +88,8 @@ def test_train_records_holdout_and_trains_without_targets_or_held_titles(trained
     kept, held_ids = train.training_sequences(train.TrainJobConfig(**TINY, leave_one_out=True, holdout_titles_frac=0.2), seqs)
     assert sorted(held_ids.tolist()) == sorted(idx)
     assert not np.isin(kept.values["title"], held_ids).any()
-    assert (kept.lengths <= seqs.lengths - 2).all()
+    assert meta["trained_on"] == [{"history_state": DAY, "held_out_back": 2}]       # last two events never trained
+    assert out["valid"]["users"] > 0 and meta["metrics"]["history"]
     assert not (paths.models / ".train-state" / out["model_version"]).exists()    # cleaned up once complete
 
 
@@ -116,17 +117,34 @@ def test_evaluate_cli_json(trained, capsys):
 
 def test_evaluate_warns_when_the_model_saw_the_targets_and_resume_keeps_the_version(home):
     write_home(home)
-    plain = train.run(train.TrainJobConfig(**{**TINY, "epochs": 1}), home)
-    again = train.run(train.TrainJobConfig(**{**TINY, "epochs": 1}, resume=True), home)     # no state: starts fresh
+    plain = train.run(train.TrainJobConfig(**{**TINY, "max_epochs": 1}), home)
+    again = train.run(train.TrainJobConfig(**{**TINY, "max_epochs": 1}, resume=True), home)     # no state: starts fresh
     assert again["model_version"] == plain["model_version"] and not again["resumed"]
     vocab = pq.read_table(home.title_vocab)               # two titles arrive after training
     atomic_write_table(pa.concat_tables([vocab, pa.table({
         "title_id": ["new1", "new2"], "idx": pa.array([N_TITLES + 2, N_TITLES + 3], pa.int32()),
         "first_dt": pa.nulls(2, pa.date32())}, schema=S.TITLE_VOCAB_SCHEMA)]), home.title_vocab)
     out = evaluate.run(evaluate.EvalConfig(max_users=10), home)
+    # without leave_one_out each profile's last event chose the checkpoint: every test target overlaps
     assert out["trained_on_eval_targets"] and "leave_one_out=true" in out["warning"]
+    assert out["overlap"] == {"targets": 10, "trained": 0, "validated": 10}
     assert out["cold_start"] is None and out["metrics"]["users"] == 10
     assert out["data"]["titles_added_since_training"] == 2 and out["data"]["titles_ranked"] == N_TITLES
+
+
+def test_overlap_of_training_events_and_targets_is_detected(trained):
+    """A leave_one_out model: its test targets are clean; the validation split is the event it chose
+    its checkpoint on; and a model trained on every event overlaps the targets it trained on."""
+    paths, out = trained
+    model = str(paths.models / out["model_version"])
+    test = evaluate.run(evaluate.EvalConfig(model=model, max_users=20), paths)
+    assert test["trained_on_eval_targets"] is False and "warning" not in test
+    assert test["overlap"] == {"targets": 20, "trained": 0, "validated": 0}
+    valid = evaluate.run(evaluate.EvalConfig(model=model, max_users=20, split="valid"), paths)
+    assert valid["trained_on_eval_targets"] and valid["overlap"]["validated"] > 0 and valid["overlap"]["trained"] == 0
+    plain = train.run(train.TrainJobConfig(**{**TINY, "max_epochs": 1}), paths)       # trained up to the last event
+    leak = evaluate.run(evaluate.EvalConfig(model=plain["path"], max_users=20, split="valid"), paths)
+    assert leak["trained_on_eval_targets"] and leak["overlap"]["trained"] == 20
 
 
 def test_head_accuracy_and_content_only_on_hand_computed_cases():

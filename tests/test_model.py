@@ -13,7 +13,8 @@ from fm.evaluate import metrics_from_ranks, rank_of_target
 from fm.extract import LayerSpec, default_layers, pool, profile_embeddings
 from fm.model import FoundationModel, ModelConfig, init_weights
 from fm.schema import ACTIONS, N_SPECIAL, TOKEN_FIELDS, vocab_index
-from fm.train import TrainConfig, train
+from fm.fit import FitConfig, fit
+from fm.losses import Objective
 
 PLAY = vocab_index(ACTIONS)["play"]
 
@@ -42,7 +43,8 @@ def test_encode_shapes_and_heads():
     assert m.title_logits(states[-1], 0).shape == (3, 10, 30)
     assert torch.isinf(m.title_logits(states[-1], 0)[..., :N_SPECIAL]).all()
     toks["action"][:] = PLAY                              # every token is a title target
-    loss, parts = m(toks, torch.ones(3, 10, dtype=torch.bool))
+    m = tiny_model(mtp_k=2)
+    loss, parts = Objective(m)(toks, torch.ones(3, 10, dtype=torch.bool))
     assert torch.isfinite(loss) and set(parts) == {"title_1", "title_2", "action", "duration", "device"}
 
 
@@ -80,14 +82,13 @@ def learnable_sequences(n=64, L=12, n_titles=12) -> Sequences:
 def test_loss_decreases_on_learnable_data():
     seqs = learnable_sequences()
     m = tiny_model(12)
+    obj = Objective(m)
     b = seqs.batch(np.arange(len(seqs)), 16)
-    m.train()
-    before = float(m(b.tokens, b.valid)[0])
-    res = train(m, seqs, TrainConfig(batch_size=16, lr=1e-2, epochs=30, time_budget_s=60, eval_frac=0.0))
-    m.train()
+    before = float(obj(b.tokens, b.valid)[0].detach())
+    res = fit(obj, seqs, 16, FitConfig(batch_size=16, lr=1e-2, max_epochs=30, budget_s=60, window_mode="last"))
     torch.manual_seed(0)
-    after = float(m(b.tokens, b.valid)[0])
-    assert after < 0.6 * before, (before, after, res["steps"])
+    after = float(obj(b.tokens, b.valid)[0].detach())
+    assert after < 0.6 * before, (before, after, res.steps)
 
 
 @pytest.fixture
@@ -99,30 +100,60 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def test_resumed_training_is_bit_identical_to_an_uninterrupted_run(tmp_path, one_thread):
-    """Interrupted after 7 steps (state saved every 5), resumed: same parameters, bit for bit. The huge
-    time budget makes the LR schedule step-bound; dropout and held-out titles exercise the RNGs and the
-    masked objective."""
+def _validate_on_last(model, seqs):
+    """Validation = each row's last title, ranked by the protocol (the loop keeps the best)."""
+    from fm import protocol as P
+    es = P.eval_set(seqs, 1, "valid")
+    return lambda: P.evaluate(P.fm_scores(model), seqs, es, model.cfg.max_len)
+
+
+def test_resumed_training_is_bit_identical_to_an_uninterrupted_run(tmp_path, one_thread, monkeypatch):
+    """Interrupted after 7 steps (a state saved at every step, the last at step 6), resumed: same parameters, bit for bit,
+    the same validation history and best checkpoint. The infinite budget makes the LR schedule
+    step-bound; dropout, sampled negatives and held-out titles exercise the RNGs and the objective."""
     seqs = learnable_sequences()
-    cfg = TrainConfig(batch_size=16, lr=1e-2, epochs=4, time_budget_s=1e9, eval_frac=0.1, device="cpu",
-                      checkpoint_every=5, checkpoint_every_s=0)
+    cfg = FitConfig(batch_size=16, lr=1e-2, max_epochs=3, budget_s=float("inf"), device="cpu",
+                    checkpoint_every_s=1e-9)
     held_out = np.zeros(12, bool)
     held_out[5] = True
-    full = tiny_model(12, dropout=0.2)
-    ref = train(full, seqs, cfg, exclude_titles=held_out)
-    part = tiny_model(12, dropout=0.2)
-    cut = train(part, seqs, cfg, exclude_titles=held_out, state_dir=tmp_path / "state", interrupt_after=7)
-    assert cut["stopped_by"] == "interrupted" and ref["steps"] == 12
-    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["state-000000005.safetensors", "state.json"]
-    resumed = tiny_model(12, dropout=0.2)                 # a fresh process would rebuild the same model
-    out = train(resumed, seqs, cfg, exclude_titles=held_out, state_dir=tmp_path / "state", resume=True)
-    assert out["resumed"] and out["steps"] == 12
-    assert [c[1] for c in out["curve"]] == [c[1] for c in ref["curve"]]
+    make = lambda: (lambda m: (m, Objective(m, n_negatives=4, exclude_titles=held_out, mask_history=True)))(
+        tiny_model(12, dropout=0.2, title_bias=True))                                   # noqa: E731
+    full, full_obj = make()
+    ref = fit(full_obj, seqs, 16, cfg, validate=_validate_on_last(full, seqs))
+    part, part_obj = make()
+    cut = fit(part_obj, seqs, 16, cfg, validate=_validate_on_last(part, seqs), state_dir=tmp_path / "state",
+              interrupt_after=7)
+    assert cut.stopped_by == "interrupted" and ref.steps == 12 and len(ref.history) == 3
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["state-000000006.safetensors", "state.json"]
+    resumed, resumed_obj = make()                        # a fresh process would rebuild the same model
+    out = fit(resumed_obj, seqs, 16, cfg, validate=_validate_on_last(resumed, seqs), state_dir=tmp_path / "state",
+              resume=True)
+    assert out.resumed and out.steps == 12
+    assert [c[1] for c in out.curve] == [c[1] for c in ref.curve]
+    assert out.history == ref.history and out.best_step == ref.best_step
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match=r"another config \(differs in \['lr'\]\)"):
-        train(tiny_model(12, dropout=0.2), seqs, TrainConfig(**{**cfg.__dict__, "lr": 1e-3}),
-              exclude_titles=held_out, state_dir=tmp_path / "state", resume=True)
+        fit(make()[1], seqs, 16, FitConfig(**{**cfg.__dict__, "lr": 1e-3}), state_dir=tmp_path / "state", resume=True)
+
+
+def test_fit_keeps_the_best_checkpoint_and_stops_early():
+    """Validation that only gets worse after the first check: the first weights are kept, and
+    patience=2 stops the run after two more checks."""
+    seqs = learnable_sequences()
+    m = tiny_model(12)
+    scores = iter([0.5, 0.4, 0.3, 0.2, 0.1])
+    snapshots = []
+
+    def validate():
+        snapshots.append({k: v.clone() for k, v in m.state_dict().items()})
+        return {"ndcg@10": next(scores)}
+
+    res = fit(Objective(m), seqs, 16, FitConfig(batch_size=16, lr=1e-2, max_epochs=10, budget_s=float("inf"),
+                                                 patience=2), validate=validate)
+    assert res.stopped_by == "early_stopping" and len(res.history) == 3 and res.best == {"ndcg@10": 0.5}
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, snapshots[0][k]), k
 
 
 def test_padding_does_not_change_real_positions():

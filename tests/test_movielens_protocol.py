@@ -9,6 +9,8 @@ import torch
 
 from fm import movielens as M
 from fm import protocol as P
+from fm.fit import training_windows
+from fm.losses import Objective, first_positions
 from fm import schema as S
 
 # UserID::MovieID::Rating::Timestamp, deliberately out of order and with equal timestamps.
@@ -142,22 +144,39 @@ def _tiny_tokens(n_titles: int = 20):
 
 def test_first_positions():
     titles = torch.tensor([[2, 3, 2, 4, 0]])
-    first = P.first_positions(titles, titles != 0, 6)
+    first = first_positions(titles, titles != 0, 6)
     assert first.tolist() == [[5, 5, 0, 1, 3, 5]]        # absent (and PAD) -> L
 
 
-def test_fm_objective_matches_model_loss_and_history_mask_lowers_it():
+def test_objective_is_the_full_softmax_cross_entropy_and_history_mask_lowers_it():
     from fm.model import FoundationModel, ModelConfig
     torch.manual_seed(0)
-    model = FoundationModel(ModelConfig(20, max_len=8, target_actions=("thumbs_up",), emb_norm=True)).eval()
+    model = FoundationModel(ModelConfig(20, max_len=8, target_actions=("thumbs_up",), emb_norm=True, mtp_k=1,
+                                        w_action=0.0, w_duration=0.0, w_device=0.0)).eval()
     tok, valid = _tiny_tokens()
-    plain, parts = P.FMObjective(model)(tok, valid)
-    ref, ref_parts = model(tok, valid)
-    assert torch.allclose(plain, ref) and parts == ref_parts
-    masked, _ = P.FMObjective(model, mask_history=True)(tok, valid)
+    plain, parts = Objective(model)(tok, valid)
+    h = model.encode(tok)[-1]
+    m = (valid & model.target_action[tok["action"]])[:, 1:] & valid[:, :-1]
+    ref = torch.nn.functional.cross_entropy(model.title_logits(h[:, :-1][m].unsqueeze(0), 0)[0], tok["title"][:, 1:][m])
+    assert torch.allclose(plain, ref) and set(parts) == {"title_1"}
+    masked, _ = Objective(model, mask_history=True)(tok, valid)
     assert float(masked.detach()) < float(plain.detach())                 # seen titles left the softmax (repeats kept as targets)
-    sampled, sparts = P.FMObjective(model, np.arange(20), n_negatives=16, title_bias=True, mask_history=True)(tok, valid)
+    sampled, sparts = Objective(model, np.arange(20), n_negatives=16, mask_history=True)(tok, valid)
     assert torch.isfinite(sampled) and "title_1" in sparts
+
+
+def test_detached_heads_train_without_touching_the_shared_state():
+    """detach_heads: the side heads get gradients, the transformer gets none from them."""
+    from fm.model import FoundationModel, ModelConfig
+    torch.manual_seed(0)
+    model = FoundationModel(ModelConfig(20, max_len=8, target_actions=("thumbs_up",), w_title=0.0, mtp_k=1,
+                                        detach_heads=True))
+    tok, valid = _tiny_tokens()
+    loss, parts = Objective(model)(tok, valid)
+    loss.backward()
+    assert {"action", "duration", "device"} <= set(parts)
+    assert model.heads["action"].weight.grad.abs().sum() > 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.blocks.parameters())
 
 
 def test_sasrec_scores_ignore_padding_and_train():
@@ -179,8 +198,22 @@ def test_sasrec_scores_ignore_padding_and_train():
 def test_training_windows_cover_rows():
     rng = np.random.default_rng(0)
     lengths = np.array([1, 5, 450])
-    rows, ends = P.training_windows(lengths, 200, rng, "tokens")
+    rows, ends = training_windows(lengths, 200, rng, "tokens")
     assert list(np.bincount(rows, minlength=3)) == [0, 1, 3]           # ceil(len / max_len) windows
     assert (ends[rows == 1] == 5).all() and ((ends[rows == 2] >= 200) & (ends[rows == 2] <= 450)).all()
-    rows, ends = P.training_windows(lengths, 200, rng, "last")
+    rows, ends = training_windows(lengths, 200, rng, "last")
     assert list(rows) == [1, 2] and list(ends) == [5, 450]
+
+
+def test_a_selection_can_never_read_the_test_targets():
+    """Sweeps and checkpoint choice run inside protocol.selecting(): test targets raise there."""
+    seqs = M.to_sequences(__import__("pandas").DataFrame(
+        {"user": [1] * 4 + [2] * 4, "movie": [5, 6, 7, 8, 6, 7, 8, 5], "rating": [4] * 8, "ts": list(range(8)),
+         "line": list(range(8))})).seqs
+    split = P.leave_one_out(seqs)
+    score = P.popularity_scores(split.train, 10)
+    with P.selecting():
+        assert P.evaluate(score, seqs, split.valid, 8)["users"] == 2
+        with pytest.raises(P.SelectionReadTest, match="choose on Split.valid only"):
+            P.evaluate(score, seqs, split.test, 8)
+    assert P.evaluate(score, seqs, split.test, 8)["users"] == 2              # after the selection: allowed

@@ -26,7 +26,7 @@ def test_finetune_grows_vocab_and_gate_blocks_a_worse_candidate(last_day):
     parent = json.loads((paths.models / "CURRENT.json").read_text())["version"]
     parent_meta = checkpoint.read_meta(paths.models / parent)
     out = train.run(train.TrainJobConfig(date=day, init="current", promote="if_better", min_ratio=100.0,
-                                         time_budget_s=3, epochs=1, d_model=32, max_len=64), paths)
+                                         time_budget_s=3, max_epochs=1, d_model=32, max_len=64), paths)
     assert not out["promoted"] and "needs >= 100.00x" in out["gate"]["reason"]
     assert json.loads((paths.models / "CURRENT.json").read_text())["version"] == parent
     meta = checkpoint.read_meta(paths.models / out["model_version"])
@@ -38,7 +38,7 @@ def test_finetune_grows_vocab_and_gate_blocks_a_worse_candidate(last_day):
 def test_gate_promotes_a_good_enough_candidate_and_refuses_stale_data(last_day):
     paths, day = last_day
     out = train.run(train.TrainJobConfig(date=day, init="current", promote="if_better", min_ratio=0.0,
-                                         time_budget_s=3, epochs=1, d_model=32, max_len=64), paths)
+                                         time_budget_s=3, max_epochs=1, d_model=32, max_len=64), paths)
     assert out["promoted"]
     assert json.loads((paths.models / "CURRENT.json").read_text())["version"] == out["model_version"]
     with pytest.raises(ValueError, match="already trained on history up to"):

@@ -1,0 +1,134 @@
+"""Validation sweep of the training recipe: where ``fm.recipe.Recipe``'s defaults come from.
+
+    .venv/bin/python bench/sweep.py --quick                        # smoke run
+    .venv/bin/python bench/sweep.py --budget-s 300                 # the sweep (one axis at a time)
+    .venv/bin/python bench/sweep.py --axes lr,batch_size --budget-s 300
+
+One axis at a time around the current defaults (coordinate search): every value of an axis is
+trained by the product's own path (``jobs.train.run`` with ``leave_one_out=true``, the rest at the
+defaults) on ML-1M, and scored by its **validation** NDCG@10 (the second-last event of each user,
+the checkpoint-selection target). The whole sweep runs inside ``fm.protocol.selecting()``, so any
+read of the test targets raises: the choice never sees test. Writes ``<out>/sweep[_quick].md`` /
+``.json`` (every run, the value validation prefers per axis, and whether it differs from the
+default) and prints one JSON line.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from bench.common import emit  # noqa: E402
+from bench.quality import prepare, provenance  # noqa: E402
+from fm import protocol as P  # noqa: E402
+from fm.data import data_root  # noqa: E402
+from fm.recipe import Recipe  # noqa: E402
+from jobs import train as train_job  # noqa: E402
+from jobs.settings import parse_overrides  # noqa: E402
+
+AXES: dict[str, list] = {
+    "lr": [1e-3, 3e-3, 1e-2],
+    "batch_size": [16, 64],
+    "n_negatives": [0, 128, 512],
+    "dropout": [0.1, 0.2],
+    "d_model": [64, 128],
+    "n_layers": [1, 2, 3],
+    "mtp_k": [1, 2],
+    "detach_heads": [True, False],
+    "max_len": [100, 200],
+    "id_dropout": [0.0, 0.1],
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="300 users, 15 s budgets, two axes")
+    ap.add_argument("--axes", default="", help=f"comma-separated axes (default all: {', '.join(AXES)})")
+    ap.add_argument("--budget-s", type=float, default=None, help="budget per run (default 300; quick 15)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", default=str(data_root()))
+    ap.add_argument("--work", default=str(Path(_HERE) / ".work"))
+    ap.add_argument("--out", default=str(Path(_HERE) / "results"))
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    a = ap.parse_args(argv)
+    a.budget_s = a.budget_s if a.budget_s is not None else (15.0 if a.quick else 300.0)
+    a.axes = [x for x in a.axes.split(",") if x] or (["lr", "mtp_k"] if a.quick else list(AXES))
+    unknown = set(a.axes) - set(AXES)
+    if unknown:
+        ap.error(f"unknown axes {sorted(unknown)}; valid: {', '.join(AXES)}")
+    return a
+
+
+def train_valid(args, day: str, home, over: dict) -> dict:
+    """One product training run; only its validation figures come back."""
+    cfg = parse_overrides(train_job.TrainJobConfig, {"date": day, "leave_one_out": True, "promote": "never",
+                                                     "time_budget_s": args.budget_s, "clock": args.clock,
+                                                     "seed": args.seed, "checkpoint_every_s": 0, **over})
+    out = train_job.run(cfg, home)
+    return {"valid_ndcg@10": out["valid"]["ndcg@10"], "valid_hr@10": out["valid"]["hr@10"],
+            "train_cpu_s": out["train_cpu_s"], "steps": out["steps"], "epochs": out["epochs"]}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    prov = provenance(argv)
+    prov["command"] = prov["command"].replace("bench/quality.py", "bench/sweep.py")
+    home, day = prepare("ml-1m", args)
+    defaults = Recipe()
+    runs, chosen = [], {}
+    t0 = time.perf_counter()
+    with P.selecting():                                  # reading test anywhere below raises
+        for axis in args.axes:
+            scores = {}
+            for value in AXES[axis]:
+                r = train_valid(args, day, home, {axis: value})
+                runs.append({"axis": axis, "value": value, **r})
+                scores[value] = r["valid_ndcg@10"]
+                print(f"{axis}={value}: valid NDCG@10 {r['valid_ndcg@10']:.4f}", file=sys.stderr)
+            best = max(scores, key=scores.get)
+            chosen[axis] = {"best": best, "default": getattr(defaults, axis), "valid_ndcg@10": scores,
+                            "default_is_best": best == getattr(defaults, axis)}
+    res = {**prov, "wall_s": round(time.perf_counter() - t0, 1), "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+           "budget_s": args.budget_s, "clock": args.clock, "seed": args.seed, "runs": runs, "chosen": chosen}
+    write(res, args)
+    emit({"chosen": {k: v["best"] for k, v in chosen.items()},
+          "defaults_are_best": all(v["default_is_best"] for v in chosen.values())})
+    return res
+
+
+def write(res: dict, args) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = "_quick" if args.quick else ""
+    lines = [f"# Recipe sweep on validation{' (quick smoke run — not a result)' if args.quick else ''}", "",
+             f"- command: `{res['command']}`; commit `{res['commit']}`", f"- machine: {res['machine']}; load "
+             f"{res['loadavg_start']} → {res['loadavg_end']}; wall {res['wall_s']:.0f} s",
+             f"- each run: `fmpipe train leave_one_out=true` on ML-1M, budget {args.budget_s:.0f} s ({args.clock}), "
+             f"seed {args.seed}, one setting changed from the defaults; score = validation NDCG@10 (test never read)", "",
+             "| axis | value | valid NDCG@10 | valid HR@10 | train s (CPU) | epochs |", "|---|---|---:|---:|---:|---:|"]
+    for r in res["runs"]:
+        mark = " **(best)**" if res["chosen"][r["axis"]]["best"] == r["value"] else ""
+        lines.append(f"| {r['axis']} | {r['value']}{mark} | {r['valid_ndcg@10']:.4f} | {r['valid_hr@10']:.4f} | "
+                     f"{r['train_cpu_s']:.0f} | {r['epochs']:.1f} |")
+    lines += ["", "| axis | default | validation prefers |", "|---|---|---|"]
+    lines += [f"| {a} | {c['default']} | {c['best']}{'' if c['default_is_best'] else ' (differs)'} |"
+              for a, c in res["chosen"].items()]
+    (out / f"sweep{suffix}.md").write_text("\n".join(lines) + "\n")
+    (out / f"sweep{suffix}.json").write_text(json.dumps(res, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,296 @@
+"""The one training loop: every model trained in this project (``fmpipe train`` from scratch or as a
+fine-tune, the training DAG, the benchmark's foundation model and its SASRec baselines) goes
+through :func:`fit`.
+
+* **Budget:** training stops at ``budget_s`` seconds of training steps (wall or process CPU time,
+  validation not counted), at ``max_epochs``, or by early stopping, whichever comes first. The
+  learning rate warms up, then follows a cosine to 5% of its peak over the budget (or over
+  ``max_epochs`` when that ends first), so a time-boxed run still anneals.
+* **Validation and the kept checkpoint:** ``validate()`` runs ``n_evals`` times spread over a finite
+  budget (every epoch when the budget is infinite) and at the end; the weights with the best
+  ``select`` metric are the ones kept. ``patience`` validations without a gain stop the run.
+* **Data:** each epoch draws training windows of ``max_len`` events from every row (``window_mode``),
+  sorts them by length inside chunks (less padding) and shuffles the batches.
+* **Resumable:** with ``state_dir`` a state (weights, optimizer, RNGs, position, the best weights so
+  far, the validation history) is saved every ``checkpoint_every_s`` seconds; ``resume=True``
+  continues from it. On CPU with a step-bound schedule the result is bit-identical to a run that
+  never stopped.
+
+Deterministic for a seed on CPU. CUDA with bf16 autocast is used when a GPU is present.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fm import train_state
+from fm.data import Sequences
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    budget_s: float = 120.0          # seconds of training steps (math.inf: until max_epochs / early stop)
+    clock: str = "wall"              # what the budget counts: "wall" seconds or process "cpu" seconds
+    max_epochs: int = 10_000
+    batch_size: int = 16
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    warmup: float = 0.05             # fraction of the schedule
+    n_evals: int = 8                 # validations spread over a finite budget (+ one at the end)
+    patience: int = 0                # stop after this many validations without a gain (0: never)
+    window_mode: str = "tokens"      # see training_windows
+    clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"             # auto | cpu | cuda
+    checkpoint_every_s: float = 0.0  # save a resumable state this often (only with a state dir; 0: never)
+    desc: str = "train"
+
+    def __post_init__(self) -> None:
+        if self.clock not in ("wall", "cpu"):
+            raise ValueError(f"clock must be 'wall' or 'cpu', not {self.clock!r}")
+        if not self.budget_s > 0 or self.max_epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise ValueError("budget_s, max_epochs, batch_size and lr must be positive, got "
+                             f"{self.budget_s}, {self.max_epochs}, {self.batch_size}, {self.lr}")
+
+
+@dataclass
+class FitResult:
+    train_s: float                    # wall seconds spent in training steps
+    train_cpu_s: float                # process CPU seconds spent in training steps (all threads)
+    eval_s: float
+    steps: int
+    epochs: float
+    best: dict                        # validation metrics of the kept checkpoint
+    best_step: int
+    stopped_by: str                   # budget | max_epochs | early_stopping | interrupted
+    resumed: bool = False
+    history: list = field(default_factory=list)   # (step, train_s, epoch, valid metrics)
+    curve: list = field(default_factory=list)     # (step, loss, parts) every LOG_EVERY steps
+
+    def summary(self) -> dict:
+        """JSON-safe figures for checkpoints and reports (no curve)."""
+        return {k: v for k, v in asdict(self).items() if k != "curve"}
+
+
+LOG_EVERY = 10
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def set_lr(opt: torch.optim.Optimizer, peak: float, frac: float, warmup: float = 0.05) -> None:
+    """Linear warm-up then cosine decay to 5% of peak."""
+    lr = peak * frac / warmup if frac < warmup else peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (frac - warmup) / (1 - warmup))))
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def training_windows(lengths: np.ndarray, max_len: int, rng: np.random.Generator, mode: str = "tokens") -> tuple[np.ndarray, np.ndarray]:
+    """One epoch of training windows as (rows, ends): each window is the ``max_len`` events before
+    ``end``. ``mode="last"``: the last window of every row (one per user, RecBole-style);
+    ``"user"``: one window per row with a random end (short rows: the whole row);
+    ``"tokens"``: ``ceil(len / max_len)`` random windows per row, so an epoch covers about every token."""
+    rows = np.flatnonzero(lengths >= 2)
+    lens = lengths[rows]
+    if mode == "last":
+        return rows, lens.copy()
+    if mode == "tokens":
+        reps = np.ceil(lens / max_len).astype(np.int64)
+        rows, lens = np.repeat(rows, reps), np.repeat(lens, reps)
+    elif mode != "user":
+        raise ValueError(f"unknown window mode {mode!r} (tokens | user | last)")
+    lo = np.minimum(lens, max_len)
+    ends = lo + (rng.random(len(lens)) * (lens - lo + 1)).astype(np.int64)
+    return rows, np.minimum(ends, lens)
+
+
+def epoch_batches(rows: np.ndarray, ends: np.ndarray, max_len: int, batch_size: int,
+                  rng: np.random.Generator, sort_chunk: int = 32) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Shuffle windows, sort by length inside chunks of ``sort_chunk`` batches (less padding), and
+    shuffle the batch order."""
+    perm = rng.permutation(len(rows))
+    rows, ends = rows[perm], ends[perm]
+    width = np.minimum(ends, max_len)
+    out = []
+    chunk = batch_size * sort_chunk
+    for c in range(0, len(rows), chunk):
+        o = c + np.argsort(width[c: c + chunk], kind="stable")
+        out += [(rows[o[i: i + batch_size]], ends[o[i: i + batch_size]]) for i in range(0, len(o), batch_size)]
+    return [out[i] for i in rng.permutation(len(out))]
+
+
+def n_batches_per_epoch(lengths: np.ndarray, max_len: int, batch_size: int, mode: str) -> int:
+    """Batches in one epoch (the window count does not depend on the random draw)."""
+    rows = lengths[lengths >= 2]
+    n = int(np.ceil(rows / max_len).sum()) if mode == "tokens" else len(rows)
+    return sum(math.ceil(len(range(c, min(c + batch_size * 32, n))) / batch_size) for c in range(0, n, batch_size * 32))
+
+
+class _Run:
+    """The mutable state of one fit: counters, clocks, the best checkpoint, the RNGs."""
+
+    def __init__(self, cfg: FitConfig):
+        self.cfg = cfg
+        self.rng = np.random.default_rng(cfg.seed)
+        self.step = self.epoch = self.next_batch = self.best_step = 0
+        self.train_s = self.train_cpu_s = self.eval_s = 0.0
+        self.epoch_f = 0.0
+        self.best: dict | None = None
+        self.best_state: dict | None = None
+        self.since_best = 0
+        self.history: list = []
+        self.curve: list = []
+        self.epoch_rng: dict = self.rng.bit_generator.state
+
+    def spent(self) -> float:
+        return self.train_s if self.cfg.clock == "wall" else self.train_cpu_s
+
+    def progress(self, total_steps: int) -> float:
+        """Fraction of the schedule done: by steps or by the budget, whichever is further along."""
+        by_budget = self.spent() / self.cfg.budget_s if math.isfinite(self.cfg.budget_s) else 0.0
+        return min(1.0, max(self.step / max(total_steps, 1), by_budget))
+
+
+def fit(objective: torch.nn.Module, train: Sequences, max_len: int, cfg: FitConfig,
+        validate: Callable[[], dict] | None = None, select: str = "ndcg@10",
+        state_dir: Path | None = None, resume: bool = False, interrupt_after: int | None = None) -> FitResult:
+    """Train ``objective``'s parameters in place on windows of ``train``; keep the checkpoint with the
+    best ``select`` on ``validate()`` (the last weights when there is no validation).
+
+    ``objective(tokens, valid) -> (loss, parts)``; ``interrupt_after``: return after that many steps
+    without saving, as a kill would (tests)."""
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    objective.to(device).train()
+    run = _Run(cfg)
+    opt = torch.optim.AdamW(objective.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_epoch = n_batches_per_epoch(train.lengths, max_len, cfg.batch_size, cfg.window_mode)
+    total_steps = cfg.max_epochs * per_epoch
+    state_cfg = {**{k: v for k, v in asdict(cfg).items() if k not in ("checkpoint_every_s", "device", "desc")},
+                 "rows": len(train), "tokens": int(train.offsets[-1]), "max_len": max_len,
+                 "n_params": sum(p.numel() for p in objective.parameters())}
+    resumed = bool(resume and state_dir is not None and train_state.exists(state_dir))
+    if resumed:
+        train_state.load(state_dir, objective, opt, run, state_cfg)
+    eval_every = cfg.budget_s / max(cfg.n_evals, 1) if math.isfinite(cfg.budget_s) else math.inf
+    next_eval = (math.floor(run.spent() / eval_every) + 1) * eval_every if math.isfinite(eval_every) else math.inf
+    bar = tqdm(total=round(cfg.budget_s) if math.isfinite(cfg.budget_s) else None, initial=round(run.spent()),
+               desc=cfg.desc, unit="s", leave=False, mininterval=2.0,
+               bar_format="{desc}: {n:.0f}/{total_fmt} s " + cfg.clock + " [{elapsed}] {postfix}")
+    last_save, stopped = time.perf_counter(), "max_epochs"
+
+    def validation() -> bool:
+        """Run validation, keep the best weights; True when early stopping says stop."""
+        if validate is None:
+            return False
+        t = time.perf_counter()
+        objective.eval()
+        m = validate()
+        objective.train()
+        run.eval_s += time.perf_counter() - t
+        run.history.append((run.step, round(run.train_s, 1), round(run.epoch_f, 3), m))
+        if run.best is None or m[select] > run.best[select]:
+            run.best, run.best_state, run.best_step, run.since_best = m, copy.deepcopy(objective.state_dict()), run.step, 0
+        else:
+            run.since_best += 1
+        bar.set_postfix(valid=f"{m[select]:.4f}", best=f"{run.best[select]:.4f}")
+        return bool(cfg.patience and run.since_best >= cfg.patience)
+
+    while run.epoch < cfg.max_epochs and stopped == "max_epochs":
+        run.rng.bit_generator.state = run.epoch_rng
+        batches = epoch_batches(*training_windows(train.lengths, max_len, run.rng, cfg.window_mode), max_len, cfg.batch_size, run.rng)
+        for i in range(run.next_batch, len(batches)):
+            rows, ends = batches[i]
+            before = run.spent()
+            loss = _step(objective, opt, train.batch(rows, max_len, ends=ends), device, cfg, run, total_steps)
+            run.epoch_f = run.epoch + (i + 1) / len(batches)
+            run.next_batch = i + 1
+            bar.update(max(0.0, min(run.spent() - before, (bar.total or math.inf) - bar.n)))
+            if interrupt_after is not None and run.step >= interrupt_after:
+                bar.close()
+                return _result(run, "interrupted", resumed)
+            if state_dir is not None and cfg.checkpoint_every_s and time.perf_counter() - last_save >= cfg.checkpoint_every_s:
+                train_state.save(state_dir, objective, opt, run, state_cfg)
+                last_save = time.perf_counter()
+            if run.step % LOG_EVERY == 0:
+                bar.set_postfix_str(f"loss={loss:.3f} ep={run.epoch_f:.1f}" + (f" best={run.best[select]:.4f}" if run.best else ""))
+            if run.spent() >= cfg.budget_s:
+                stopped = "budget"
+                break
+            if run.spent() >= next_eval:
+                next_eval += eval_every
+                if validation():
+                    stopped = "early_stopping"
+                    break
+        else:
+            run.epoch, run.next_batch = run.epoch + 1, 0
+            run.epoch_rng = run.rng.bit_generator.state
+            if not math.isfinite(eval_every) and validation():
+                stopped = "early_stopping"
+    if stopped != "early_stopping" and (not run.history or run.history[-1][0] != run.step):
+        validation()
+    bar.close()
+    if run.best_state is not None:
+        objective.load_state_dict(run.best_state)
+    objective.cpu().eval()
+    return _result(run, stopped, resumed)
+
+
+def _step(objective, opt, b, device, cfg: FitConfig, run: _Run, total_steps: int) -> float:
+    """One optimizer step on batch ``b``; advances the run's counters and clocks."""
+    t, tc = time.perf_counter(), time.process_time()
+    tokens = {k: v.to(device) for k, v in b.tokens.items()}
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        loss, parts = objective(tokens, b.valid.to(device))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.clip:
+        torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.clip)
+    run.step += 1
+    set_lr(opt, cfg.lr, run.progress(total_steps), cfg.warmup)
+    opt.step()
+    value = float(loss.detach())
+    run.train_s += time.perf_counter() - t
+    run.train_cpu_s += time.process_time() - tc
+    if run.step % LOG_EVERY == 0 or run.step == 1:
+        run.curve.append((run.step, value, parts))
+    return value
+
+
+def _result(run: _Run, stopped: str, resumed: bool) -> FitResult:
+    return FitResult(round(run.train_s, 2), round(run.train_cpu_s, 2), round(run.eval_s, 2), run.step,
+                     round(run.epoch_f, 3), run.best or {}, run.best_step, stopped, resumed, run.history, run.curve)
+
+
+def plot_curve(curve: list, path: Path, history: list | None = None) -> Path:
+    """Loss curves (total and per head) and, when given, the validation metric, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [c[0] for c in curve]
+    ax.plot(steps, [c[1] for c in curve], label="total", lw=1.5)
+    for key in curve[0][2] if curve else []:
+        ax.plot(steps, [c[2].get(key, np.nan) for c in curve], label=key, lw=0.8, alpha=0.7)
+    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.grid(alpha=0.3)
+    if history:
+        ax2 = ax.twinx()
+        ax2.plot([h[0] for h in history], [h[3].get("ndcg@10", np.nan) for h in history], "k.--", label="valid ndcg@10")
+        ax2.set_ylabel("validation NDCG@10")
+        ax2.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

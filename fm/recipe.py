@@ -1,0 +1,163 @@
+"""The training recipe: one config, the defaults that validation chose, and the one way a foundation
+model is built and trained from it. ``fmpipe train`` (``jobs.train``), the training DAG and
+``bench/quality.py`` / ``bench/sweep.py`` all call :func:`build` and :func:`train` -- there is no
+second, better path that only the benchmark reaches.
+
+Where the defaults come from: the validation sweep in ``bench/results/sweep.md`` (choices made on
+the validation targets only; ``fm.protocol.selecting`` makes reading test an error) and the
+ablations in ``bench/results/quality.md``: sampled softmax with logQ correction and a learned title
+bias, history masking, an embedding LayerNorm, zero-initialised side fields, one next-title head
+(multi-token k=2 cost 14% NDCG@10 on ML-1M) and side heads that learn from a stop-gradient copy of
+the state (trained at full weight they cost 6-9% of NDCG@10; detached they cost nothing).
+
+Validation: each profile's last target event (``leave_one_out=False``: training sees everything
+before it) or its second-last (``leave_one_out=True``: the last is the test target of ``fmpipe
+evaluate``). No profile is withheld from training; the kept checkpoint is the best on validation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fm import protocol as P
+from fm.data import Sequences
+from fm.fit import FitConfig, FitResult, fit
+from fm.losses import Objective
+from fm.model import FoundationModel, ModelConfig, init_weights
+from fm.schema import ACTIONS, vocab_index
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Model, objective and fit settings. Defaults: chosen on validation (see module docstring)."""
+    # model
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    max_len: int = 200
+    dropout: float = 0.1
+    mtp_k: int = 1
+    content_dim: int = 64
+    use_content: bool = True
+    emb_norm: bool = True
+    title_bias: bool = True
+    detach_heads: bool = True
+    zero_fields: bool = True
+    id_dropout: float = 0.1            # cold start: content alone must carry a title (bench/results/cold_start.md)
+    w_mtp: float = 0.5
+    w_action: float = 0.2
+    w_duration: float = 0.2
+    w_device: float = 0.1
+    target_actions: tuple[str, ...] = ()   # empty: the dataset's (written by the importer), else the schema default
+    # objective
+    n_negatives: int = 512             # 0: full softmax
+    neg_alpha: float = 1.0
+    mask_history: bool = True
+    # fit
+    lr: float = 3e-3
+    batch_size: int = 16
+    weight_decay: float = 0.0
+    time_budget_s: float = 120.0       # inf: until max_epochs or early stopping
+    clock: str = "wall"                # wall | cpu: what the budget counts
+    max_epochs: int = 10_000
+    n_evals: int = 8
+    patience: int = 0
+    window_mode: str = "tokens"
+    valid_users: int = 2000            # validation targets drawn from this many profiles (0: all)
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        unknown = set(self.target_actions) - set(ACTIONS)
+        if unknown:
+            raise ValueError(f"target_actions: unknown action(s) {sorted(unknown)}; valid: {list(ACTIONS)}")
+
+
+RECIPE_FIELDS = tuple(f.name for f in fields(Recipe))
+
+
+def recipe_of(cfg) -> Recipe:
+    """The recipe part of a larger config (e.g. ``jobs.train.TrainJobConfig``)."""
+    return Recipe(**{k: getattr(cfg, k) for k in RECIPE_FIELDS})
+
+
+def model_config(r: Recipe, n_titles: int, target_actions: tuple[str, ...]) -> ModelConfig:
+    return ModelConfig(n_titles=n_titles, content_dim=r.content_dim, d_model=r.d_model, n_layers=r.n_layers,
+                       n_heads=r.n_heads, max_len=r.max_len, dropout=r.dropout, mtp_k=r.mtp_k,
+                       use_content=r.use_content, emb_norm=r.emb_norm, title_bias=r.title_bias,
+                       detach_heads=r.detach_heads, id_dropout=r.id_dropout, w_mtp=r.w_mtp,
+                       w_action=r.w_action, w_duration=r.w_duration, w_device=r.w_device,
+                       **({"target_actions": tuple(target_actions)} if target_actions else {}))
+
+
+def build(r: Recipe, n_titles: int, content: np.ndarray, target_actions: tuple[str, ...] = ()) -> FoundationModel:
+    """A freshly initialised model with the catalogue's content vectors (``content``: n_titles x dim)."""
+    torch.manual_seed(r.seed)
+    model = FoundationModel(model_config(r, n_titles, tuple(r.target_actions) or tuple(target_actions)))
+    init_weights(model, zero_fields=r.zero_fields)
+    model.title.content.copy_(torch.from_numpy(np.asarray(content[:, : r.content_dim], np.float32)))
+    return model
+
+
+def target_ids(model: FoundationModel) -> np.ndarray:
+    """Action vocabulary ids of the model's target actions."""
+    index = vocab_index(ACTIONS)
+    return np.array([index[a] for a in model.cfg.target_actions], np.int64)
+
+
+def validation_set(seqs: Sequences, back: int, actions: np.ndarray, n_users: int, seed: int,
+                   among: np.ndarray | None = None) -> P.EvalSet:
+    """The validation targets: the ``back``-th event from the end of each row (when it is a target
+    action), for at most ``n_users`` rows drawn with ``seed`` (0: all), optionally only rows ``among``."""
+    es = P.eval_set(seqs, back, "valid", actions)
+    if among is not None:
+        es = es.subset(np.isin(es.rows, among))
+    if n_users and len(es) > n_users:
+        keep = np.zeros(len(es), bool)
+        keep[np.random.default_rng(seed + 7).choice(len(es), n_users, replace=False)] = True
+        es = es.subset(keep)
+    return es
+
+
+def fit_config(r: Recipe, desc: str = "train", checkpoint_every_s: float = 0.0) -> FitConfig:
+    return FitConfig(budget_s=r.time_budget_s, clock=r.clock, max_epochs=r.max_epochs, batch_size=r.batch_size,
+                     lr=r.lr, weight_decay=r.weight_decay, n_evals=r.n_evals, patience=r.patience,
+                     window_mode=r.window_mode, seed=r.seed, device=r.device,
+                     checkpoint_every_s=checkpoint_every_s, desc=desc)
+
+
+def held_out_back(leave_one_out: bool) -> int:
+    """How many events at the end of each profile training never sees: the validation target, and
+    with ``leave_one_out`` also the test target after it."""
+    return 2 if leave_one_out else 1
+
+
+def train(r: Recipe, model: FoundationModel, seqs: Sequences, leave_one_out: bool,
+          among: np.ndarray | None = None, exclude_titles: np.ndarray | None = None,
+          state_dir: Path | None = None, resume: bool = False, checkpoint_every_s: float = 0.0,
+          interrupt_after: int | None = None, desc: str = "train") -> tuple[FitResult, P.EvalSet]:
+    """Train ``model`` in place on ``seqs`` (rows ``among``, default all) without each row's last
+    ``held_out_back`` events; validate on the first of those; keep the best checkpoint.
+
+    ``exclude_titles`` (bool mask over titles): titles removed from every softmax (cold-start holdout).
+    Returns the fit result and the validation set (for the promotion gate)."""
+    back = held_out_back(leave_one_out)
+    rows = np.arange(len(seqs)) if among is None else np.asarray(among)
+    train_seqs = P.truncate(seqs.take(rows), back)
+    counts = np.bincount(train_seqs.values["title"], minlength=model.cfg.n_titles)[: model.cfg.n_titles]
+    objective = Objective(model, counts, n_negatives=r.n_negatives, alpha=r.neg_alpha,
+                          mask_history=r.mask_history, exclude_titles=exclude_titles)
+    valid = validation_set(seqs, back, target_ids(model), r.valid_users, r.seed, among)
+    score = P.fm_scores(model)
+
+    def validate() -> dict:
+        with P.selecting():
+            return P.evaluate(score, seqs, valid, model.cfg.max_len) if len(valid) else {"ndcg@10": 0.0, "users": 0}
+
+    result = fit(objective, train_seqs, model.cfg.max_len, fit_config(r, desc, checkpoint_every_s),
+                 validate=validate, state_dir=state_dir, resume=resume, interrupt_after=interrupt_after)
+    return result, valid
+

@@ -1,0 +1,89 @@
+"""What ships is what was measured: on a small MovieLens-format log full of equal timestamps, the
+pipeline's history keeps the file's order, ``fmpipe evaluate`` gives the same figure on the history
+table as on the ratings file, and the benchmark's product part gives exactly what the product
+commands give (same seed, same metrics)."""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gzip
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fm import movielens as M
+from fm.data import Sequences
+from jobs import evaluate, importers, tokenize, train
+from jobs.io import partition
+from jobs.settings import Paths
+
+N_USERS, N_MOVIES = 40, 30
+TINY = {"d_model": 16, "n_layers": 1, "n_heads": 2, "max_len": 32, "content_dim": 8, "max_epochs": 2,
+        "time_budget_s": math.inf, "batch_size": 16, "n_negatives": 16, "valid_users": 0, "checkpoint_every_s": 0}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def ml_dir(tmp_path):
+    """Ratings where every two consecutive events of a user share a second, lines shuffled across users
+    (so the file order, not the movie id, decides ties)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for u in range(1, N_USERS + 1):
+        movies = rng.choice(np.arange(1, N_MOVIES + 1), size=int(rng.integers(8, 16)), replace=False)
+        base = 978_300_000 + u * 10_000
+        rows += [(u, int(m), int(rng.integers(1, 6)), base + (i // 2) * 3600) for i, m in enumerate(movies)]
+    rows = [rows[i] for i in rng.permutation(len(rows))]
+    d = tmp_path / "data" / "ml-1m"
+    d.mkdir(parents=True)
+    with gzip.open(d / M.RATINGS_FILE, "wt") as f:
+        f.writelines(f"{u}::{m}::{r}::{t}\n" for u, m, r, t in rows)
+    genres = ["Comedy", "Drama", "Action|Thriller", "Animation|Children's", "Horror"]
+    (d / "movies.dat").write_text("".join(f"{m}::Movie {m} (1999)::{genres[m % 5]}\n" for m in range(1, N_MOVIES + 1)),
+                                  encoding="latin-1")
+    return d
+
+
+def _prepare(home: Paths, ml_dir, spark) -> str:
+    out = importers.import_movielens(home, str(ml_dir))
+    tokenize.run(tokenize.TokenizeConfig(date=out["last_day"], full=True), home, spark)
+    return out["last_day"]
+
+
+def test_history_keeps_the_file_order_and_evaluates_like_the_ratings_file(spark, home, ml_dir):
+    day = _prepare(home, ml_dir, spark)
+    hist = Sequences.read(partition(home.history, dt.date.fromisoformat(day)))
+    ids = evaluate.title_ids_by_idx(evaluate.read_vocab(home))
+    ml, _ = evaluate.movielens_data(evaluate.EvalConfig(path=str(ml_dir)), ids)
+    assert hist.profile_id.tolist() == ml.profile_id.tolist()
+    assert np.array_equal(hist.offsets, ml.offsets) and np.array_equal(hist.values["title"], ml.values["title"])
+    assert (np.diff(hist.values["title"]) != 0).any()                      # not trivially sorted by title
+    model = train.run(train.TrainJobConfig(date=day, leave_one_out=True, **TINY), home)
+    on_history = evaluate.run(evaluate.EvalConfig(model=model["path"]), home)
+    on_file = evaluate.run(evaluate.EvalConfig(model=model["path"], data="movielens", path=str(ml_dir)), home)
+    assert on_history["metrics"] == on_file["metrics"] and on_history["metrics"]["users"] == N_USERS
+    assert on_history["trained_on_eval_targets"] is False and on_file["trained_on_eval_targets"] is False
+    assert on_file["overlap"] == {"targets": N_USERS, "trained": 0, "validated": 0}
+
+
+def test_the_benchmark_product_part_is_the_product(spark, home, ml_dir, tmp_path):
+    """bench/quality.py's product part and the product commands, same seed: the same figure."""
+    from bench import quality
+    day = _prepare(home, ml_dir, spark)
+    model = train.run(train.TrainJobConfig(date=day, leave_one_out=True, promote="never", seed=1, **TINY), home)
+    direct = evaluate.run(evaluate.EvalConfig(model=model["path"], data="movielens", path=str(ml_dir)), home)
+    args = argparse.Namespace(quick=False, work=str(tmp_path / "work"), data=str(ml_dir.parent),
+                              budget_s=math.inf, clock="wall")
+    over = {k: v for k, v in TINY.items() if k != "time_budget_s"}
+    bench = quality.product("ml-1m", args, seed=1, overrides=over)
+    assert {k: bench[k] for k in quality.METRICS} == {k: direct["metrics"][k] for k in quality.METRICS}
+    assert bench["trained_on_eval_targets"] is False
