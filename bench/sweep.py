@@ -90,11 +90,17 @@ def main(argv=None) -> dict:
     defaults = Recipe()
     runs, chosen = [], {}
     t0 = time.perf_counter()
+    base: dict | None = None                             # the all-defaults run, shared by every axis
     with P.selecting():                                  # reading test anywhere below raises
         for axis in args.axes:
             scores = {}
             for value in AXES[axis]:
-                r = train_valid(args, day, home, {axis: value})
+                is_default = value == getattr(defaults, axis)
+                if is_default and base is not None:
+                    r = base
+                else:
+                    r = train_valid(args, day, home, {} if is_default else {axis: value})
+                    base = r if is_default else base
                 runs.append({"axis": axis, "value": value, **r})
                 scores[value] = r["valid_ndcg@10"]
                 print(f"{axis}={value}: valid NDCG@10 {r['valid_ndcg@10']:.4f}", file=sys.stderr)

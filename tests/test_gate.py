@@ -59,7 +59,8 @@ def token_table(day: dt.date, seed: int) -> pa.Table:
     n = 2 * PROFILES
     ts = [dt.datetime.combine(day, dt.time(12), tzinfo=dt.timezone.utc) + dt.timedelta(minutes=i) for i in range(n)]
     cols = {"profile_id": pa.array(np.repeat(np.arange(PROFILES), 2), pa.int64()),
-            "event_id": pa.array([f"{day}-e{i}" for i in range(n)]), "ts": pa.array(ts, pa.timestamp("us", tz="UTC"))}
+            "event_id": pa.array([f"{day}-e{i}" for i in range(n)]), "ts": pa.array(ts, pa.timestamp("us", tz="UTC")),
+            "seq": pa.array(np.arange(n), pa.int64())}
     hi = {f: r[1] for f, r in validate.token_ranges(S.N_SPECIAL + TITLES - 1).items()}
     for f in S.TOKEN_FIELDS:
         cols[f] = pa.array(rng.integers(S.N_SPECIAL, hi[f] + 1, n), pa.int32())

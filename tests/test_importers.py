@@ -64,3 +64,29 @@ def test_movielens_ratings_become_events(tmp_path, home):
     assert by_id["ml-2"]["action"] == "complete" and by_id["ml-0"]["device"] is None
     cat = pq.read_table(home.catalogue).to_pylist()
     assert {c["title_id"] for c in cat} == {"10", "20"} and "Animation" in cat[0]["genres"]
+
+
+def test_beauty_lines_become_events_in_file_order_with_relative_time(tmp_path, home):
+    """One line per user; gaps give relative time (each user's last event on the fixed day); attributes
+    become the catalogue's content; a malformed line names its number."""
+    import gzip
+    import json as js
+    d = tmp_path / "beauty"
+    d.mkdir()
+    with gzip.open(d / "Beauty_with_gaps.txt.gz", "wt") as f:
+        f.write("1 5 6 7\t0 0 86400\n2 6 5\t0 172800\n")
+    with gzip.open(d / "Beauty_item2attributes.json.gz", "wt") as f:
+        f.write(js.dumps({"5": [1, 2], "6": [2]}))
+    out = importers.import_beauty(home, str(d))
+    assert out["events"] == 5 and out["profiles"] == 2 and out["last_day"] == "2014-07-01"
+    rows = sorted(pq.read_table(home.raw).to_pylist(), key=lambda r: r["seq"])
+    assert [(r["profile_id"], r["title_id"]) for r in rows] == [(1, "5"), (1, "6"), (1, "7"), (2, "6"), (2, "5")]
+    assert rows[0]["ts"] == rows[1]["ts"] == "2014-06-30T00:00:00Z" and rows[2]["ts"] == "2014-07-01T00:00:00Z"
+    assert rows[3]["ts"] == "2014-06-29T00:00:00Z"
+    cat = {c["title_id"]: c for c in pq.read_table(home.catalogue).to_pylist()}
+    assert cat["5"]["genres"] == ["attr1", "attr2"] and cat["7"]["genres"] == []
+    assert js.loads((home.home / "dataset.json").read_text())["target_actions"] == ["play"]
+    with gzip.open(d / "Beauty_with_gaps.txt.gz", "wt") as f:
+        f.write("1 5 6\t0\n")
+    with pytest.raises(importers.ImportError_, match="line 1: expected"):
+        importers.import_beauty(home, str(d))

@@ -346,7 +346,7 @@ def write_history(paths: Paths, day: dt.date, pid: int, finished: list[str]) -> 
     actions = [complete] * len(finished) + [play]
     n = len(titles)
     cols = {"profile_id": [pid], "last_dt": [day], "n_tokens": [n],
-            "ts": [[dt.datetime(2026, 11, 2, 12, tzinfo=dt.timezone.utc)] * n]}
+            "ts": [[dt.datetime(2026, 11, 2, 12, tzinfo=dt.timezone.utc)] * n], "seq": [list(range(n))]}
     for f in TOKEN_FIELDS:
         cols[f] = [titles if f == "title" else actions if f == "action" else [2] * n]
     atomic_write_table(pa.table(cols, schema=HISTORY_SCHEMA), partition(paths.history, day) / "part-0.parquet")
