@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ import pyarrow.parquet as pq
 
 from fm import schema as S
 from fm.data import data_root
-from jobs.io import atomic_write_json, atomic_write_table
+from jobs.io import atomic_write_json, atomic_write_table, fsync_tree
 from jobs.settings import Paths, parse_overrides
 
 
@@ -71,6 +72,12 @@ def _column(table: pa.Table, name: str, role: str, where: str) -> pd.Series:
     return table[name].to_pandas()
 
 
+def _show(value) -> str:
+    """A cell as a person reads it: strings quoted, numbers plain (no numpy type names)."""
+    value = value.item() if hasattr(value, "item") else value
+    return repr(value) if isinstance(value, str) else str(value)
+
+
 def _first_bad(parsed: pd.Series, raw: pd.Series) -> int | None:
     """First row whose value was present (not null, not an empty string) but did not parse."""
     present = raw.notna() & (raw.astype("string").str.strip() != "")
@@ -84,24 +91,42 @@ def _as_int(raw: pd.Series, name: str, role: str, where: str) -> pd.Series:
     if row is None and parsed.notna().any() and (parsed.dropna() % 1 != 0).any():
         row = int(np.flatnonzero(((parsed % 1) != 0).to_numpy())[0])
     if row is not None:
-        raise ImportError_(f"{where}: column {name!r} ({role}) row {row}: {raw.iloc[row]!r} is not an integer id")
+        raise ImportError_(f"{where}: column {name!r} ({role}) row {row}: {_show(raw.iloc[row])} is not an integer id")
     return parsed.astype("Int64")
 
 
 def _as_utc(raw: pd.Series, name: str, where: str) -> pd.Series:
-    """Unix seconds / milliseconds (numbers) or ISO-8601 strings -> UTC timestamps."""
+    """Unix seconds / milliseconds (numbers) or ISO-8601 strings -> UTC timestamps. Every row must
+    have a time: an empty, negative or unparseable value, or a column mixing seconds with
+    milliseconds, fails naming the row (a wrong date would silently move the event to another day)."""
     if pd.api.types.is_datetime64_any_dtype(raw):
-        return pd.to_datetime(raw, utc=True)
-    numeric = pd.to_numeric(raw, errors="coerce")
-    if numeric.notna().all():
-        unit = "ms" if numeric.abs().max() > 1e11 else "s"
-        return pd.to_datetime(numeric, unit=unit, utc=True)
-    parsed = pd.to_datetime(raw, utc=True, errors="coerce", format="ISO8601")
-    row = _first_bad(parsed, raw)
-    if row is not None:
-        raise ImportError_(f"{where}: column {name!r} (timestamp) row {row}: {raw.iloc[row]!r} is not unix "
-                           "seconds/milliseconds or an ISO-8601 time")
+        parsed = pd.to_datetime(raw, utc=True)
+    elif (numeric := pd.to_numeric(raw, errors="coerce")).notna().all():
+        parsed = _from_unix(numeric, raw, name, where)
+    else:
+        parsed = pd.to_datetime(raw, utc=True, errors="coerce", format="ISO8601")
+        row = _first_bad(parsed, raw)
+        if row is not None:
+            raise ImportError_(f"{where}: column {name!r} (timestamp) row {row}: {_show(raw.iloc[row])} is not unix "
+                               "seconds/milliseconds or an ISO-8601 time")
+    if parsed.isna().any():
+        row = int(np.flatnonzero(parsed.isna().to_numpy())[0])
+        raise ImportError_(f"{where}: column {name!r} (timestamp) row {row} is empty: every event needs a time")
     return parsed
+
+
+def _from_unix(numeric: pd.Series, raw: pd.Series, name: str, where: str) -> pd.Series:
+    """Seconds below 1e11 (until year 5138), milliseconds above; one unit per column."""
+    if (numeric < 0).any():
+        row = int(np.flatnonzero((numeric < 0).to_numpy())[0])
+        raise ImportError_(f"{where}: column {name!r} (timestamp) row {row}: {_show(raw.iloc[row])} is before 1970")
+    is_ms = (numeric >= 1e11).to_numpy()
+    if is_ms.any() and not is_ms.all():
+        s_row, ms_row = int(np.flatnonzero(~is_ms)[0]), int(np.flatnonzero(is_ms)[0])
+        raise ImportError_(f"{where}: column {name!r} (timestamp) mixes unix seconds (row {s_row}: "
+                           f"{_show(raw.iloc[s_row])}) and milliseconds (row {ms_row}: {_show(raw.iloc[ms_row])}); "
+                           "convert the column to one unit")
+    return pd.to_datetime(numeric, unit="ms" if is_ms.any() else "s", utc=True)
 
 
 def events_from_table(table: pa.Table, cfg: ImportConfig, source_name: str) -> pd.DataFrame:
@@ -121,8 +146,11 @@ def events_from_table(table: pa.Table, cfg: ImportConfig, source_name: str) -> p
         raw = _column(table, cfg.duration, "duration", where)
         duration = pd.to_numeric(raw, errors="coerce").astype("Float64")
         row = _first_bad(duration, raw)
+        if row is None and ((duration < 0) | ~np.isfinite(duration.astype("float64").fillna(0.0))).any():
+            row = int(np.flatnonzero(((duration < 0) | ~np.isfinite(duration.astype("float64").fillna(0.0))).fillna(False).to_numpy())[0])
         if row is not None:
-            raise ImportError_(f"{where}: column {cfg.duration!r} (duration) row {row}: {raw.iloc[row]!r} is not a number of seconds")
+            raise ImportError_(f"{where}: column {cfg.duration!r} (duration) row {row}: {_show(raw.iloc[row])} is not a "
+                               "finite, non-negative number of seconds")
     opt = {c: (_column(table, getattr(cfg, c), c, where).astype("string") if getattr(cfg, c) else pd.Series([None] * n, dtype="string"))
            for c in ("device", "canvas")}
     return pd.DataFrame({
@@ -150,13 +178,29 @@ def write_dataset_meta(paths: Paths, source: str, actions, explicit: str = "") -
     return meta
 
 
-def write_raw(events: pd.DataFrame, paths: Paths) -> dict:
-    """Write events into raw/dt=... partitions (replacing the partitions they touch)."""
+def source_key(path: Path) -> str:
+    """A stable name for one source file: its stem plus a hash of its absolute path, so two files
+    with the same name never share event ids or raw files, and re-importing one file replaces only
+    its own events."""
+    stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in path.stem)[:40]
+    return f"{stem}-{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}"
+
+
+def write_raw(events: pd.DataFrame, paths: Paths, key: str) -> dict:
+    """Write one source's events into raw/dt=... partitions as ``part-<key>-0.parquet``.
+
+    Other sources' files in the same days stay (imports append); a re-import of the same source
+    first removes its previous files, so re-running an import is idempotent."""
+    for old in paths.raw.glob(f"dt=*/part-{key}-*.parquet"):
+        old.unlink()
+    events = events.sort_values("dt", kind="stable")          # one file per day: rows of a day are contiguous
     table = pa.Table.from_pandas(events, preserve_index=False)
     data = table.drop(["dt"]).cast(S.RAW_EVENT_SCHEMA).append_column("dt", table["dt"])
     pads.write_dataset(data, paths.raw, format="parquet",
                        partitioning=pads.partitioning(pa.schema([("dt", pa.string())]), flavor="hive"),
-                       existing_data_behavior="delete_matching", basename_template="part-{i}.parquet")
+                       existing_data_behavior="overwrite_or_ignore", basename_template=f"part-{key}-{{i}}.parquet",
+                       max_partitions=1_000_000)   # a long log spans years of daily partitions
+    fsync_tree(paths.raw)
     days = sorted(events["dt"].unique())
     return {"events": len(events), "days": len(days), "first_day": days[0], "last_day": days[-1],
             "profiles": int(events["profile_id"].nunique()), "titles": int(events["title_id"].nunique())}
@@ -170,20 +214,48 @@ def minimal_catalogue(title_ids: list[str]) -> pa.Table:
                     schema=S.CATALOGUE_SCHEMA)
 
 
+def check_unique_titles(cat: pa.Table, where: str) -> None:
+    """A title id listed twice would enter the append-only vocabulary twice, forever: refuse it."""
+    ids = cat["title_id"].to_pylist()
+    seen: dict[str, int] = {}
+    for row, t in enumerate(ids):
+        if t in seen:
+            raise ImportError_(f"{where}: title_id {t!r} appears twice (rows {seen[t]} and {row}); "
+                               "keep one row per title")
+        seen[t] = row
+
+
+def merge_catalogue(paths: Paths, new: pa.Table, keep_existing: bool) -> pa.Table:
+    """The existing catalogue plus ``new``: imports add titles, they never drop other sources' ones.
+    ``keep_existing``: rows already there win (a bare id-only row must not erase a real entry);
+    otherwise the new rows replace them."""
+    if not paths.catalogue.exists():
+        return new
+    old = pq.read_table(paths.catalogue).cast(S.CATALOGUE_SCHEMA)
+    rows = {r["title_id"]: r for r in old.to_pylist()}
+    for r in new.to_pylist():
+        if not (keep_existing and r["title_id"] in rows):
+            rows[r["title_id"]] = r
+    return pa.Table.from_pylist(list(rows.values()), schema=S.CATALOGUE_SCHEMA)
+
+
 def run(cfg: ImportConfig, paths: Paths) -> dict:
     src = Path(cfg.source)
-    events = events_from_table(read_any(src, cfg.delimiter), cfg, src.stem)
+    key = source_key(src)
+    events = events_from_table(read_any(src, cfg.delimiter), cfg, key)
     if cfg.catalogue:
         cat = read_any(Path(cfg.catalogue), cfg.delimiter)
         if "title_id" not in cat.column_names:
             raise ImportError_(f"{cfg.catalogue}: catalogue needs a 'title_id' column; has {cat.column_names}")
         cat = pa.Table.from_pylist([{f.name: r.get(f.name) for f in S.CATALOGUE_SCHEMA} for r in cat.to_pylist()],
                                    schema=S.CATALOGUE_SCHEMA)
+        check_unique_titles(cat, cfg.catalogue)
     else:
         cat = minimal_catalogue(sorted(events["title_id"].dropna().unique().tolist()))
+    cat = merge_catalogue(paths, cat, keep_existing=not cfg.catalogue)
     atomic_write_table(cat, paths.catalogue)
     meta = write_dataset_meta(paths, str(src), events["action"].dropna().unique(), cfg.target_actions)
-    return {**write_raw(events, paths), "catalogue_titles": cat.num_rows, "target_actions": meta["target_actions"]}
+    return {**write_raw(events, paths, key), "catalogue_titles": cat.num_rows, "target_actions": meta["target_actions"]}
 
 
 def import_movielens(paths: Paths, path: str | None = None, users: int = 0, ratings_file: str | None = None) -> dict:
@@ -203,7 +275,7 @@ def import_movielens(paths: Paths, path: str | None = None, users: int = 0, rati
     events["seq"] = ratings["line"].to_numpy(np.int64)       # the file's line order breaks equal timestamps
     atomic_write_table(movielens.movie_catalogue(path), paths.catalogue)
     write_dataset_meta(paths, "movielens", movielens.ACTION_OF_RATING.values())   # every rating is an interaction
-    return write_raw(events, paths)
+    return write_raw(events, paths, "ml")
 
 
 BEAUTY_EPOCH = pd.Timestamp("2014-07-01", tz="UTC")   # every user's last review lands on this day
@@ -259,7 +331,7 @@ def import_beauty(paths: Paths, path: str | None = None, users: int = 0) -> dict
     atomic_write_table(beauty_catalogue(root / "Beauty_item2attributes.json.gz", sorted(df["item"].unique())),
                        paths.catalogue)
     write_dataset_meta(paths, "amazon-beauty", ["play"])
-    return write_raw(events, paths)
+    return write_raw(events, paths, "beauty")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -31,12 +31,38 @@ def temp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
 
 
+def fsync_path(path: Path) -> None:
+    """Flush one file or directory to disk. A rename is durable only once the renamed file's data
+    and then its directory are flushed: without both, power loss can leave a committed name
+    pointing at an empty file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file and directory under ``root`` (and ``root`` itself)."""
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            fsync_path(Path(dirpath) / f)
+        fsync_path(Path(dirpath))
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    """Flush ``tmp``, rename it to ``path``, flush the directory."""
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
 def atomic_write_table(table: pa.Table, path: Path) -> Path:
-    """Write one Parquet file under a temporary name, then rename it into place."""
+    """Write one Parquet file under a temporary name, then rename it into place (durably)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(path)
     pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    _commit(tmp, path)
     return path
 
 
@@ -44,7 +70,7 @@ def atomic_write_json(obj: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(path)
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    _commit(tmp, path)
     return path
 
 
@@ -55,11 +81,13 @@ def swap_dir(staging: Path, final: Path) -> None:
     one), and a crash there leaves the old copy recoverable under its ``.old-`` name.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
+    fsync_tree(staging)
     old = None
     if final.exists():
         old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
         os.replace(final, old)
     os.replace(staging, final)
+    fsync_path(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

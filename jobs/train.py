@@ -64,9 +64,19 @@ DATASET_META = "dataset.json"
 
 def model_version(cfg: TrainJobConfig, day: dt.date) -> str:
     """Deterministic version name: a resumed run writes the same version as the run it continues;
-    a re-run of a version that exists gets a new suffix (see ``fresh_version``)."""
+    a re-run whose version exists gets a new suffix (``fresh_version``)."""
     key = {k: v for k, v in asdict(cfg).items() if k not in _RUN_ONLY}
     return f"fm-{day:%Y%m%d}-{cfg.init}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]}"
+
+
+def fresh_version(paths: Paths, version: str) -> str:
+    """``version``, or ``version-rN`` when a checkpoint of that name exists already: a re-run never
+    overwrites a model (it may be the one serving) before the promotion decision."""
+    name, n = version, 1
+    while (paths.models / name).exists():
+        n += 1
+        name = f"{version}-r{n}"
+    return name
 
 
 def dataset_target_actions(paths: Paths) -> tuple[str, ...]:
@@ -201,6 +211,8 @@ def run(cfg: TrainJobConfig, paths: Paths) -> dict:
             "trained_on": trained_on(cfg, day, parent),
             "holdout_titles": {"frac": cfg.holdout_titles_frac, "seed": cfg.seed,
                                "title_ids": [ids[i] for i in held.tolist()]}}
+    version = fresh_version(paths, version)
+    meta["model_version"] = version
     out = checkpoint.save(model, encoder, paths.models / version, meta)
     plot_curve(result.curve, out / "loss_curve.png", result.history)
     shutil.rmtree(state_dir, ignore_errors=True)          # the run is complete: nothing left to resume

@@ -119,7 +119,8 @@ def test_evaluate_warns_when_the_model_saw_the_targets_and_resume_keeps_the_vers
     write_home(home)
     plain = train.run(train.TrainJobConfig(**{**TINY, "max_epochs": 1}), home)
     again = train.run(train.TrainJobConfig(**{**TINY, "max_epochs": 1}, resume=True), home)     # no state: starts fresh
-    assert again["model_version"] == plain["model_version"] and not again["resumed"]
+    assert not again["resumed"] and again["model_version"] == plain["model_version"] + "-r2"   # never overwrites
+    assert (home.models / plain["model_version"] / "config.json").exists()
     vocab = pq.read_table(home.title_vocab)               # two titles arrive after training
     atomic_write_table(pa.concat_tables([vocab, pa.table({
         "title_id": ["new1", "new2"], "idx": pa.array([N_TITLES + 2, N_TITLES + 3], pa.int32()),

@@ -32,7 +32,9 @@ def test_generic_csv_with_mapping(tmp_path, home):
     day1 = pq.read_table(partition(home.raw, dt.date(2026, 11, 1))).to_pylist()
     assert [r["action"] for r in day1] == ["impression", "complete"]
     assert day1[1]["duration_s"] == 120.5 and day1[1]["device"] == "mobile" and day1[0]["profile_id"] == 7
-    assert day1[0]["event_id"] == "log-0" and day1[0]["canvas"] is None
+    key = importers.source_key(src)
+    assert day1[0]["event_id"] == f"{key}-0" and key.startswith("log-") and day1[0]["canvas"] is None
+    assert [r["seq"] for r in day1] == [0, 1]
     # re-import is idempotent: same partitions, same rows
     importers.run(importers.ImportConfig(source=str(src), user="uid", item="sku", timestamp="when"), home)
     assert pq.read_table(partition(home.raw, dt.date(2026, 11, 1))).num_rows == 2
@@ -42,7 +44,12 @@ def test_generic_csv_with_mapping(tmp_path, home):
     (CSV, {"user": "user_id"}, r"column 'user_id' \(mapped as user\) not found; columns are \['uid'"),
     (CSV.replace("8,A1", "x8,A1"), {}, r"column 'uid' \(user\) row 2: 'x8' is not an integer id"),
     (CSV.replace("2026-11-01T11:00:00Z", "soon"), {}, r"column 'when' \(timestamp\) row 1: 'soon' is not unix"),
-    (CSV.replace("120.5", "long"), {"duration": "secs"}, r"column 'secs' \(duration\) row 1: 'long' is not a number"),
+    (CSV.replace("120.5", "long"), {"duration": "secs"}, r"column 'secs' \(duration\) row 1: 'long' is not a finite"),
+    (CSV.replace("120.5", "inf"), {"duration": "secs"}, r"column 'secs' \(duration\) row 1: inf is not a finite"),
+    (CSV.replace("120.5", "-3"), {"duration": "secs"}, r"row 1: -3.0 is not a finite, non-negative"),
+    (CSV.replace("2026-11-02T09:30:00Z", ""), {}, r"column 'when' \(timestamp\) row 2 is empty"),
+    ("uid,sku,when\n7,A1,1762000000\n7,B2,1762000000000\n", {}, r"mixes unix seconds \(row 0: 1762000000\) and milliseconds \(row 1"),
+    ("uid,sku,when\n7,A1,-5\n", {}, r"row 0: -5 is before 1970"),
 ])
 def test_bad_columns_name_column_row_and_expectation(tmp_path, home, text, mapping, message):
     cfg = {"source": str(write(tmp_path, text)), "user": "uid", "item": "sku", "timestamp": "when", **mapping}
@@ -90,3 +97,30 @@ def test_beauty_lines_become_events_in_file_order_with_relative_time(tmp_path, h
         f.write("1 5 6\t0\n")
     with pytest.raises(importers.ImportError_, match="line 1: expected"):
         importers.import_beauty(home, str(d))
+
+
+def test_a_second_log_appends_and_same_named_files_keep_their_events(tmp_path, home):
+    """Two logs touching the same day: both stay; two files with the same name from different folders
+    get different event ids; re-importing one replaces only its own events; catalogues merge."""
+    a = tmp_path / "a" / "log.csv"
+    b = tmp_path / "b" / "log.csv"
+    a.parent.mkdir(), b.parent.mkdir()
+    a.write_text(CSV)
+    b.write_text("uid,sku,when\n9,C3,2026-11-01T12:00:00Z\n")
+    cfg = dict(user="uid", item="sku", timestamp="when")
+    importers.run(importers.ImportConfig(source=str(a), **cfg), home)
+    importers.run(importers.ImportConfig(source=str(b), **cfg), home)
+    day1 = pq.read_table(partition(home.raw, dt.date(2026, 11, 1))).to_pylist()
+    assert sorted(r["title_id"] for r in day1) == ["A1", "B2", "C3"]
+    assert len({r["event_id"] for r in day1}) == 3
+    importers.run(importers.ImportConfig(source=str(a), **cfg), home)                 # re-run: idempotent
+    assert pq.read_table(partition(home.raw, dt.date(2026, 11, 1))).num_rows == 3
+    assert sorted(pq.read_table(home.catalogue)["title_id"].to_pylist()) == ["A1", "B2", "C3"]
+
+
+def test_a_catalogue_listing_a_title_twice_is_refused(tmp_path, home):
+    cat = tmp_path / "cat.csv"
+    cat.write_text("title_id,name\nA1,One\nB2,Two\nA1,Again\n")
+    with pytest.raises(importers.ImportError_, match=r"title_id 'A1' appears twice \(rows 0 and 2\)"):
+        importers.run(importers.ImportConfig(source=str(write(tmp_path, CSV)), user="uid", item="sku",
+                                             timestamp="when", catalogue=str(cat)), home)
