@@ -14,8 +14,9 @@ What each part runs (every part is the product's code, with the product's defaul
 * ``sasrec``: our SASRec (``fm.sasrec``), trained by the same fit loop (``fm.fit``) on the same
   history table, validated on the same targets, under the same budget and clock; tested once by
   ``fm.protocol`` on the same test targets.
-* ``sasrec_converged``: the same SASRec with no budget: validation after every epoch, early stopping
-  after ``--patience`` validations without a gain; reports its training time.
+* ``sasrec_converged``: the same SASRec with no budget: constant learning rate after warm-up,
+  validation after every epoch, early stopping after ``--patience`` validations without a gain;
+  reports its training time.
 * ``beauty_fm`` / ``beauty_sasrec``: the same two on Amazon Beauty (``fmpipe import beauty``), with
   the same defaults (no per-dataset tuning) and the same budget.
 * ``popularity``: the most-popular floor (counts on the training part).
@@ -91,6 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--budget-s", type=float, default=None, help="training budget per model (default 1800; quick 30)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="cpu", help="what the budget counts")
     ap.add_argument("--patience", type=int, default=5, help="sasrec_converged: validations without a gain")
+    ap.add_argument("--converged-cap-s", type=float, default=float("inf"),
+                    help="sasrec_converged: stop anyway after this many seconds (then stopped_by says budget)")
     ap.add_argument("--data", default=str(data_root()), help="folder holding ml-1m/ and amazon-beauty/")
     ap.add_argument("--work", default=str(Path(_HERE) / ".work"), help="scratch FMPIPE_HOMEs (tokenized once, reused)")
     ap.add_argument("--out", default=str(Path(_HERE) / "results"), help="results folder")
@@ -217,9 +220,10 @@ def sasrec(dataset: str, args, seed: int, converged: bool = False) -> dict:
         with P.selecting():
             return P.evaluate(model.scores, hist, valid, max_len)
 
-    cfg = FitConfig(budget_s=math.inf if converged else args.budget_s, clock=args.clock, seed=seed,
+    cfg = FitConfig(budget_s=args.converged_cap_s if converged else args.budget_s, clock=args.clock, seed=seed,
                     max_epochs=(30 if args.quick else 1000) if converged else 10_000,
-                    patience=args.patience if converged else 0, n_evals=8, desc=f"sasrec {dataset}", **SASREC["fit"])
+                    patience=args.patience if converged else 0, schedule="constant" if converged else "cosine",
+                    n_evals=8, desc=f"sasrec {dataset}", **SASREC["fit"])
     r = fit(model, train_seqs, max_len, cfg, validate=validate)
     seqs, cand = eval_data(dataset, home, day, args)
     mask = torch.zeros(n_titles, dtype=torch.bool)
@@ -289,8 +293,11 @@ def _budget(rec: dict) -> str:
     else:
         words = rec["command"].split()
         b = float(words[words.index("--budget-s") + 1]) if "--budget-s" in words else float("nan")
-    if rec["part"] == "sasrec_converged" or rec["part"] == "popularity":
+    if rec["part"] == "popularity":
         return "none"
+    if rec["part"] == "sasrec_converged":
+        cap = rec.get("converged_cap_s", float("inf"))
+        return "none (early stopping)" if not math.isfinite(cap) else f"early stopping, cap {cap:.0f} s {rec.get('clock', 'cpu')}"
     return f"{b:.0f} s {rec.get('clock', 'cpu')}"
 
 
@@ -357,13 +364,14 @@ def write_report(res: dict, parts: dict[str, list[dict]], args) -> Path:
              "Protocol: leave-one-out by time, full ranking over every title of the data, whole input history "
              "removed (`fm/protocol.py`, the code `fmpipe evaluate` runs). Checkpoints chosen on validation "
              "(second-last event), test reported once. Mean ± sd over seeds.", "",
-             "| part | seeds | budget | HR@10 | NDCG@10 | HR@50 | NDCG@50 | train s (CPU) | train s (wall) | epochs |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| part | seeds | budget | HR@10 | NDCG@10 | HR@50 | NDCG@50 | train s (CPU) | train s (wall) | epochs | stopped by |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for part, s in res["parts"].items():
         f = lambda k: (f"{s[k]:.4f} ± {s[k + '_sd']:.4f}" if s["seeds"] > 1 else f"{s[k]:.4f}") if k in s else ""  # noqa: E731
         g = lambda k: f"{s[k]:.0f}" if k in s else ""  # noqa: E731
+        stops = ", ".join(sorted({r["result"].get("stopped_by") or "" for r in parts[part]} - {""}))
         lines.append(f"| {part} | {s['seeds']} | {s['budget']} | {f('hr@10')} | {f('ndcg@10')} | {f('hr@50')} | {f('ndcg@50')} | "
-                     f"{g('train_cpu_s')} | {g('train_s')} | {s.get('epochs', float('nan')):.1f} |")
+                     f"{g('train_cpu_s')} | {g('train_s')} | {s.get('epochs', float('nan')):.1f} | {stops} |")
     lines += ["", "Ratios (NDCG@10): " + ", ".join(f"{k} **{v}**" for k, v in res.items() if k.startswith("ratio")) +
               (f", Beauty FM / SASRec **{res['beauty'].get('ratio')}**" if res["beauty"].get("ratio") else ""), "",
               "References (data README, same protocol): RecBole SASRec on this ML-1M slice NDCG@10 0.1498 "
@@ -387,7 +395,7 @@ def main(argv=None) -> dict:
         for part in args.parts:
             for seed in ([0] if part == "popularity" else args.seeds):
                 rec = {"part": part, "seed": seed, "budget_s": args.budget_s, "clock": args.clock,
-                       "threads": args.threads, **provenance(argv)}
+                       "threads": args.threads, "converged_cap_s": args.converged_cap_s, **provenance(argv)}
                 t = time.perf_counter()
                 print(f"== {part} seed {seed}", file=sys.stderr)
                 rec["result"] = run_part(part, args, seed)

@@ -5,9 +5,10 @@ through :func:`fit`.
 * **Budget:** training stops at ``budget_s`` seconds of training steps (wall or process CPU time,
   validation not counted), at ``max_epochs``, or by early stopping, whichever comes first. The
   learning rate warms up, then follows a cosine to 5% of its peak over the budget (or over
-  ``max_epochs`` when that ends first), so a time-boxed run still anneals.
+  ``max_epochs`` when that ends first), so a time-boxed run still anneals; ``schedule="constant"``
+  keeps the peak after warm-up (training to convergence by early stopping has no horizon).
 * **Validation and the kept checkpoint:** ``validate()`` runs ``n_evals`` times spread over a finite
-  budget (every epoch when the budget is infinite) and at the end; the weights with the best
+  budget (after every epoch when the budget is infinite or the schedule constant) and at the end; the weights with the best
   ``select`` metric are the ones kept. ``patience`` validations without a gain stop the run.
 * **Data:** each epoch draws training windows of ``max_len`` events from every row (``window_mode``),
   sorts them by length inside chunks (less padding) and shuffles the batches.
@@ -43,7 +44,8 @@ class FitConfig:
     batch_size: int = 16
     lr: float = 3e-3
     weight_decay: float = 0.0
-    warmup: float = 0.05             # fraction of the schedule
+    warmup: float = 0.05             # fraction of the schedule (constant: of the first epoch)
+    schedule: str = "cosine"         # cosine: to 5% of peak over the budget / max_epochs; constant: peak after warm-up
     n_evals: int = 8                 # validations spread over a finite budget (+ one at the end)
     patience: int = 0                # stop after this many validations without a gain (0: never)
     window_mode: str = "tokens"      # see training_windows
@@ -54,6 +56,8 @@ class FitConfig:
     desc: str = "train"
 
     def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', not {self.schedule!r}")
         if self.clock not in ("wall", "cpu"):
             raise ValueError(f"clock must be 'wall' or 'cpu', not {self.clock!r}")
         if not self.budget_s > 0 or self.max_epochs < 1 or self.batch_size < 1 or not self.lr > 0:
@@ -183,7 +187,9 @@ def fit(objective: torch.nn.Module, train: Sequences, max_len: int, cfg: FitConf
     resumed = bool(resume and state_dir is not None and train_state.exists(state_dir))
     if resumed:
         train_state.load(state_dir, objective, opt, run, state_cfg)
-    eval_every = cfg.budget_s / max(cfg.n_evals, 1) if math.isfinite(cfg.budget_s) else math.inf
+    # a finite cosine budget: n_evals spread over it; training to convergence: after every epoch
+    by_epoch = cfg.schedule == "constant" or not math.isfinite(cfg.budget_s)
+    eval_every = math.inf if by_epoch else cfg.budget_s / max(cfg.n_evals, 1)
     next_eval = (math.floor(run.spent() / eval_every) + 1) * eval_every if math.isfinite(eval_every) else math.inf
     bar = tqdm(total=round(cfg.budget_s) if math.isfinite(cfg.budget_s) else None, initial=round(run.spent()),
                desc=cfg.desc, unit="s", leave=False, mininterval=2.0,
@@ -258,7 +264,12 @@ def _step(objective, opt, b, device, cfg: FitConfig, run: _Run, total_steps: int
     if cfg.clip:
         torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.clip)
     run.step += 1
-    set_lr(opt, cfg.lr, run.progress(total_steps), cfg.warmup)
+    if cfg.schedule == "constant":          # train until early stopping: no horizon to anneal over
+        warm = max(1.0, cfg.warmup * total_steps / cfg.max_epochs)
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, run.step / warm)
+    else:
+        set_lr(opt, cfg.lr, run.progress(total_steps), cfg.warmup)
     opt.step()
     value = float(loss.detach())
     run.train_s += time.perf_counter() - t
