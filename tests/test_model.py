@@ -130,7 +130,8 @@ def test_resumed_training_is_bit_identical_to_an_uninterrupted_run(tmp_path, one
               resume=True)
     assert out.resumed and out.steps == 12
     assert [c[1] for c in out.curve] == [c[1] for c in ref.curve]
-    assert out.history == ref.history and out.best_step == ref.best_step
+    same = lambda h: [(s, ep, m) for s, _, ep, m in h]                      # noqa: E731 (wall time differs)
+    assert same(out.history) == same(ref.history) and out.best_step == ref.best_step
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match=r"another config \(differs in \['lr'\]\)"):
