@@ -29,6 +29,16 @@ TINY = {"profiles": 150, "titles": 120, "days": 4, "new_titles_per_day": 5, "mal
         "start": "2026-11-01", "seed": 3}
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine they lose a lot."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def spark():
     from jobs.spark import get_spark

@@ -56,13 +56,7 @@ def write_home(paths) -> None:
                        partition(paths.history, dt.date.fromisoformat(DAY)) / "part-0.parquet")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine they lose a lot."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny models run on one thread
 
 
 TINY = {"date": DAY, "d_model": 16, "n_layers": 1, "n_heads": 2, "max_len": 32, "content_dim": 8, "max_epochs": 3,

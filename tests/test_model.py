@@ -91,13 +91,6 @@ def test_loss_decreases_on_learnable_data():
     assert after < 0.6 * before, (before, after, res.steps)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine they lose a lot."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _validate_on_last(model, seqs):

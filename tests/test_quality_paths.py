@@ -24,12 +24,7 @@ TINY = {"d_model": 16, "n_layers": 1, "n_heads": 2, "max_len": 32, "content_dim"
         "time_budget_s": math.inf, "batch_size": 16, "n_negatives": 16, "valid_users": 0, "checkpoint_every_s": 0}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny models run on one thread
 
 
 @pytest.fixture
