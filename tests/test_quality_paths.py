@@ -11,7 +11,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from fm import movielens as M
 from fm.data import Sequences
