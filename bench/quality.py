@@ -92,6 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--budget-s", type=float, default=None, help="training budget per model (default 1800; quick 30)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="cpu", help="what the budget counts")
     ap.add_argument("--patience", type=int, default=5, help="sasrec_converged: validations without a gain")
+    ap.add_argument("--converged-lr", type=float, default=1e-3,
+                    help="sasrec_converged: the constant learning rate (RecBole's 1e-3; 3e-3 unscheduled does not learn)")
     ap.add_argument("--converged-cap-s", type=float, default=float("inf"),
                     help="sasrec_converged: stop anyway after this many seconds (then stopped_by says budget)")
     ap.add_argument("--data", default=str(data_root()), help="folder holding ml-1m/ and amazon-beauty/")
@@ -223,7 +225,8 @@ def sasrec(dataset: str, args, seed: int, converged: bool = False) -> dict:
     cfg = FitConfig(budget_s=args.converged_cap_s if converged else args.budget_s, clock=args.clock, seed=seed,
                     max_epochs=(30 if args.quick else 1000) if converged else 10_000,
                     patience=args.patience if converged else 0, schedule="constant" if converged else "cosine",
-                    n_evals=8, desc=f"sasrec {dataset}", **SASREC["fit"])
+                    n_evals=8, desc=f"sasrec {dataset}",
+                    **{**SASREC["fit"], **({"lr": args.converged_lr} if converged else {})})
     r = fit(model, train_seqs, max_len, cfg, validate=validate)
     seqs, cand = eval_data(dataset, home, day, args)
     mask = torch.zeros(n_titles, dtype=torch.bool)
@@ -231,7 +234,7 @@ def sasrec(dataset: str, args, seed: int, converged: bool = False) -> dict:
     test = P.evaluate(lambda b: model.scores(b).masked_fill(~mask, float("-inf")), seqs, P.eval_set(seqs, 1), max_len)
     return {**{k: test[k] for k in METRICS}, "users": test["users"], "train_s": r.train_s, "train_cpu_s": r.train_cpu_s,
             "steps": r.steps, "epochs": r.epochs, "stopped_by": r.stopped_by, "valid_ndcg@10": r.best.get("ndcg@10"),
-            "n_params": model.n_params(), "config": {**SASREC, "max_len": max_len}}
+            "n_params": model.n_params(), "config": {**SASREC, "max_len": max_len, **({"lr": cfg.lr} if converged else {})}}
 
 
 def popularity(dataset: str, args, seed: int) -> dict:

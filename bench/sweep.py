@@ -3,6 +3,7 @@
     .venv/bin/python bench/sweep.py --quick                        # smoke run
     .venv/bin/python bench/sweep.py --budget-s 300                 # the sweep (one axis at a time)
     .venv/bin/python bench/sweep.py --axes lr,batch_size --budget-s 300
+    .venv/bin/python bench/sweep.py --axes content_encoder --budget-s 600 --name sweep_content
 
 One axis at a time around the current defaults (coordinate search): every value of an axis is
 trained by the product's own path (``jobs.train.run`` with ``leave_one_out=true``, the rest at the
@@ -48,6 +49,7 @@ AXES: dict[str, list] = {
     "detach_heads": [True, False],
     "max_len": [100, 200],
     "id_dropout": [0.0, 0.1],
+    "content_encoder": ["tfidf", "minilm"],
 }
 
 
@@ -61,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--data", default=str(data_root()))
     ap.add_argument("--work", default=str(Path(_HERE) / ".work"))
     ap.add_argument("--out", default=str(Path(_HERE) / "results"))
+    ap.add_argument("--name", default="sweep", help="results file stem (several partial sweeps side by side)")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     a = ap.parse_args(argv)
     a.budget_s = a.budget_s if a.budget_s is not None else (15.0 if a.quick else 300.0)
@@ -119,6 +122,7 @@ def write(res: dict, args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
+    stem = f"{args.name}{suffix}"
     lines = [f"# Recipe sweep on validation{' (quick smoke run — not a result)' if args.quick else ''}", "",
              f"- command: `{res['command']}`; commit `{res['commit']}`", f"- machine: {res['machine']}; load "
              f"{res['loadavg_start']} → {res['loadavg_end']}; wall {res['wall_s']:.0f} s",
@@ -132,8 +136,8 @@ def write(res: dict, args) -> None:
     lines += ["", "| axis | default | validation prefers |", "|---|---|---|"]
     lines += [f"| {a} | {c['default']} | {c['best']}{'' if c['default_is_best'] else ' (differs)'} |"
               for a, c in res["chosen"].items()]
-    (out / f"sweep{suffix}.md").write_text("\n".join(lines) + "\n")
-    (out / f"sweep{suffix}.json").write_text(json.dumps(res, indent=1, default=str))
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=1, default=str))
 
 
 if __name__ == "__main__":

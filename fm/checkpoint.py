@@ -18,7 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from fm.content import ContentEncoder
+from fm.content import Encoder, EncoderUnavailable, load_encoder
+from fm.durable import fsync_path, fsync_tree
 from fm.model import FoundationModel, ModelConfig
 from fm.schema import SCHEMA_VERSION
 
@@ -34,7 +35,7 @@ def vocab_fingerprint(title_ids: list[str]) -> str:
     return hashlib.sha256("\n".join(title_ids).encode()).hexdigest()[:16]
 
 
-def save(model: FoundationModel, encoder: ContentEncoder, directory: Path, meta: dict) -> Path:
+def save(model: FoundationModel, encoder: Encoder, directory: Path, meta: dict) -> Path:
     """Write the checkpoint aside, then rename it into place."""
     tmp = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
@@ -42,9 +43,11 @@ def save(model: FoundationModel, encoder: ContentEncoder, directory: Path, meta:
     encoder.save(tmp)
     full = {"model_config": model.cfg.to_dict(), "schema_version": SCHEMA_VERSION, **meta}
     (tmp / META).write_text(json.dumps(full, indent=2, sort_keys=True, default=str))
+    fsync_tree(tmp)
     if directory.exists():
         shutil.rmtree(directory)
     os.replace(tmp, directory)
+    fsync_path(directory.parent)
     return directory
 
 
@@ -59,7 +62,7 @@ def read_meta(directory: Path) -> dict:
 
 
 def load(directory: Path, expected_vocab: list[str] | None = None,
-         device: str | torch.device = "cpu") -> tuple[FoundationModel, ContentEncoder, dict]:
+         device: str | torch.device = "cpu") -> tuple[FoundationModel, Encoder, dict]:
     """Rebuild model + content encoder; ``expected_vocab`` must start with the checkpoint's titles."""
     meta = read_meta(directory)
     if meta.get("schema_version") != SCHEMA_VERSION:
@@ -78,8 +81,8 @@ def load(directory: Path, expected_vocab: list[str] | None = None,
         raise CheckpointError(f"checkpoint {directory}: missing {WEIGHTS}")
     try:
         state = load_file(str(weights), device=str(device))
-        encoder = ContentEncoder.load(directory)
-    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        encoder = load_encoder(directory)
+    except (SafetensorError, OSError, ValueError, KeyError, EncoderUnavailable) as e:
         raise CheckpointError(f"checkpoint {directory}: cannot read tensors ({e})") from e
     model = FoundationModel(cfg)
     try:

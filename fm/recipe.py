@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from fm import protocol as P
+from fm.content import ENCODERS
 from fm.data import Sequences
 from fm.fit import FitConfig, FitResult, fit
 from fm.losses import Objective
@@ -42,7 +43,8 @@ class Recipe:
     max_len: int = 200
     dropout: float = 0.1
     mtp_k: int = 1
-    content_dim: int = 64
+    content_encoder: str = "tfidf"     # tfidf | minilm (pretrained sentence encoder, fm.content)
+    content_dim: int = 64              # TF-IDF width (a pretrained encoder brings its own)
     use_content: bool = True
     emb_norm: bool = True
     title_bias: bool = True
@@ -76,6 +78,8 @@ class Recipe:
         unknown = set(self.target_actions) - set(ACTIONS)
         if unknown:
             raise ValueError(f"target_actions: unknown action(s) {sorted(unknown)}; valid: {list(ACTIONS)}")
+        if self.content_encoder not in ENCODERS:
+            raise ValueError(f"content_encoder={self.content_encoder!r}: expected one of {', '.join(ENCODERS)}")
 
 
 RECIPE_FIELDS = tuple(f.name for f in fields(Recipe))
@@ -86,8 +90,8 @@ def recipe_of(cfg) -> Recipe:
     return Recipe(**{k: getattr(cfg, k) for k in RECIPE_FIELDS})
 
 
-def model_config(r: Recipe, n_titles: int, target_actions: tuple[str, ...]) -> ModelConfig:
-    return ModelConfig(n_titles=n_titles, content_dim=r.content_dim, d_model=r.d_model, n_layers=r.n_layers,
+def model_config(r: Recipe, n_titles: int, target_actions: tuple[str, ...], content_dim: int | None = None) -> ModelConfig:
+    return ModelConfig(n_titles=n_titles, content_dim=content_dim or r.content_dim, d_model=r.d_model, n_layers=r.n_layers,
                        n_heads=r.n_heads, max_len=r.max_len, dropout=r.dropout, mtp_k=r.mtp_k,
                        use_content=r.use_content, emb_norm=r.emb_norm, title_bias=r.title_bias,
                        detach_heads=r.detach_heads, id_dropout=r.id_dropout, w_mtp=r.w_mtp,
@@ -98,9 +102,10 @@ def model_config(r: Recipe, n_titles: int, target_actions: tuple[str, ...]) -> M
 def build(r: Recipe, n_titles: int, content: np.ndarray, target_actions: tuple[str, ...] = ()) -> FoundationModel:
     """A freshly initialised model with the catalogue's content vectors (``content``: n_titles x dim)."""
     torch.manual_seed(r.seed)
-    model = FoundationModel(model_config(r, n_titles, tuple(r.target_actions) or tuple(target_actions)))
+    model = FoundationModel(model_config(r, n_titles, tuple(r.target_actions) or tuple(target_actions),
+                                         content_dim=content.shape[1]))
     init_weights(model, zero_fields=r.zero_fields)
-    model.title.content.copy_(torch.from_numpy(np.asarray(content[:, : r.content_dim], np.float32)))
+    model.title.content.copy_(torch.from_numpy(np.asarray(content, np.float32)))
     return model
 
 

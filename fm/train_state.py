@@ -11,12 +11,13 @@ tensors come from safetensors, everything else from JSON.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from fm.durable import commit_file
 
 META = "state.json"
 FORMAT = 2
@@ -58,15 +59,12 @@ def save(directory: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, ru
             tensors[f"cuda_rng.{i}"] = s
     name = f"state-{run.step:09d}.safetensors"
     save_file(tensors, str(directory / f".{name}.tmp"))
-    _fsync(directory / f".{name}.tmp")
-    os.replace(directory / f".{name}.tmp", directory / name)
+    commit_file(directory / f".{name}.tmp", directory / name)
     meta = {"format": FORMAT, "tensors": name, "param_groups": groups, "config": config,
             **{k: getattr(run, k) for k in RUN_FIELDS}}
     tmp = directory / f".{META}.tmp"
     tmp.write_text(json.dumps(meta, default=_json_default))
-    _fsync(tmp)
-    os.replace(tmp, directory / META)
-    _fsync(directory)
+    commit_file(tmp, directory / META)
     for old in directory.glob("state-*.safetensors"):
         if old.name != name:
             old.unlink()
@@ -77,15 +75,6 @@ def _json_default(o):
     if isinstance(o, np.generic):
         return o.item()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file or directory to disk (a crash must not leave a pointer to a torn file)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def exists(directory: Path) -> bool:

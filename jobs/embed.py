@@ -116,7 +116,7 @@ def load_model(paths: Paths, cfg: EmbedConfig, ids: list[str | None], device: to
     new_ids = ids[n_trained:]
     if new_ids:
         cat = pq.read_table(paths.catalogue)
-        model.grow_titles(torch.from_numpy(content_matrix(encoder, new_ids, cat)))
+        model.grow_titles(torch.from_numpy(content_matrix(encoder, new_ids, cat, cache=paths.content_cache)))
     return model.to(device), meta, n_trained
 
 

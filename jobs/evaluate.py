@@ -188,7 +188,7 @@ def run(cfg: EvalConfig, paths: Paths) -> dict:
     ids = title_ids_by_idx(read_vocab(paths))
     directory = _model_dir(cfg, paths)
     cat = pq.read_table(paths.catalogue) if paths.catalogue.exists() else CATALOGUE_SCHEMA.empty_table()
-    model, _, meta = load_grown(directory, ids, cat)           # titles added since training: content only
+    model, _, meta = load_grown(directory, ids, cat, paths)           # titles added since training: content only
     seqs, source = history_data(cfg, paths) if cfg.data == "history" else movielens_data(cfg, ids)
     candidates = np.unique(seqs.values["title"])
     candidates = candidates[candidates >= N_SPECIAL]

@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fm.durable import commit_file as _commit, fsync_path, fsync_tree  # noqa: F401 (re-exported)
 from jobs.settings import Paths
 
 
@@ -29,32 +30,6 @@ def raw_partition(paths: Paths, day: dt.date) -> Path:
 
 def temp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-
-
-def fsync_path(path: Path) -> None:
-    """Flush one file or directory to disk. A rename is durable only once the renamed file's data
-    and then its directory are flushed: without both, power loss can leave a committed name
-    pointing at an empty file."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    """Flush every file and directory under ``root`` (and ``root`` itself)."""
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            fsync_path(Path(dirpath) / f)
-        fsync_path(Path(dirpath))
-
-
-def _commit(tmp: Path, path: Path) -> None:
-    """Flush ``tmp``, rename it to ``path``, flush the directory."""
-    fsync_path(tmp)
-    os.replace(tmp, path)
-    fsync_path(path.parent)
 
 
 def atomic_write_table(table: pa.Table, path: Path) -> Path:

@@ -46,6 +46,9 @@ class Paths:
     def models(self) -> Path: return self.home / "models"
     @property
     def content(self) -> Path: return self.home / "content"
+
+    @property
+    def content_cache(self) -> Path: return self.home / "content" / "cache"
     @property
     def profile_embeddings(self) -> Path: return self.home / "embeddings" / "profile"
     @property

@@ -32,7 +32,7 @@ import torch
 
 from fm import checkpoint
 from fm import protocol as P
-from fm.content import ContentEncoder, content_matrix, title_text
+from fm.content import Encoder, content_matrix, fit_encoder
 from fm.data import Sequences
 from fm.fit import plot_curve
 from fm.model import FoundationModel
@@ -94,19 +94,20 @@ def current_model_dir(paths: Paths) -> Path:
     return paths.models / json.loads(pointer.read_text())["version"]
 
 
-def _scratch(cfg: TrainJobConfig, ids: list, cat, vocab, paths: Paths) -> tuple[FoundationModel, ContentEncoder]:
-    encoder = ContentEncoder.fit(title_text(cat.filter(pc.is_in(cat["title_id"], vocab["title_id"]))),
-                                 dim=cfg.content_dim, seed=cfg.seed)
-    model = build(recipe_of(cfg), len(ids), content_matrix(encoder, ids, cat), dataset_target_actions(paths))
+def _scratch(cfg: TrainJobConfig, ids: list, cat, vocab, paths: Paths) -> tuple[FoundationModel, Encoder]:
+    encoder = fit_encoder(cfg.content_encoder, cat.filter(pc.is_in(cat["title_id"], vocab["title_id"])),
+                          dim=cfg.content_dim, seed=cfg.seed)
+    content = content_matrix(encoder, ids, cat, cache=paths.content_cache)
+    model = build(recipe_of(cfg), len(ids), content, dataset_target_actions(paths))
     return model, encoder
 
 
-def load_grown(directory: Path, ids: list, cat) -> tuple[FoundationModel, ContentEncoder, dict]:
+def load_grown(directory: Path, ids: list, cat, paths: Paths) -> tuple[FoundationModel, Encoder, dict]:
     """A checkpoint with its title table grown to today's vocabulary (new rows: content only)."""
     model, encoder, meta = checkpoint.load(directory, expected_vocab=ids[2:])
     new_ids = ids[model.cfg.n_titles:]
     if new_ids:
-        model.grow_titles(torch.from_numpy(content_matrix(encoder, new_ids, cat)))
+        model.grow_titles(torch.from_numpy(content_matrix(encoder, new_ids, cat, cache=paths.content_cache)))
     return model, encoder, meta
 
 
@@ -159,7 +160,7 @@ def _model(cfg: TrainJobConfig, paths: Paths, ids: list, cat, vocab, hist_path: 
     """(model, encoder, parent meta or None, rows to train on or None for all)."""
     if cfg.init == "scratch":
         return (*_scratch(cfg, ids, cat, vocab, paths), None, None)
-    model, encoder, parent = load_grown(current_model_dir(paths), ids, cat)
+    model, encoder, parent = load_grown(current_model_dir(paths), ids, cat, paths)
     since = parse_date(parent["data_range"]["history_state"])
     if since >= day:
         raise ValueError(f"current model already trained on history up to {since}; nothing new before {day}")
@@ -199,7 +200,7 @@ def run(cfg: TrainJobConfig, paths: Paths) -> dict:
     if len(held):
         with torch.no_grad():                    # never trained: they get what a new title gets
             model.title.id.weight[torch.as_tensor(held)] = 0.0
-    current = load_grown(current_model_dir(paths), ids, cat)[0] if has_current and cfg.promote == "if_better" else None
+    current = load_grown(current_model_dir(paths), ids, cat, paths)[0] if has_current and cfg.promote == "if_better" else None
     decision = gate(model, current, seqs, valid, cfg.min_ratio) if cfg.promote == "if_better" else \
         {"promote": cfg.promote == "always", "reason": f"promote={cfg.promote}"}
     metrics = result.summary()
