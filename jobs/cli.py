@@ -8,7 +8,7 @@ COMMANDS = {
     "generate": "jobs.generate", "tokenize": "jobs.tokenize", "train": "jobs.train", "evaluate": "jobs.evaluate",
     "embed": "jobs.embed", "validate": "jobs.validate", "publish": "jobs.publish",
     "index": "jobs.index", "report": "jobs.report", "demo": "jobs.demo", "retrieve": "jobs.retrieve",
-    "sql": "jobs.sql", "import": "jobs.importers", "rollback": "jobs.publication",
+    "sql": "jobs.sql", "import": "jobs.importers", "rollback": "jobs.rollback",
     "backfill": "jobs.pipeline",
 }
 

@@ -14,7 +14,7 @@ How a date is published (``jobs.publish.run``), and why readers never see half a
 
 1. *Stage.* Each feature view's online state is built in a staging table of the same SQLite
    database (Feast's columns and primary key; for small records stored clustered on that key,
-   ``WITHOUT ROWID``, see :meth:`OnlineTables.stage_view`; Feast reads and writes it unchanged),
+   ``WITHOUT ROWID``, see :meth:`jobs.online_store.OnlineTables.stage_view`; Feast reads and writes it unchanged),
    rows inserted in key order; the day's rows are written through Feast
    (``provider.online_write_batch`` with Feast ``Value`` protos, or Feast's own materialize engine
    with ``method=materialize``), then the rest of the state is copied forward in SQL from the base
@@ -49,60 +49,34 @@ otherwise its state is rebuilt (re-writing that date's rows on top of its base) 
 new publication of that date. The index pointer moves with it. ``keep`` publications stay
 restorable (snapshot tables + index folders); older ones are dropped after each commit.
 
-Why not Feast's ``registry.enable_online_feature_view_versioning`` (read in the installed 0.67
-sources): it names per-version online tables (``<view>_v<N>``), but a version is a *definition*
-snapshot (cut on a schema change or by declaring ``version="vN"`` and re-applying; pinning back
-raises ``FeatureViewPinConflict`` if the definition changed since), so moving "current" is an
-``apply`` that rewrites the file registry in place (truncate + write: a concurrent reader can read a
-torn file) and reaches readers only after their registry cache TTL (600 s by default); the flag must
-also be set in every reader's ``feature_store.yaml`` (plain readers keep reading the unversioned
-table), and each version table would still need the full state. A rename swap inside the online
-store gives one atomic step for all views with no reader-side change.
-It is specific to the SQLite online store; for another store (Redis, ...) ``publish`` falls back to
-writing the day in place (``swap=in_place``, chosen by ``swap=auto``): the day's rows go straight
-into the live keys with the same ``online_write_batch`` path (no staging, no copy forward: entities
-not active today keep yesterday's values because nothing deletes them). The trade-offs: readers see
-the day arrive batch by batch (a read during publish can mix days across entities, never within
-one entity's row of one view); a failed publish leaves a partly written day serving until the
-re-run; rollback re-writes the target date's rows on top of the live state (entities first seen
-later are not removed, entities whose later value overwrote the target's are restored only if the
-target date itself wrote them); and ``keep``/snapshots do not apply. Feast's Redis store normally
-skips a row whose event timestamp is not newer than the stored one; the publisher is the only
-writer (publication lock) and must replace what is served on a re-run of a date (same timestamps)
-or a rollback (older ones), so it writes with ``skip_dedup`` (:func:`writer_config`). A production
-store would use the same staged design with its own swap (Redis: per-publication key prefix/DB +
-client pointer; Postgres: the same renames in a transaction).
+Order: serving never moves to an older date by accident. :func:`commit` refuses a date older than
+the serving one (:class:`PublishOrderError`, naming both dates and the ways forward) unless the
+caller passes ``backwards_ok`` (rollback; ``fmpipe publish force=true``). ``jobs.publish`` turns a
+re-publish of an old date whose inputs are byte-identical to its latest publication
+(:func:`published_with`, the manifest's ``content`` digest) into a no-op instead.
+
+The online backends (SQLite staging/snapshot tables and the swap, the in-place path for other
+stores) live in :mod:`jobs.online_store`; building a date's state aside in :mod:`jobs.staging`;
+rollback in :mod:`jobs.rollback`.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import copy
 import datetime as dt
 import fcntl
 import json
 import os
 import shutil
 import sqlite3
-import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-
-from jobs.embed import published_at
 from jobs.failpoints import failpoint
-from jobs.io import atomic_write_json, partition
-from jobs.settings import Paths, parse_date
+from jobs.io import atomic_write_json
+from jobs.online_store import LIVE_TABLE, POINTER_TABLE, OnlineTables, _safe, in_key_order  # noqa: F401 (re-exported)
+from jobs.settings import Paths
 
 FEATURE_VIEWS = ("profile_embeddings", "title_embeddings")
-LIVE_TABLE = "fmpipe_publication_live"
-POINTER_TABLE = "fmpipe_publication_pointer"     # the pointer record, written in the swap transaction
-CACHE_KIB = 256 * 1024          # SQLite page cache while staging (the default 2 MiB thrashes on large tables)
 
 
 def root(paths: Paths) -> Path:
@@ -194,316 +168,64 @@ def lock(paths: Paths):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _safe(pub_id: str) -> str:
-    return pub_id.replace("-", "").replace(".", "_")
-
-
-# ---------------------------------------------------------------------------------------------
-# Online tables: staging, snapshots and the swap (SQLite online store)
-# ---------------------------------------------------------------------------------------------
-class OnlineTables:
-    """The live/staging/snapshot tables of the Feast online store, and the atomic swap."""
-
-    def __init__(self, store, swap: str = "auto"):
-        if swap not in ("auto", "atomic", "in_place"):
-            raise ValueError(f"swap must be auto, atomic or in_place, not {swap!r}")
-        self.store, self.project = store, store.project
-        self.kind = getattr(store.config.online_store, "type", "")
-        self.atomic = swap == "atomic" or (swap == "auto" and self.kind == "sqlite")
-        if self.atomic and self.kind != "sqlite":
-            raise NotImplementedError(f"atomic publication swap is implemented for the SQLite online store, not {self.kind!r}; "
-                                      "use swap=in_place (not atomic) or see the jobs.publication docstring")
-        self._conn = None
-
-    # -- plumbing
-    def conn(self) -> sqlite3.Connection:
-        if self._conn is None:
-            from feast.infra.online_stores.sqlite import SqliteOnlineStore
-            path = SqliteOnlineStore._get_db_path(self.store.config)
-            self._conn = sqlite3.connect(path, timeout=60, isolation_level=None)
-            self._conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
-            self._conn.execute(f"CREATE TABLE IF NOT EXISTS {LIVE_TABLE} (feature_view TEXT PRIMARY KEY, publication TEXT)")
-            self._conn.execute(f"CREATE TABLE IF NOT EXISTS {POINTER_TABLE} (id INTEGER PRIMARY KEY CHECK (id = 1), record TEXT)")
-        return self._conn
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-    def live(self, fv_name: str) -> str:
-        return f"{self.project}_{fv_name}"
-
-    def snapshot(self, pub_id: str, fv_name: str) -> str:
-        return f"{self.project}__pub_{_safe(pub_id)}__{fv_name}"
-
-    def _stage_view_name(self, pub_id: str, fv_name: str) -> str:
-        return f"_stage_{_safe(pub_id)}__{fv_name}"
-
-    def staging(self, pub_id: str, fv_name: str) -> str:
-        return f"{self.project}_{self._stage_view_name(pub_id, fv_name)}"
-
-    def exists(self, table: str) -> bool:
-        if not self.atomic:
-            return False
-        return self.conn().execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,)).fetchone() is not None
-
-    def tables(self, prefix: str) -> list[str]:
-        if not self.atomic:
-            return []
-        names = self.conn().execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()
-        return [r[0] for r in names if r[0].startswith(prefix)]
-
-    def live_publication(self) -> dict[str, str]:
-        if not self.atomic:
-            return {}
-        return dict(self.conn().execute(f"SELECT feature_view, publication FROM {LIVE_TABLE}").fetchall())
-
-    # -- staging
-    def stage_view(self, fv, pub_id: str, max_value_bytes: int = 0):
-        """A copy of feature view ``fv`` whose online table is a fresh, empty staging table.
-
-        Feast's DDL (columns, primary key). When a record fits in a B-tree cell without overflow
-        (values up to ~900 bytes on 4 KiB pages, e.g. 64-d float vectors) the table is stored
-        clustered on the key (``WITHOUT ROWID``: one B-tree instead of table + key index, ~1.6x
-        faster inserts); larger values (256-d vectors) keep the rowid layout, where they do not
-        spill into overflow pages.
-        """
-        if not self.atomic:
-            return fv
-        live = self.live(fv.name)
-        row = self.conn().execute("SELECT sql FROM sqlite_master WHERE type='table' AND name=?", (live,)).fetchone()
-        if row is None:
-            raise RuntimeError(f"online table {live} missing: run feast apply (publish does) first")
-        staged = copy.copy(fv)
-        staged.name = self._stage_view_name(pub_id, fv.name)
-        table = self.staging(pub_id, fv.name)
-        c = self.conn()
-        c.execute(f'DROP TABLE IF EXISTS "{table}"')
-        ddl = row[0].replace(f'"{live}"', f'"{table}"', 1).rstrip()
-        page = c.execute("PRAGMA page_size").fetchone()[0]
-        max_local = (page - 12) * 64 // 255 - 23            # largest cell payload kept on an index-tree page
-        clustered = max_value_bytes + 96 <= max_local
-        if ddl.upper().endswith("WITHOUT ROWID") and not clustered:
-            ddl = ddl[: -len("WITHOUT ROWID")].rstrip()
-        elif clustered and "PRIMARY KEY" in ddl.upper() and not ddl.upper().endswith("WITHOUT ROWID"):
-            ddl += " WITHOUT ROWID"
-        c.execute(ddl)
-        return staged
-
-    def copy_forward(self, src: str, dst: str, cutoff: dt.datetime) -> int:
-        """Rows of ``src`` newer than ``cutoff`` whose (entity, feature) ``dst`` lacks: the carried state."""
-        from feast.infra.online_stores.sqlite import adapt_datetime_epoch
-        c = self.conn()
-        before = c.total_changes
-        c.execute("BEGIN")
-        try:
-            c.execute(f'INSERT OR IGNORE INTO "{dst}" SELECT * FROM "{src}" WHERE event_ts > ?',
-                      (adapt_datetime_epoch(cutoff.astimezone(dt.timezone.utc).replace(tzinfo=None)),))
-            c.execute("COMMIT")
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
-        return c.total_changes - before
-
-    # -- the swap
-    def swap_in(self, incoming: dict[str, str], outgoing_pub: str | None, new_pub: str, record: dict) -> None:
-        """One transaction: for each view, live -> snapshot(outgoing), ``incoming[view]`` -> live, and
-        the pointer ``record`` stored (this transaction is the commit point of a publication)."""
-        if not self.atomic:
-            return
-        c = self.conn()
-        c.execute("BEGIN IMMEDIATE")
-        try:
-            for fv_name, table in incoming.items():
-                live = self.live(fv_name)
-                if self.exists(live):
-                    if outgoing_pub:
-                        keep_as = self.snapshot(outgoing_pub, fv_name)
-                        c.execute(f'DROP TABLE IF EXISTS "{keep_as}"')
-                        c.execute(f'ALTER TABLE "{live}" RENAME TO "{keep_as}"')
-                    else:
-                        c.execute(f'DROP TABLE "{live}"')
-                c.execute(f'ALTER TABLE "{table}" RENAME TO "{live}"')
-                c.execute(f"INSERT OR REPLACE INTO {LIVE_TABLE} VALUES (?, ?)", (fv_name, new_pub))
-            c.execute(f"INSERT OR REPLACE INTO {POINTER_TABLE} VALUES (1, ?)", (json.dumps(record, sort_keys=True),))
-            c.execute("COMMIT")
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
-
-    def drop(self, table: str) -> None:
-        if self.atomic:
-            self.conn().execute(f'DROP TABLE IF EXISTS "{table}"')
-
-
-# ---------------------------------------------------------------------------------------------
-# Building a date's online state
-# ---------------------------------------------------------------------------------------------
-def source_root(paths: Paths, fv_name: str) -> Path:
-    return {"profile_embeddings": paths.profile_embeddings, "title_embeddings": paths.title_embeddings}[fv_name]
-
-
-def in_key_order(fv, table: pa.Table) -> pa.Table:
-    """Rows sorted by Feast's serialized entity key, the online table's primary-key order: inserts
-    then append to the B-tree instead of landing on random pages (~1.5x faster writes at 100k rows)."""
-    key = fv.entity_columns[0].name
-    if len(fv.entity_columns) == 1 and table.schema.field(key).type == pa.int64():
-        # serialize_entity_key ends with the value as little-endian int64 after a constant prefix
-        b = table[key].to_numpy().astype("<i8").view(np.uint8).reshape(-1, 8)
-        order = np.lexsort(tuple(b[:, i] for i in range(7, -1, -1)))
-    else:
-        from feast.infra.key_encoding_utils import serialize_entity_key
-        from jobs.feast_store import online_rows
-        keys = [serialize_entity_key(r[0], 3) for r in online_rows(fv, table)]
-        order = np.array(sorted(range(len(keys)), key=keys.__getitem__), dtype=np.int64)
-    return table.take(pa.array(order))
-
-
-def writer_config(store):
-    """The RepoConfig the publisher writes with: the store's own, except that an online store which
-    drops rows not newer than the stored ones (Redis, ``skip_dedup: false``) writes unconditionally.
-
-    Why: a publication of date D must become what is served, also when D is re-run (the same event
-    timestamps) or rolled back to (older ones); the publisher is the only writer (publication lock),
-    so there is no newer concurrent write to protect. The SQLite store always overwrites."""
-    online = store.config.online_store
-    if getattr(online, "skip_dedup", True):
-        return store.config
-    cfg = copy.copy(store.config)
-    cfg._online_store = online.model_copy(update={"skip_dedup": True})
-    return cfg
-
-
-def write_rows(store, fv, table: pa.Table, batch_rows: int) -> int:
-    """The day's rows through Feast: Feast ``Value`` protos -> the provider's ``online_write_batch``,
-    ``batch_rows`` at a time (one SQLite transaction / one Redis pipeline each), in the table's key order."""
-    from jobs.feast_store import online_rows
-    provider, n = store._get_provider(), 0
-    conn = getattr(provider.online_store, "_get_conn", None)
-    if getattr(store.config.online_store, "type", "") == "sqlite" and conn is not None:
-        conn(store.config).execute(f"PRAGMA cache_size=-{CACHE_KIB}")      # Feast's own connection
-    config = writer_config(store)
-    for batch in in_key_order(fv, table).to_batches(max_chunksize=batch_rows):
-        if batch.num_rows:
-            provider.online_write_batch(config, fv, online_rows(fv, batch), None)
-            n += batch.num_rows
-    return n
-
-
-def materialize_rows(store, fv, day: dt.date) -> None:
-    """Stock path: Feast's materialization engine reads the offline store and writes ``fv``'s table."""
-    from tqdm import tqdm
-    stamp = published_at(day)
-    store._get_provider().materialize_single_feature_view(
-        config=store.config, feature_view=fv, start_date=stamp - dt.timedelta(hours=1), end_date=stamp,
-        registry=store.registry, project=store.project, tqdm_builder=lambda n: tqdm(total=n, disable=True))
-
-
-def _columns(fv) -> list[str]:
-    return [c.name for c in fv.entity_columns] + [fv.batch_source.timestamp_field] + [f.name for f in fv.features]
-
-
-def max_value_bytes(fv, table: pa.Table) -> int:
-    """Largest serialized feature value of the table (vectors dominate: 4 bytes a float)."""
-    widest = 16
-    for f in fv.features:
-        col = table[f.name]
-        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_fixed_size_list(col.type):
-            longest = pc.max(pc.list_value_length(col)).as_py() or 0
-            widest = max(widest, 4 * longest + 8)
-        elif pa.types.is_string(col.type):
-            longest = pc.max(pc.utf8_length(col)).as_py() or 0
-            widest = max(widest, longest + 8)
-    return widest
-
-
-def day_table(paths: Paths, fv, day: dt.date) -> pa.Table:
-    return pq.read_table(partition(source_root(paths, fv.name), day), columns=_columns(fv))
-
-
-def seed_table(paths: Paths, fv, day: dt.date, exclude: pa.Array) -> pa.Table:
-    """Latest offline row per entity from the dates before ``day`` still inside the view's TTL."""
-    cutoff = published_at(day) - fv.ttl if fv.ttl else None
-    key = fv.entity_columns[0].name
-    days = sorted((dt.date.fromisoformat(p.name[3:]) for p in source_root(paths, fv.name).glob("dt=*") if p.is_dir()),
-                  reverse=True)
-    seen, parts = exclude, []
-    for d in days:
-        if d >= day or (cutoff is not None and published_at(d) <= cutoff):
-            continue
-        t = pq.read_table(partition(source_root(paths, fv.name), d), columns=_columns(fv))
-        t = t.filter(pc.invert(pc.is_in(t[key], value_set=seen)))
-        if t.num_rows:
-            parts.append(t)
-            seen = pa.concat_arrays([seen, t[key].combine_chunks()])
-    return pa.concat_tables(parts) if parts else None
-
-
-def base_publication(paths: Paths, online: OnlineTables, day: dt.date) -> tuple[str | None, dict[str, str]]:
-    """The most recently committed publication of an earlier date whose state is still retained,
-    and the table holding each view's state (live or snapshot)."""
-    live = online.live_publication()
-    for rec in reversed(history(paths)):
-        if dt.date.fromisoformat(rec["date"]) >= day:
-            continue
-        pub = rec["publication"]
-        tables = {}
-        for fv_name in FEATURE_VIEWS:
-            t = online.live(fv_name) if live.get(fv_name) == pub else online.snapshot(pub, fv_name)
-            if online.exists(t):
-                tables[fv_name] = t
-        if len(tables) == len(FEATURE_VIEWS):
-            return pub, tables
-    return None, {}
-
-
-def stage_day(store, paths: Paths, online: OnlineTables, day: dt.date, pub_id: str, method: str = "write",
-              batch_rows: int = 4096) -> dict:
-    """Build the complete online state of ``day`` aside (staging tables); nothing is visible yet."""
-    base_pub, base_tables = base_publication(paths, online, day)
-    out: dict = {"base": base_pub, "staging": {}, "rows": {}, "carried": {}, "seeded": {}, "timings": {}}
-    for fv_name in FEATURE_VIEWS:
-        fv = store.get_feature_view(fv_name)
-        t0 = time.perf_counter()
-        today = day_table(paths, fv, day)
-        staged = online.stage_view(fv, pub_id, max_value_bytes(fv, today))
-        key = fv.entity_columns[0].name
-        seeded = 0
-        if online.atomic and base_pub is None:        # no retained state to carry: rebuild it from offline
-            seed = seed_table(paths, fv, day, today[key].combine_chunks())
-            if seed is not None:
-                seeded = write_rows(store, staged, seed, batch_rows)
-        t1, c1 = time.perf_counter(), time.process_time()
-        if method == "materialize":
-            materialize_rows(store, staged, day)
-        elif method == "write":
-            write_rows(store, staged, today, batch_rows)
-        else:
-            raise ValueError(f"method must be 'write' or 'materialize', not {method!r}")
-        t2, c2 = time.perf_counter(), time.process_time()
-        carried = 0
-        if online.atomic and base_pub is not None:
-            cutoff = published_at(day) - fv.ttl if fv.ttl else dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
-            carried = online.copy_forward(base_tables[fv_name], online.staging(pub_id, fv_name), cutoff)
-        t3 = time.perf_counter()
-        out["staging"][fv_name] = online.staging(pub_id, fv_name) if online.atomic else online.live(fv_name)
-        out["rows"][fv_name] = today.num_rows
-        out["seeded"][fv_name] = seeded
-        out["carried"][fv_name] = carried
-        out["timings"][fv_name] = {"seed_s": round(t1 - t0, 3), "write_s": round(t2 - t1, 3), "write_cpu_s": round(c2 - c1, 3), "copy_s": round(t3 - t2, 3)}
-        failpoint("publish.staged_view")            # one view staged, the next not yet: a kill -9 lands mid-publish
-    return out
-
 
 # ---------------------------------------------------------------------------------------------
 # Commit, reconcile, garbage collection
 # ---------------------------------------------------------------------------------------------
+class PublishOrderError(RuntimeError):
+    """A date older than the serving one was asked to become current (the message says how to proceed)."""
+
+
+def is_behind(day: dt.date, cur: dict | None) -> bool:
+    """Whether making ``day`` current would move serving backwards from the ``cur`` record."""
+    return cur is not None and day < dt.date.fromisoformat(cur["date"])
+
+
+def order_error(day: dt.date, cur: dict) -> PublishOrderError:
+    """The refusal of an out-of-order publish: what, why, and the two ways forward."""
+    serving = cur["date"]
+    return PublishOrderError(
+        f"refusing to publish {day}: serving is already at the later date {serving} (publication "
+        f"{cur['publication']}), and making {day} current would move serving backwards (entities updated since {day} "
+        f"would revert or vanish, and the next day would build on the old state). To bring a changed {day} "
+        f"forward, re-run it and every later date in order: `fmpipe backfill --start {day} --end {serving} "
+        f"publish.force=true` (serving is at {day} until the run reaches {serving}). To serve {day} again on "
+        f"purpose, roll back: `fmpipe rollback --to {day}` (or `fmpipe publish date={day} force=true`). "
+        f"Re-publishing {day} with exactly the content it was published with is a no-op.")
+
+
+def check_order(day: dt.date, cur: dict | None, backwards_ok: bool = False) -> None:
+    """Refuse to make ``day`` current while a later date is serving, unless explicitly allowed.
+
+    Why: each date's online state is built on the previous one; putting an older date in front
+    silently reverts every entity updated since, and the following day would build on it."""
+    if not backwards_ok and is_behind(day, cur):
+        raise order_error(day, cur)
+
+
+def published_with(paths: Paths, day: dt.date, content: str) -> dict | None:
+    """The latest committed record of ``day`` if its publication was built from exactly ``content``
+    (the digest of its input tables), else None: what makes re-publishing an old date a no-op.
+    Only the latest record counts: the later dates being served were built on that one."""
+    rec = next((r for r in reversed(history(paths)) if r["date"] == day.isoformat()), None)
+    if rec is None:
+        return None
+    try:
+        m = json.loads((pub_dir(paths, rec["publication"]) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if m.get("content") == content else None
+
+
 def commit(paths: Paths, online: OnlineTables, pub_id: str, day: dt.date, incoming: dict[str, str],
-           index_dir: str | None, model_version: str | None, action: str) -> dict:
+           index_dir: str | None, model_version: str | None, action: str, backwards_ok: bool = False) -> dict:
     """Make ``pub_id`` current: swap its tables in together with the pointer record (one SQLite
-    transaction, the commit point), then mirror the record to ``CURRENT.json`` and the history."""
+    transaction, the commit point), then mirror the record to ``CURRENT.json`` and the history.
+
+    The order check lives here, under the caller's publication lock, so no caller can move serving
+    to an older date by accident; only an explicit rollback or forced publish passes ``backwards_ok``."""
     cur = current(paths)
+    check_order(day, cur, backwards_ok)
     outgoing = (cur or {}).get("publication")
     if outgoing == pub_id:
         outgoing = None
@@ -596,84 +318,3 @@ def collect_garbage(paths: Paths, online: OnlineTables, keep: int) -> dict:
                 atomic_write_json(m, mf)
                 dropped.append(str(d.name))
     return {"retained": sorted(retained), "dropped": dropped}
-
-
-# ---------------------------------------------------------------------------------------------
-# Rollback
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RollbackConfig:
-    to: str = ""
-    keep: int = 3
-    batch_rows: int = 4096
-
-
-def rollback(cfg: RollbackConfig, paths: Paths) -> dict:
-    """Make the latest committed publication of ``cfg.to`` current again (features and index)."""
-    from jobs.feast_store import get_store
-    day = parse_date(cfg.to)
-    candidates = [r for r in reversed(history(paths)) if r["date"] == day.isoformat()]
-    if not candidates:
-        dates = sorted({r["date"] for r in history(paths)})
-        raise ValueError(f"no publication of {day} to roll back to; published dates: {dates}")
-    t0 = time.perf_counter()
-    store = get_store(paths)
-    online = OnlineTables(store)
-    try:
-        with lock(paths):
-            reconcile(paths, online)
-            target = candidates[0]
-            pub_id, index_dir = target["publication"], target.get("index_dir")
-            cur = current(paths)
-            if cur and cur["publication"] == pub_id:
-                return {"rolled_back_to": pub_id, "date": day.isoformat(), "action": "noop (already current)"}
-            snaps = {fv: online.snapshot(pub_id, fv) for fv in FEATURE_VIEWS}
-            restorable = (online.atomic and all(online.exists(t) for t in snaps.values())
-                          and index_dir and (paths.home / index_dir).exists())
-            if restorable:
-                action, incoming, model_version = "rollback", snaps, target.get("model_version")
-            else:                                     # rebuild the date's state as a new publication
-                from jobs.index import IndexConfig, build_publication_indexes
-                old = pub_id
-                pub_id = new_id(day)
-                pub_dir(paths, pub_id).mkdir(parents=True)
-                write_manifest(paths, pub_id, {"publication": pub_id, "date": day.isoformat(), "status": "staging",
-                                               "rebuilt_from": old})
-                staged = stage_day(store, paths, online, day, pub_id, "write", cfg.batch_rows)
-                meta = build_publication_indexes(IndexConfig(date=day.isoformat()), paths, pub_dir(paths, pub_id) / "index")
-                index_dir = str((pub_dir(paths, pub_id) / "index").relative_to(paths.home))
-                m = manifest(paths, pub_id)
-                m.update({k: staged[k] for k in ("base", "rows", "carried", "seeded")}, index=meta)
-                write_manifest(paths, pub_id, m)
-                action, incoming, model_version = "rollback_rebuild", staged["staging"], meta["titles"]["model_version"]
-            record = commit(paths, online, pub_id, day, incoming if online.atomic else {}, index_dir, model_version, action)
-            gc = collect_garbage(paths, online, cfg.keep)
-    finally:
-        online.close()
-    return {"rolled_back_to": pub_id, "date": day.isoformat(), "action": action, "seq": record["seq"],
-            "previous": record["previous"], "index_dir": index_dir, "rollback_s": round(time.perf_counter() - t0, 3),
-            "dropped": gc["dropped"]}
-
-
-def main(argv: list[str] | None = None) -> dict:
-    """``fmpipe rollback --to DATE`` (or ``to=DATE``); ``--list`` shows the publication history."""
-    ap = argparse.ArgumentParser(description="Make a previous publication (features + indexes) current again.")
-    ap.add_argument("--to", default="")
-    ap.add_argument("--keep", type=int, default=RollbackConfig.keep)
-    ap.add_argument("--list", action="store_true", help="print the publication history and the current pointer")
-    ap.add_argument("overrides", nargs="*", help="to=DATE keep=N")
-    args = ap.parse_args(argv)
-    opts = dict(o.split("=", 1) for o in args.overrides if "=" in o)
-    unknown = set(opts) - {"to", "keep"}
-    if unknown:
-        raise SystemExit(f"unknown option(s) {sorted(unknown)}; valid: ['keep', 'to']")
-    paths = Paths.from_env()
-    if args.list:
-        out = {"current": current(paths), "history": history(paths)}
-    else:
-        to = opts.get("to") or args.to
-        if not to:
-            raise SystemExit("usage: fmpipe rollback --to YYYY-MM-DD")
-        out = rollback(RollbackConfig(to=to, keep=int(opts.get("keep", args.keep))), paths)
-    print(json.dumps(out, indent=2, default=str))
-    return out

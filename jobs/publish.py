@@ -9,7 +9,10 @@ Online, the day's complete state is built aside and swapped in atomically with t
 (``online_write_batch`` with Feast ``Value`` protos, encoded from Arrow in batches of
 ``batch_rows``); ``method=materialize`` uses Feast's stock materialization engine for the same
 rows, for comparison (``bench/publish.py``). Both are read back with ``get_online_features``.
-Re-running a date rebuilds the same state from the same base (idempotent).
+Re-running a date rebuilds the same state from the same base (idempotent). A date older than the
+one serving is never made current by accident: re-publishing it with exactly the content it was
+published with is a no-op (serving stays), anything else is refused with the ways forward
+(``fmpipe backfill ... publish.force=true`` or ``fmpipe rollback``) unless ``force=true``.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 import pyarrow.parquet as pq
 
 from jobs import publication as pubs
+from jobs import staging
 from jobs.feast_store import apply_if_changed, get_store
 from jobs.io import partition
 from jobs.settings import run_cli, Paths, parse_date
@@ -36,6 +40,7 @@ class PublishConfig:
     keep: int = 3                      # publications kept restorable (snapshot tables + indexes)
     with_index: bool = True            # build the day's indexes into the publication (else `fmpipe index` does)
     swap: str = "auto"                 # auto | atomic | in_place (non-SQLite online stores: not atomic)
+    force: bool = False                # publish a date older than the serving one anyway (serving moves back to it)
 
 
 def check_gate(paths: Paths, day) -> None:
@@ -61,7 +66,19 @@ def check_columns(store, paths: Paths, day) -> None:
                              f"only {sorted(cols)}: update feature_repo/definitions.py to the model's layers")
 
 
+def already_published(paths: Paths, day, content: str, cur: dict) -> dict:
+    """An old date asked again while a later one serves: a no-op when ``day`` was already published
+    from exactly ``content`` (an Airflow clear, a re-run of an unchanged day), refused otherwise."""
+    same = pubs.published_with(paths, day, content)
+    if same is None:
+        raise pubs.order_error(day, cur)
+    return {"date": day.isoformat(), "publication": same["publication"], "action": "noop",
+            "reason": f"{day} is already published with this content; serving stays at {cur['date']}",
+            "serving": {"date": cur["date"], "publication": cur["publication"], "seq": cur["seq"]}}
+
+
 def run(cfg: PublishConfig, paths: Paths) -> dict:
+    """Publish ``cfg.date`` (see the module docstring); under the publication lock from check to commit."""
     day = parse_date(cfg.date)
     if cfg.require_gate:
         check_gate(paths, day)
@@ -72,14 +89,19 @@ def run(cfg: PublishConfig, paths: Paths) -> dict:
     online = pubs.OnlineTables(store, cfg.swap)
     pub_id = pubs.new_id(day)
     model_version = pq.read_table(partition(paths.profile_embeddings, day), columns=["model_version"])["model_version"][0].as_py()
+    content = staging.content_digest(paths, day)
     try:
         with pubs.lock(paths):
             pubs.reconcile(paths, online)
+            cur = pubs.current(paths)
+            if pubs.is_behind(day, cur) and not cfg.force:
+                return already_published(paths, day, content, cur)
             pubs.pub_dir(paths, pub_id).mkdir(parents=True)
             pubs.write_manifest(paths, pub_id, {"publication": pub_id, "date": day.isoformat(), "status": "staging",
-                                                "method": cfg.method, "model_version": model_version})
+                                                "method": cfg.method, "model_version": model_version, "content": content,
+                                                "forced": bool(cfg.force and pubs.is_behind(day, cur))})
             t1 = time.perf_counter()
-            staged = pubs.stage_day(store, paths, online, day, pub_id, cfg.method, cfg.batch_rows)
+            staged = staging.stage_day(store, paths, online, day, pub_id, cfg.method, cfg.batch_rows)
             t2 = time.perf_counter()
             index_meta, index_dir = None, None
             if cfg.with_index:
@@ -93,7 +115,7 @@ def run(cfg: PublishConfig, paths: Paths) -> dict:
             m.update({"index": index_meta, "online_store": store.config.online_store.type, "atomic": online.atomic})
             pubs.write_manifest(paths, pub_id, m)
             record = pubs.commit(paths, online, pub_id, day, staged["staging"] if online.atomic else {}, index_dir,
-                                 model_version, "publish")
+                                 model_version, "publish", backwards_ok=cfg.force)
             t4 = time.perf_counter()
             gc = pubs.collect_garbage(paths, online, cfg.keep)
     finally:

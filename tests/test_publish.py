@@ -18,6 +18,7 @@ from fm.schema import (ACTIONS, HISTORY_SCHEMA, TITLE_VOCAB_SCHEMA, TOKEN_FIELDS
                        title_embedding_schema, vocab_index)
 from jobs import publication as pubs
 from jobs import publish
+from jobs import rollback as rb
 from jobs.embed import published_at
 from jobs.io import atomic_write_json, atomic_write_table, partition
 from jobs.settings import Paths
@@ -175,6 +176,46 @@ def test_republishing_a_date_is_idempotent(synth, live_state):
     assert live_state(paths) == before and mat["method"] == "materialize"
 
 
+def test_an_older_date_never_moves_serving_backwards(tmp_path, monkeypatch, live_state):
+    """Serving D2: re-publishing D1 unchanged is a no-op; a changed D1 is refused naming both dates
+    and the ways forward, also when ``commit`` is called directly; ``force`` then D2 brings it forward."""
+    from jobs.feast_store import get_store
+    paths = Paths(tmp_path / "var")
+    monkeypatch.setenv("FMPIPE_HOME", str(paths.home))
+    write_day(paths, D1, range(0, 60), "m1", 1)
+    write_day(paths, D2, range(30, 90), "m2", 2)
+    run_publish(paths, D1)
+    r2 = run_publish(paths, D2)
+    d2_state, d2_pointer = live_state(paths), pubs.current(paths)
+    same = run_publish(paths, D1)                                  # an Airflow clear of an unchanged day
+    assert same["action"] == "noop" and same["serving"]["publication"] == r2["publication"]
+    assert pubs.current(paths) == d2_pointer and live_state(paths) == d2_state
+    fixed = write_day(paths, D1, range(0, 60), "m1", 7)            # D1 re-embedded: new content
+    with pytest.raises(pubs.PublishOrderError) as err:
+        run_publish(paths, D1)
+    msg = str(err.value)
+    assert "refusing to publish 2026-11-01: serving is already at the later date 2026-11-02" in msg
+    assert "fmpipe backfill --start 2026-11-01 --end 2026-11-02 publish.force=true" in msg
+    assert "fmpipe rollback --to 2026-11-01" in msg and "force=true" in msg
+    assert pubs.current(paths) == d2_pointer and live_state(paths) == d2_state
+    assert pubs.current(paths)["date"] == D2.isoformat() and online(paths, [10])["model_version"] == ["m1"]
+    tables = pubs.OnlineTables(get_store(paths))                   # no caller can bypass the check
+    try:
+        with pytest.raises(pubs.PublishOrderError, match="serving is already at the later date 2026-11-02"):
+            pubs.commit(paths, tables, pubs.new_id(D1), D1, {}, None, "m1", "publish")
+    finally:
+        tables.close()
+    assert pubs.current(paths) == d2_pointer and live_state(paths) == d2_state
+    # the way forward the message names: D1 forced, then D2 re-run on top of it
+    assert run_publish(paths, D1, force=True)["date"] == D1.isoformat()
+    assert pubs.manifest(paths, pubs.current(paths)["publication"])["forced"] is True
+    again = run_publish(paths, D2)
+    assert pubs.current(paths)["publication"] == again["publication"] and again["base"].startswith(D1.isoformat())
+    got = online(paths, [10, 40])
+    assert got["model_version"] == ["m1", "m2"]
+    np.testing.assert_allclose(got["emb_layer2_last"][0], fixed["profile"]["emb_layer2_last"][10], rtol=0, atol=0)
+
+
 def test_failure_midway_leaves_yesterdays_publication_serving(synth, monkeypatch, live_state):
     from feast.infra.online_stores.sqlite import SqliteOnlineStore
     from jobs.index import TitleIndex
@@ -225,7 +266,7 @@ def publish_crashing_before_current_json(paths, day, monkeypatch) -> None:
 def test_a_crash_after_the_swap_has_published_whole_and_the_next_run_finishes_the_files(synth, monkeypatch, live_state):
     from jobs.index import TitleIndex
     paths = synth["paths"]
-    run_publish(paths, D2)
+    run_publish(paths, D2, force=True)                  # serve D2 again (D3 served before)
     d2_pointer = pubs.current(paths)
     publish_crashing_before_current_json(paths, D3, monkeypatch)
     # the swap transaction is the commit point: features, pointer and index all say D3 already
@@ -254,7 +295,7 @@ def test_live_tables_that_disagree_with_the_pointer_are_put_back(synth, monkeypa
     again instead of filing the stray state under the wrong publication."""
     from jobs.feast_store import get_store
     paths = synth["paths"]
-    run_publish(paths, D2)
+    run_publish(paths, D2, force=True)
     d2_state, d2_pointer = live_state(paths), pubs.current(paths)
     publish_crashing_before_current_json(paths, D3, monkeypatch)
     with sqlite3.connect(paths.feast / "online.db") as con:
@@ -282,11 +323,11 @@ def test_kill_9_mid_publish_serves_one_whole_day_and_the_rerun_equals_the_undist
     from jobs.index import TitleIndex
     from jobs.settings import REPO_ROOT
     paths = synth["paths"]
-    run_publish(paths, D2)
+    run_publish(paths, D2, force=True)
     d2_state = live_state(paths)
     run_publish(paths, D3)
     d3_state = live_state(paths)
-    pubs.rollback(pubs.RollbackConfig(to=D2.isoformat()), paths)
+    rb.rollback(rb.RollbackConfig(to=D2.isoformat()), paths)
     assert live_state(paths) == d2_state
     marker = paths.home / f"reached-{point}"
     env = {**os.environ, "FMPIPE_HOME": str(paths.home), "FMPIPE_FAILPOINT": point, "FMPIPE_FAILPOINT_MARKER": str(marker)}
@@ -314,19 +355,19 @@ def test_kill_9_mid_publish_serves_one_whole_day_and_the_rerun_equals_the_undist
 def test_rollback_restores_features_and_index_then_rolls_forward(synth, live_state):
     from jobs.index import TitleIndex
     paths = synth["paths"]
-    run_publish(paths, D2)
+    run_publish(paths, D2, force=True)
     d2_state = live_state(paths)
     r3 = run_publish(paths, D3)
     assert online(paths, [95])["model_version"] == ["m3"]
-    back = pubs.main(["--to", D2.isoformat()])
+    back = rb.main(["--to", D2.isoformat()])
     assert back["action"] == "rollback" and back["previous"] == r3["publication"]
     assert live_state(paths) == d2_state                                   # exact, including deletions
     assert online(paths, [95, 40])["model_version"] == [None, "m2"]
     assert TitleIndex.current(paths).meta["date"] == D2.isoformat()
-    fwd = pubs.rollback(pubs.RollbackConfig(to=D3.isoformat()), paths)
+    fwd = rb.rollback(rb.RollbackConfig(to=D3.isoformat()), paths)
     assert fwd["rolled_back_to"] == r3["publication"] and online(paths, [95])["model_version"] == ["m3"]
     # D1's snapshot is long gone (keep=3): its state is rebuilt from the offline tables
-    old = pubs.rollback(pubs.RollbackConfig(to=D1.isoformat()), paths)
+    old = rb.rollback(rb.RollbackConfig(to=D1.isoformat()), paths)
     assert old["action"] == "rollback_rebuild"
     got = online(paths, [10, 40, 70, 95])
     assert got["model_version"] == ["m1", "m1", None, None]
@@ -459,7 +500,7 @@ def test_redis_online_store_by_configuration_only(redis_server, tmp_path, monkey
     np.testing.assert_array_equal(got["emb_layer2_last"][0], expect(synth, D2, 40))
 
     # rollback re-writes D1's rows (older timestamps) in place; entities first seen later stay
-    back = pubs.rollback(pubs.RollbackConfig(to=D1.isoformat()), paths)
+    back = rb.rollback(rb.RollbackConfig(to=D1.isoformat()), paths)
     assert back["action"] == "rollback_rebuild" and pubs.current(paths)["date"] == D1.isoformat()
     got = online(paths, [40, 70])
     assert got["model_version"] == ["m1", "m2b"]

@@ -1,0 +1,121 @@
+"""Building a date's complete online state aside (staging tables), before the commit makes it current.
+
+See :mod:`jobs.publication` for why (stage, index, commit) and the base a date builds on.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from jobs.embed import published_at
+from jobs.failpoints import failpoint
+from jobs.io import partition
+from jobs.online_store import OnlineTables, _columns, materialize_rows, max_value_bytes, write_rows
+from jobs.publication import FEATURE_VIEWS, history
+from jobs.settings import Paths
+
+
+def source_root(paths: Paths, fv_name: str) -> Path:
+    return {"profile_embeddings": paths.profile_embeddings, "title_embeddings": paths.title_embeddings}[fv_name]
+
+
+
+def content_digest(paths: Paths, day: dt.date, chunk: int = 1 << 20) -> str:
+    """SHA-256 over the bytes of every input file of ``day``'s publication (both views' partitions).
+
+    Recorded in the manifest, it tells an idempotent re-publish of an old date (same bytes: a no-op)
+    from a changed one (refused unless forced). Bytes, not mtimes: a re-embed that writes identical
+    files is still the same content. Cost: one read of the day's embeddings (~1 s per GB)."""
+    h = hashlib.sha256()
+    for fv_name in FEATURE_VIEWS:
+        part = partition(source_root(paths, fv_name), day)
+        for f in sorted(part.glob("*.parquet")):
+            h.update(f"{fv_name}/{f.name}\0".encode())
+            with open(f, "rb") as fh:
+                while block := fh.read(chunk):
+                    h.update(block)
+    return h.hexdigest()
+
+
+def day_table(paths: Paths, fv, day: dt.date) -> pa.Table:
+    return pq.read_table(partition(source_root(paths, fv.name), day), columns=_columns(fv))
+
+
+def seed_table(paths: Paths, fv, day: dt.date, exclude: pa.Array) -> pa.Table:
+    """Latest offline row per entity from the dates before ``day`` still inside the view's TTL."""
+    cutoff = published_at(day) - fv.ttl if fv.ttl else None
+    key = fv.entity_columns[0].name
+    days = sorted((dt.date.fromisoformat(p.name[3:]) for p in source_root(paths, fv.name).glob("dt=*") if p.is_dir()),
+                  reverse=True)
+    seen, parts = exclude, []
+    for d in days:
+        if d >= day or (cutoff is not None and published_at(d) <= cutoff):
+            continue
+        t = pq.read_table(partition(source_root(paths, fv.name), d), columns=_columns(fv))
+        t = t.filter(pc.invert(pc.is_in(t[key], value_set=seen)))
+        if t.num_rows:
+            parts.append(t)
+            seen = pa.concat_arrays([seen, t[key].combine_chunks()])
+    return pa.concat_tables(parts) if parts else None
+
+
+def base_publication(paths: Paths, online: OnlineTables, day: dt.date) -> tuple[str | None, dict[str, str]]:
+    """The most recently committed publication of an earlier date whose state is still retained,
+    and the table holding each view's state (live or snapshot)."""
+    live = online.live_publication()
+    for rec in reversed(history(paths)):
+        if dt.date.fromisoformat(rec["date"]) >= day:
+            continue
+        pub = rec["publication"]
+        tables = {}
+        for fv_name in FEATURE_VIEWS:
+            t = online.live(fv_name) if live.get(fv_name) == pub else online.snapshot(pub, fv_name)
+            if online.exists(t):
+                tables[fv_name] = t
+        if len(tables) == len(FEATURE_VIEWS):
+            return pub, tables
+    return None, {}
+
+
+def stage_day(store, paths: Paths, online: OnlineTables, day: dt.date, pub_id: str, method: str = "write",
+              batch_rows: int = 4096) -> dict:
+    """Build the complete online state of ``day`` aside (staging tables); nothing is visible yet."""
+    base_pub, base_tables = base_publication(paths, online, day)
+    out: dict = {"base": base_pub, "staging": {}, "rows": {}, "carried": {}, "seeded": {}, "timings": {}}
+    for fv_name in FEATURE_VIEWS:
+        fv = store.get_feature_view(fv_name)
+        t0 = time.perf_counter()
+        today = day_table(paths, fv, day)
+        staged = online.stage_view(fv, pub_id, max_value_bytes(fv, today))
+        key = fv.entity_columns[0].name
+        seeded = 0
+        if online.atomic and base_pub is None:        # no retained state to carry: rebuild it from offline
+            seed = seed_table(paths, fv, day, today[key].combine_chunks())
+            if seed is not None:
+                seeded = write_rows(store, staged, seed, batch_rows)
+        t1, c1 = time.perf_counter(), time.process_time()
+        if method == "materialize":
+            materialize_rows(store, staged, day)
+        elif method == "write":
+            write_rows(store, staged, today, batch_rows)
+        else:
+            raise ValueError(f"method must be 'write' or 'materialize', not {method!r}")
+        t2, c2 = time.perf_counter(), time.process_time()
+        carried = 0
+        if online.atomic and base_pub is not None:
+            cutoff = published_at(day) - fv.ttl if fv.ttl else dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+            carried = online.copy_forward(base_tables[fv_name], online.staging(pub_id, fv_name), cutoff)
+        t3 = time.perf_counter()
+        out["staging"][fv_name] = online.staging(pub_id, fv_name) if online.atomic else online.live(fv_name)
+        out["rows"][fv_name] = today.num_rows
+        out["seeded"][fv_name] = seeded
+        out["carried"][fv_name] = carried
+        out["timings"][fv_name] = {"seed_s": round(t1 - t0, 3), "write_s": round(t2 - t1, 3), "write_cpu_s": round(c2 - c1, 3), "copy_s": round(t3 - t2, 3)}
+        failpoint("publish.staged_view")            # one view staged, the next not yet: a kill -9 lands mid-publish
+    return out
