@@ -10,7 +10,9 @@ run leaves the previous state untouched):
 * ``history/dt=D`` — the last N tokens of every profile after day D (:data:`HISTORY_SCHEMA`).
 
 The daily path reads only day D plus the previous history state (cost linear in the day, not in
-all history); ``full=True`` rebuilds tokens and history from every raw partition up to D.
+all history); ``full=True`` rebuilds tokens and history from every raw partition up to D. States
+chain strictly day by day: an incremental run of D needs the state of D-1 and fails naming the
+missing day otherwise (:func:`previous_state`), instead of building on an older state.
 
 This file is also the ``spark-submit`` application of the DAG's ``submit`` mode (see
 :func:`submit_main`): ``spark-submit --master URL jobs/tokenize.py --date D [--home DIR]
@@ -387,6 +389,7 @@ def run(cfg: TokenizeConfig, paths: Paths, spark: SparkSession | None = None) ->
     if not today.is_dir() or not any(today.glob("*.parquet")):
         raise FileNotFoundError(f"raw partition missing for {day}: {today} (no Parquet files)")
     full = cfg.full or _needs_full(paths, day)
+    prev_day = None if full else previous_state(paths, day)     # before any write: a gap changes nothing
     days = _all_raw_days(paths, day) if full else [day]
     raw = read_raw(spark, paths, days)       # fails first, before any state changes, if D is missing
     new_titles = 0
@@ -397,7 +400,6 @@ def run(cfg: TokenizeConfig, paths: Paths, spark: SparkSession | None = None) ->
     bad = classified.filter(F.col("reason").isNotNull())
     deduped = dedupe(classified.filter(F.col("reason").isNull()))
 
-    prev_day = None if full else latest_partition_before(paths.history, day)
     old = spark.read.parquet(str(partition(paths.history, prev_day))) if prev_day else None
     if old is not None and "seq" not in old.columns:      # a state written before arrival order was kept
         old = old.withColumn("seq", F.transform("ts", lambda _: F.lit(None).cast("long")))
@@ -422,6 +424,32 @@ def run(cfg: TokenizeConfig, paths: Paths, spark: SparkSession | None = None) ->
              "previous_state": prev_day.isoformat() if prev_day else None}
     stats["events_per_token"] = round(stats["valid_events"] / max(stats["tokens"], 1), 3)
     return stats
+
+
+class HistoryGapError(RuntimeError):
+    """The history state an incremental tokenize must build on (the previous day's) is missing."""
+
+
+def previous_state(paths: Paths, day: dt.date) -> dt.date | None:
+    """The history state ``day`` builds on: the state of the day before, strictly.
+
+    Why strictly: building on an older state silently drops the events of every day in between
+    from history (and so from every later profile embedding). Days in the gap with no raw partition
+    at all hold no events, so chaining over them loses nothing and is allowed. Returns None when
+    there is no earlier state at all (the first day; :func:`_needs_full` covers earlier raw days)."""
+    prev = latest_partition_before(paths.history, day)
+    if prev is None:
+        return None
+    gap = [prev + dt.timedelta(days=i) for i in range(1, (day - prev).days)]
+    missing = [d for d in gap if any(partition(paths.raw, d).glob("*.parquet"))]
+    if missing:
+        raise HistoryGapError(
+            f"cannot tokenize {day} incrementally: the history state of {missing[-1]} is missing "
+            f"({partition(paths.history, missing[-1])}); the latest state before {day} is {prev}, so the events of "
+            f"{', '.join(d.isoformat() for d in missing)} would never reach history. Run the missing day(s) first "
+            f"(`fmpipe backfill --start {missing[0]} --end {day}`, or `fmpipe tokenize date=...` for each day in "
+            f"order), or rebuild from every raw day: `fmpipe tokenize date={day} full=true`.")
+    return prev
 
 
 def _needs_full(paths: Paths, day: dt.date) -> bool:

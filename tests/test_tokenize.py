@@ -156,3 +156,32 @@ def test_adjacent_actions_merge_into_one_watch_token(spark, home):
     assert other["gap"] == S.gap_bucket(1320) and again["gap"] == S.gap_bucket(9480)
     plain = tokenize.run(tokenize.TokenizeConfig(date=D1.isoformat(), merge_actions=False), home, spark)
     assert plain["tokens"] == 7
+
+
+def test_history_states_chain_day_by_day_and_a_gap_names_the_missing_day(spark, home):
+    """D1 tokenized, D2 skipped, D3 asked incrementally: refused before anything is written, naming
+    D2 and both fixes; after D2 the chain continues. A gap day with no raw events at all is allowed."""
+    D3, D4, D5 = dt.date(2026, 11, 3), dt.date(2026, 11, 4), dt.date(2026, 11, 5)
+    atomic_write_table(catalogue(), home.catalogue)
+    write_day(home, D1, day1_events()[:3])
+    write_day(home, D2, [ev("g1", 1, "2026-11-02T09:00:00Z", "c", "play", 600.0)])
+    write_day(home, D3, [ev("h1", 2, "2026-11-03T09:00:00Z", "a", "play", 60.0)])
+    tokenize.run(tokenize.TokenizeConfig(date=D1.isoformat()), home, spark)
+    vocab = pq.read_table(home.title_vocab)
+    with pytest.raises(tokenize.HistoryGapError) as err:
+        tokenize.run(tokenize.TokenizeConfig(date=D3.isoformat()), home, spark)
+    msg = str(err.value)
+    assert "cannot tokenize 2026-11-03 incrementally: the history state of 2026-11-02 is missing" in msg
+    assert "the latest state before 2026-11-03 is 2026-11-01" in msg
+    assert "fmpipe backfill --start 2026-11-02 --end 2026-11-03" in msg
+    assert "fmpipe tokenize date=2026-11-03 full=true" in msg
+    assert not partition(home.history, D3).exists() and not partition(home.tokens, D3).exists()
+    assert pq.read_table(home.title_vocab).equals(vocab)                       # nothing written, not even vocab
+    tokenize.run(tokenize.TokenizeConfig(date=D2.isoformat()), home, spark)
+    out = tokenize.run(tokenize.TokenizeConfig(date=D3.isoformat()), home, spark)
+    assert out["mode"] == "incremental" and out["previous_state"] == D2.isoformat()
+    hist = {r["profile_id"]: r for r in pq.read_table(partition(home.history, D3)).to_pylist()}
+    assert hist[1]["last_dt"] == D2 and hist[2]["last_dt"] == D3          # D2's event reached history
+    write_day(home, D5, [ev("k1", 1, "2026-11-05T09:00:00Z", "a", "play", 60.0)])    # D4: no raw at all
+    assert not raw_partition(home, D4).exists()
+    assert tokenize.run(tokenize.TokenizeConfig(date=D5.isoformat()), home, spark)["previous_state"] == D3.isoformat()
