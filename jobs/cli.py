@@ -11,6 +11,7 @@ COMMANDS = {
     "sql": "jobs.sql", "import": "jobs.importers", "rollback": "jobs.rollback",
     "backfill": "jobs.pipeline",
 }
+LOCKED = 75          # EX_TEMPFAIL: another run holds the lock; retry later
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,7 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS:
         print(f"usage: fmpipe {{{','.join(COMMANDS)}}} [key=value ...]", file=sys.stderr)
         return 2
-    importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+    from jobs.locks import LockBusy
+    try:
+        importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+    except LockBusy as e:                    # another run holds the date or shared state: say who, no traceback
+        print(f"fmpipe {argv[0]}: {e}", file=sys.stderr)
+        return LOCKED
     return 0
 
 

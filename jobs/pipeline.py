@@ -6,7 +6,8 @@ job, and records its result and wall time under ``reports/dt=D/steps/<step>.json
 
 Each daily step holds the date's lock while it runs (:mod:`jobs.locks`), and steps that rewrite
 state shared by every date also hold that state's lock, so a second run for the same date fails
-with a message naming the date and the holder instead of racing the first one. Between steps the
+with a message naming the date and the holder instead of racing the first one; ``fmpipe <step>``
+from the command line takes the same locks (:func:`cli_locks`). Between steps the
 lock is released: two runs may interleave step by step, which is safe because every step is a
 pure, idempotent function of its inputs (the result equals one run's; tested).
 
@@ -30,14 +31,17 @@ STEPS = ("check_raw", "tokenize", "embed", "validate", "publish", "index", "repo
 # state that every date reads and rewrites: tokenize grows the title vocabulary and chains the history
 # states; validate updates the one GE file context; training moves models/CURRENT.json
 SHARED_STATE = {"tokenize": "state-tokenize", "validate": "state-gx",
-                "finetune": "state-models", "pretrain": "state-models"}
+                "finetune": "state-models", "pretrain": "state-models", "train": "state-models"}
+# the job configs whose CLI (``fmpipe <step>``, :func:`jobs.settings.run_cli`) runs a locked step
+CLI_STEPS = {"TokenizeConfig": "tokenize", "EmbedConfig": "embed", "ValidateConfig": "validate",
+             "PublishConfig": "publish", "IndexConfig": "index", "ReportConfig": "report", "TrainJobConfig": "train"}
 
 
-def step_locks(paths: Paths, step: str, day: dt.date) -> contextlib.ExitStack:
+def step_locks(paths: Paths, step: str, day: dt.date | None) -> contextlib.ExitStack:
     """The locks ``step`` holds for ``day``: the date's (daily steps), then its shared state's."""
     stack = contextlib.ExitStack()
     try:
-        if step in STEPS:
+        if step in STEPS and day is not None:
             stack.enter_context(locks.date_lock(paths, day, step))
         if step in SHARED_STATE:
             stack.enter_context(locks.shared_lock(paths, SHARED_STATE[step], step))
@@ -45,6 +49,18 @@ def step_locks(paths: Paths, step: str, day: dt.date) -> contextlib.ExitStack:
         stack.close()
         raise
     return stack
+
+
+def cli_locks(paths: Paths, cfg: object) -> contextlib.ExitStack:
+    """The locks a job run from its CLI holds: exactly those of the same step in :func:`_timed`.
+
+    Why: ``fmpipe publish date=D`` racing the DAG's publish of D (or a second terminal) must be
+    refused the same way two DAG runs are; a job without a locked step takes none."""
+    step = CLI_STEPS.get(type(cfg).__name__)
+    if step is None:
+        return contextlib.ExitStack()
+    date = getattr(cfg, "date", "") or None
+    return step_locks(paths, step, parse_date(date) if date else None)
 
 
 def _timed(step: str, date: str, fn: Callable[[Paths, dt.date], dict]) -> dict:

@@ -112,10 +112,14 @@ def parse_overrides(cls: type[T], overrides: list[str] | dict | None = None) -> 
 
 def run_cli(cls: type[T], run: typing.Callable[[T, Paths], dict], doc: str | None, argv: list[str] | None,
             show: typing.Callable[[dict], object] = lambda out: out) -> dict:
-    """The thin CLI every job shares: ``key=value`` overrides of ``cls`` -> ``run(cfg, Paths.from_env())``."""
+    """The thin CLI every job shares: ``key=value`` overrides of ``cls`` -> ``run(cfg, Paths.from_env())``,
+    holding the step's date and shared-state locks like the pipeline does (:func:`jobs.pipeline.cli_locks`)."""
     import argparse
+    from jobs.pipeline import cli_locks
     ap = argparse.ArgumentParser(description=(doc or cls.__doc__ or "").strip().splitlines()[0])
     ap.add_argument("overrides", nargs="*", help=f"key=value overrides of {cls.__name__}")
-    out = run(parse_overrides(cls, ap.parse_args(argv).overrides), Paths.from_env())
+    cfg, paths = parse_overrides(cls, ap.parse_args(argv).overrides), Paths.from_env()
+    with cli_locks(paths, cfg):
+        out = run(cfg, paths)
     print(show(out))
     return out

@@ -95,6 +95,50 @@ def test_a_waiting_run_gets_the_lock_when_the_holder_finishes_or_dies(home, monk
         pass
 
 
+def test_a_second_cli_run_of_a_date_is_refused_naming_the_first(home):
+    """Two real ``fmpipe publish date=D`` processes: the first is stopped inside its publish (a
+    failpoint, holding the date lock), the second exits 75 at once naming the date and the first's
+    pid, without touching the publication; once the first dies the date is free again."""
+    import signal
+    from jobs.settings import REPO_ROOT
+    from test_publish import D1, write_day
+    write_day(home, D1, range(0, 20), "m1", 1)
+    marker = home.home / "reached"
+    env = {**os.environ, "FMPIPE_HOME": str(home.home), "FMPIPE_LOCK_WAIT_S": "0"}
+    cmd = [sys.executable, "-m", "jobs.cli", "publish", f"date={D1}"]
+    first = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                             env={**env, "FMPIPE_FAILPOINT": "publish.staged_view", "FMPIPE_FAILPOINT_MARKER": str(marker)})
+    try:
+        deadline = time.time() + 300
+        while not marker.exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), first.stderr.read().decode(errors="replace")[-2000:]
+        second = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 75, second.stderr[-2000:]
+        assert (f"fmpipe publish: date {D1} is locked by step 'publish' (pid {first.pid} on host "
+                f"{socket.gethostname()}") in second.stderr and "Traceback" not in second.stderr
+        from jobs import publication as pubs
+        assert pubs.current(home) is None                    # neither run published
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(30)
+    with locks.date_lock(home, D1, "after", wait_s=0):      # the kernel dropped the first's lock
+        pass
+
+
+def test_cli_steps_take_the_pipelines_shared_state_locks(home, capsys, monkeypatch):
+    """``fmpipe tokenize`` of another date waits on the shared tokenize state like the DAG's step;
+    bounded here, it is refused naming the shared state before any work starts."""
+    from jobs import cli
+    monkeypatch.setenv("FMPIPE_SHARED_LOCK_WAIT_S", "0.3")
+    with locks.shared_lock(home, "state-tokenize", "tokenize"):
+        assert cli.main(["tokenize", "date=2026-11-09"]) == cli.LOCKED
+    err = capsys.readouterr().err
+    assert "fmpipe tokenize: shared state 'state-tokenize' is locked by step 'tokenize'" in err
+    assert "waited 0.3s" in err and not home.tokens.exists()
+    assert pipeline.CLI_STEPS["PublishConfig"] == "publish" and "train" in pipeline.SHARED_STATE
+
+
 # ---------------------------------------------------------------------------------------------
 # Backfill == daily runs
 # ---------------------------------------------------------------------------------------------
