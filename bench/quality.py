@@ -74,7 +74,7 @@ METRICS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50")
 SASREC = {"model": dict(d_model=64, n_layers=2, n_heads=2, dropout=0.2), "fit": dict(lr=3e-3, batch_size=16)}
 SASREC_MAX_LEN = {"ml-1m": 200, "beauty": 50}
 DATASETS = {"ml-1m": "movielens", "beauty": "beauty"}
-PARTS = ("popularity", "product", "sasrec", "sasrec_converged", "beauty_fm", "beauty_sasrec", "taobao")
+PARTS = ("popularity", "product", "sasrec", "sasrec_converged", "beauty_fm", "beauty_sasrec", "taobao", "cold_start")
 # Taobao's behaviours as pipeline actions (a plain `fmpipe import events` mapping, no code)
 TAOBAO_IMPORT = dict(user="user_id", item="item_id", timestamp="timestamp", action="behavior",
                      action_map="pv:play,cart:add_to_list,fav:thumbs_up,buy:complete")
@@ -96,6 +96,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="sasrec_converged: the constant learning rate (RecBole's 1e-3; 3e-3 unscheduled does not learn)")
     ap.add_argument("--converged-cap-s", type=float, default=float("inf"),
                     help="sasrec_converged: stop anyway after this many seconds (then stopped_by says budget)")
+    ap.add_argument("--cold-start-only", action="store_true", help="only the cold_start part (bench/cold_start.py)")
+    ap.add_argument("--holdout-frac", type=float, default=0.2, help="cold_start: fraction of movies held out")
+    ap.add_argument("--recipe", action="append", default=[], metavar="KEY=VALUE",
+                    help="cold_start: a recipe setting for both of its models (repeatable)")
     ap.add_argument("--data", default=str(data_root()), help="folder holding ml-1m/ and amazon-beauty/")
     ap.add_argument("--work", default=str(Path(_HERE) / ".work"), help="scratch FMPIPE_HOMEs (tokenized once, reused)")
     ap.add_argument("--out", default=str(Path(_HERE) / "results"), help="results folder")
@@ -104,7 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = ap.parse_args(argv)
     a.budget_s = a.budget_s if a.budget_s is not None else (30.0 if a.quick else 1800.0)
     a.seeds = [a.seed] if a.seed is not None else [int(s) for s in a.seeds.split(",") if s]
-    a.parts = [p for p in a.only.split(",") if p] or list(PARTS)
+    a.parts = ["cold_start"] if a.cold_start_only else [p for p in a.only.split(",") if p] or list(PARTS)
     for p in a.parts:
         if p not in PARTS and not p.startswith("ablate:"):
             ap.error(f"unknown part {p!r}; valid: {', '.join(PARTS)}, ablate:KEY=VALUE")
@@ -261,6 +265,9 @@ def run_part(part: str, args, seed: int) -> dict:
         return popularity("ml-1m", args, seed)
     if part == "taobao":
         return taobao(args, seed)
+    if part == "cold_start":
+        from bench import cold_start
+        return cold_start.run(args, seed, prepare, eval_data)
     key, _, value = part[len("ablate:"):].partition("=")
     return product("ml-1m", args, seed, {key: value})
 
@@ -286,6 +293,8 @@ def provenance(argv) -> dict:
 
 def part_file(args, part: str, seed: int) -> Path:
     name = part.replace(":", "_").replace("=", "-")
+    if part == "cold_start" and args.recipe:
+        name += "_" + "_".join(kv.replace("=", "-") for kv in args.recipe)
     return Path(args.out) / f"quality{'_quick' if args.quick else ''}" / f"{name}-seed{seed}.json"
 
 
@@ -318,6 +327,8 @@ def merge(args) -> dict:
     for f in sorted(folder.glob("*.json")):
         rec = json.loads(f.read_text())
         parts.setdefault(rec["part"], []).append(rec)
+    from bench import cold_start
+    cold = cold_start.report(parts.pop("cold_start", []), Path(args.out), args.quick)
     summary = {}
     for part, recs in parts.items():
         rows = [r["result"] for r in recs]
@@ -327,7 +338,7 @@ def merge(args) -> dict:
             if not math.isnan(mean):
                 s[k], s[f"{k}_sd"] = round(mean, 4), round(sd, 4)
         summary[part] = s
-    res = {"parts": summary}
+    res = {"parts": summary, **({"cold_start": cold} if cold else {})}
     pick = lambda p: {k: summary[p][k] for k in summary[p] if k.startswith(("ndcg@10", "hr@10", "seeds", "train"))} \
         if p in summary else None  # noqa: E731
     res["product"], res["sasrec"], res["sasrec_converged"] = pick("product"), pick("sasrec"), pick("sasrec_converged")

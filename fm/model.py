@@ -207,7 +207,7 @@ class FoundationModel(nn.Module):
         emb.weight.data[n_old:] = 0.0
         self.title.id = emb
         self.title.content = torch.cat([self.title.content, new_content.to(old.device, old.dtype)])
-        if self.bias is not None:               # a new title starts at the typical trained title's bias
+        if self.bias is not None:               # the typical trained title's bias, until regressed below
             fill = self.bias.data[S.N_SPECIAL:].median() if n_old > S.N_SPECIAL else self.bias.new_zeros(())
             self.bias = nn.Parameter(torch.cat([self.bias.data, fill.expand(n_new).clone()]))
         self.cfg.n_titles += n_new
@@ -219,30 +219,42 @@ class FoundationModel(nn.Module):
 
 @torch.no_grad()
 def content_map(model: FoundationModel, trained: torch.Tensor, ridge: float = 1.0) -> torch.Tensor:
-    """(content_dim, d_model) ridge least-squares map from the ``trained`` titles' content vectors to
-    their whole title vectors (float64 solve: the same answer in the driver and every Spark task)."""
+    """(content_dim + 1, d_model [+ 1]) ridge least-squares map from the ``trained`` titles' content
+    vectors (plus a constant) to their whole title vectors -- and, with a title bias, to their bias
+    as the last output column (float64 solve: the same answer in the driver and every Spark task)."""
     t = model.title
     x = t.content[trained]
     y = t.id.weight[trained] + (t.proj(x) if model.cfg.use_content else 0.0)       # table() without ID dropout
-    x, y = x.double(), y.double()
-    gram = x.T @ x + ridge * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
-    return torch.linalg.solve(gram, x.T @ y).to(t.content.dtype)
+    if model.bias is not None:
+        y = torch.cat([y, model.bias[trained].unsqueeze(1)], dim=1)
+    x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1).double()
+    y = y.double()
+    reg = ridge * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+    reg[-1, -1] = 0.0                                                               # the intercept is free
+    return torch.linalg.solve(x.T @ x + reg, x.T @ y).to(t.content.dtype)
 
 
 @torch.no_grad()
 def regress_cold_titles(model: FoundationModel, cold: torch.Tensor, trained: torch.Tensor, ridge: float = 1.0) -> None:
-    """Give titles without a trained ID (``cold``: indices) the vector their content predicts.
+    """Give titles without a trained ID (``cold``: indices) the vector -- and the bias -- their
+    content predicts.
 
     Why: the jointly trained content projection is only a small correction on top of the ID rows,
     so a content-only vector lands far from the trained ones. A ridge regression from content
     vectors to the *whole* title vectors of the ``trained`` titles (bool mask) maps a new title into
     the same space; its ID row is set to the prediction minus its content part, so ``table()``
-    returns the prediction. Trained rows are untouched (no cost for the warm titles)."""
+    returns the prediction. The bias is predicted the same way, so a new title's score is on the
+    scale of the titles whose content resembles it (calibration), not of an average title. Trained
+    rows are untouched (no cost for the warm titles)."""
     t = model.title
     w = content_map(model, trained, ridge)
     content = t.content[cold]
-    own = t.proj(content) if model.cfg.use_content else torch.zeros_like(content @ w)
-    t.id.weight[cold] = content @ w - own
+    pred = torch.cat([content, torch.ones_like(content[:, :1])], dim=1) @ w
+    d = t.id.weight.shape[1]
+    own = t.proj(content) if model.cfg.use_content else torch.zeros_like(pred[:, :d])
+    t.id.weight[cold] = pred[:, :d] - own
+    if model.bias is not None:
+        model.bias[cold] = pred[:, d]
 
 
 def init_weights(model: FoundationModel, zero_fields: bool = False) -> None:

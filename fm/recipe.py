@@ -7,7 +7,7 @@ Where the defaults come from: the validation-selected configuration and ablation
 harness (``bench/results/quality_previous_harness.md``, ML-1M, 300 s CPU each, test NDCG@10: side
 heads sharing the state 0.1752 vs without them 0.1858, multi-token k=2 0.1592, no embedding
 LayerNorm 0.1360, no history masking 0.1723, no content 0.1549), ID dropout 0.1 from
-``bench/results/cold_start.md``. Side heads now learn from a stop-gradient copy of the state, so
+``bench/results/cold_start_previous_harness.md``. Side heads now learn from a stop-gradient copy of the state, so
 they are trained and served without costing next-title quality. ``bench/sweep.py`` re-checks any
 axis through this very path, choosing on validation only (``fm.protocol.selecting`` makes reading
 test an error).
@@ -50,7 +50,7 @@ class Recipe:
     title_bias: bool = True
     detach_heads: bool = True
     zero_fields: bool = True
-    id_dropout: float = 0.1            # cold start: content alone must carry a title (bench/results/cold_start.md)
+    id_dropout: float = 0.1            # cold start: content alone must carry a title (bench/results/cold_start_previous_harness.md)
     w_mtp: float = 0.5
     w_action: float = 0.2
     w_duration: float = 0.2

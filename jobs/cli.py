@@ -9,7 +9,7 @@ COMMANDS = {
     "embed": "jobs.embed", "validate": "jobs.validate", "publish": "jobs.publish",
     "index": "jobs.index", "report": "jobs.report", "demo": "jobs.demo", "retrieve": "jobs.retrieve",
     "sql": "jobs.sql", "import": "jobs.importers", "rollback": "jobs.rollback",
-    "backfill": "jobs.pipeline",
+    "backfill": "jobs.pipeline", "export": "jobs.export",
 }
 LOCKED = 75          # EX_TEMPFAIL: another run holds the lock; retry later
 

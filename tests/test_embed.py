@@ -170,8 +170,10 @@ def test_new_titles_get_the_vectors_their_content_predicts(world, home):
     trained_mask = torch.zeros(model.cfg.n_titles, dtype=torch.bool)
     trained_mask[N_SPECIAL:base.cfg.n_titles] = True
     w = content_map(base, trained_mask[: base.cfg.n_titles])                 # fitted on the checkpoint's titles only
+    d = base.cfg.d_model
+    with_one = lambda c: torch.cat([c, torch.ones_like(c[:, :1])], dim=1)  # noqa: E731 (content + intercept)
     with torch.no_grad():
-        predicted = (model.title.content[N_SPECIAL + n0:] @ w).numpy()
+        predicted = (with_one(model.title.content[N_SPECIAL + n0:]) @ w)[:, :d].numpy()
         content_only = model.title.proj(model.title.content[N_SPECIAL + n0:]).numpy()
     np.testing.assert_allclose(tv[n0:], predicted, atol=1e-5)
     assert not np.allclose(tv[n0:], content_only, atol=1e-3)
@@ -179,7 +181,7 @@ def test_new_titles_get_the_vectors_their_content_predicts(world, home):
     # a new title copying a known title's text gets what that text predicts (the same vector)
     src = [title_ids_by_idx(vocab).index(t) for t in cat["title_id"].to_pylist()[:3]]
     with torch.no_grad():
-        twin = (model.title.content[src] @ w).numpy()
+        twin = (with_one(model.title.content[src]) @ w)[:, :d].numpy()
     np.testing.assert_allclose(tv[n0:], twin, atol=1e-5)
     man = json.loads((partition(paths.title_embeddings, day) / "_manifest.json").read_text())
     assert man["new_titles"] == expected_new and man["rows"] == titles.num_rows

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from jobs import pipeline, validate
 from jobs.io import partition
@@ -42,6 +43,54 @@ def test_every_step_ran_and_counts_agree(day_run):
     assert titles.num_rows == tok["vocab_titles"] and sum(titles["is_new"].to_pylist()) == 5   # released today
     manifest = json.loads((partition(paths.profile_embeddings, day) / "_manifest.json").read_text())
     assert manifest["rows"] == emb.num_rows and manifest["dim"] == 32
+
+
+def test_titles_released_today_are_indexed_and_retrievable_today(day_run):
+    """Day one of a title: embedded from its content, in today's serving index, found by a query
+    that points at it, and its vector is the one its content predicts (not a zero row)."""
+    from jobs.index import TitleIndex
+    paths, day = day_run["paths"], day_run["day"]
+    titles = pq.read_table(partition(paths.title_embeddings, day))
+    new = [t for t, n in zip(titles["title_id"].to_pylist(), titles["is_new"].to_pylist()) if n]
+    vecs = np.asarray(titles["title_embedding"].to_pylist(), np.float32)
+    index = TitleIndex.current(paths)
+    assert index.meta["date"] == day.isoformat() and len(new) == 5
+    for t in new:
+        v = vecs[titles["title_id"].to_pylist().index(t)]
+        assert np.linalg.norm(v) > 0
+        assert index.search(v, k=1)[0][0][0] == t
+
+
+def _example(name: str):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "docs" / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_exported_subgraph_reproduces_the_published_vectors(day_run):
+    """`fmpipe export`: a ranker that loads the artefact (torch only) and reads the history table
+    computes exactly the vectors the day's publication serves, every layer column."""
+    from jobs import export
+    paths, day = day_run["paths"], day_run["day"]
+    out = export.run(export.ExportConfig(), paths)
+    assert out["publication_date"] == day.isoformat() and "/export/" in out["path"]
+    ex = _example("subgraph_ranker")
+    ranker = ex.SubgraphRanker(out["path"])
+    published = pq.read_table(partition(paths.profile_embeddings, day))
+    pids = published["profile_id"].to_pylist()[:25]
+    tokens, lengths = ex.history_tokens(partition(paths.history, day), pids, ranker.meta)
+    got = ranker.encoder(tokens, lengths)
+    rows = {p: i for i, p in enumerate(published["profile_id"].to_pylist())}
+    for col, vec in zip(ranker.meta["columns"], got):
+        want = np.asarray(published[col].to_pylist(), np.float32)[[rows[p] for p in pids]]
+        np.testing.assert_allclose(vec.numpy(), want, atol=1e-4, rtol=1e-4)
+    assert ranker(tokens, lengths, torch.zeros(len(pids), ranker.meta["dim"])).shape == (len(pids),)
+    with pytest.raises(ValueError, match="format="):
+        export.run(export.ExportConfig(format="onnx"), paths)
 
 
 def test_gate_results_and_data_docs_are_kept(day_run):

@@ -1,0 +1,157 @@
+"""Cold start on ML-1M: the ``cold_start`` part of ``bench/quality.py`` (``--cold-start-only``).
+
+A seeded 20% of the movies is held out of training entirely (``fmpipe train holdout_titles_frac=0.2``,
+the rest at the defaults). The test users whose next movie is a held-out one ("cold users") are
+ranked over **all** movies (the protocol of ``fm/protocol.py``), with:
+
+* ``fm``: the held-out movies get what serving gives a title that arrives after training
+  (``fm.model.regress_cold_titles``: ID vector and bias predicted from content by a ridge map
+  fitted on the trained titles -- the calibration);
+* ``fm_median_bias``: the same vectors, bias = the median trained title's (uncalibrated); the two
+  are compared on the cold **validation** users (second-last event held out) before test is read;
+* ``fm_content_only``: held-out movies through the content projection alone (ID zero);
+* ``reference``: a model trained on every movie, same budget and seed (what the cold users would get
+  had those movies been seen);
+* ``content_knn``: training-free TF-IDF cosine to the history (``fm/content_knn.py``);
+* ``random``: a held-out target placed at random among the candidates (HR@K = K / candidates).
+
+Warm users (target trained) are checked for harm: the cold model, the same with the held-out movies
+removed from ranking (the no-content floor: a model without content cannot rank them at all), and
+the reference.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from fm import checkpoint
+from fm import protocol as P
+from fm.content_knn import content_knn_scores, title_tfidf
+from fm.evaluate import content_only, regressed
+from fm.schema import N_SPECIAL
+from jobs import evaluate as ev
+from jobs import train as train_job
+from jobs.settings import parse_overrides
+from jobs.vocab import read_vocab, title_ids_by_idx
+
+METRICS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50")
+
+
+def _train(args, home, day: str, seed: int, over: dict) -> Path:
+    cfg = parse_overrides(train_job.TrainJobConfig, {"date": day, "leave_one_out": True, "promote": "never",
+                                                     "time_budget_s": args.budget_s, "clock": args.clock,
+                                                     "seed": seed, "checkpoint_every_s": 0, **over})
+    return Path(train_job.run(cfg, home)["path"])
+
+
+def _median_bias(model, held: np.ndarray):
+    m = regressed(model, held)
+    if m.bias is not None:
+        with torch.no_grad():
+            keep = np.ones(m.cfg.n_titles, bool)
+            keep[:N_SPECIAL] = False
+            keep[held] = False
+            m.bias[torch.as_tensor(held)] = m.bias[torch.as_tensor(keep)].median()
+    return m
+
+
+def run(args, seed: int, prepare, eval_data) -> dict:
+    """Train the reference and the cold model with the product's path, then score every variant."""
+    home, day = prepare("ml-1m", args)
+    over = dict(kv.split("=", 1) for kv in getattr(args, "recipe", []) or [])
+    ref_dir = _train(args, home, day, seed, over)
+    cold_dir = _train(args, home, day, seed, {**over, "holdout_titles_frac": args.holdout_frac})
+    ref, _, _ = checkpoint.load(ref_dir)
+    cold, _, meta = checkpoint.load(cold_dir)
+    ids = title_ids_by_idx(read_vocab(home))
+    index = {t: i for i, t in enumerate(ids) if t is not None}
+    held = np.array(sorted(index[t] for t in meta["holdout_titles"]["title_ids"]), np.int64)
+    seqs, cand = eval_data("ml-1m", home, day, args)
+    split = P.leave_one_out(seqs)
+    is_cold = lambda es: np.isin(es.targets, held)  # noqa: E731
+    max_len = cold.cfg.max_len
+
+    def score(m, es):
+        return P.evaluate(ev.candidate_scores(m, cand), seqs, es, max_len)
+
+    served, median = regressed(cold, held), _median_bias(cold, held)
+    cold_valid = split.valid.subset(is_cold(split.valid))
+    with P.selecting():                                    # the calibration choice never reads test
+        valid = {"fm": score(served, cold_valid), "fm_median_bias": score(median, cold_valid)}
+    chosen = max(valid, key=lambda k: valid[k]["hr@50"])
+    cold_test, warm_test = split.test.subset(is_cold(split.test)), split.test.subset(~is_cold(split.test))
+    knn = content_knn_scores(title_tfidf(ids, pq.read_table(home.catalogue)))
+    mask = torch.zeros(cold.cfg.n_titles, dtype=torch.bool)
+    mask[torch.as_tensor(cand)] = True
+    cold_users = {
+        "fm": score(served, cold_test), "fm_median_bias": score(median, cold_test),
+        "fm_content_only": score(content_only(cold, held), cold_test), "reference": score(ref, cold_test),
+        "content_knn": P.evaluate(lambda b: knn(b).masked_fill(~mask, float("-inf")), seqs, cold_test, max_len),
+        "random": {"hr@10": 10 / len(cand), "hr@50": 50 / len(cand), "users": len(cold_test)},
+    }
+    floor = cand[~np.isin(cand, held)]
+    warm_users = {"fm": score(served, warm_test), "reference": score(ref, warm_test),
+                  "floor_held_out_unranked": P.evaluate(ev.candidate_scores(cold, floor), seqs, warm_test, max_len)}
+    fm = cold_users[chosen]
+    return {"titles_held_out": len(held), "candidates": len(cand), "cold_users": len(cold_test),
+            "warm_users": len(warm_test), "calibration_valid": valid, "calibration_chosen": chosen,
+            "cold": cold_users, "warm": warm_users,
+            "hr@50_vs_reference": fm["hr@50"] / max(cold_users["reference"]["hr@50"], 1e-12),
+            "hr@50_vs_content_knn": fm["hr@50"] / max(cold_users["content_knn"]["hr@50"], 1e-12),
+            "warm_ndcg@10_vs_reference": warm_users["fm"]["ndcg@10"] / warm_users["reference"]["ndcg@10"],
+            "recipe_overrides": over, "models": {"reference": str(ref_dir), "cold": str(cold_dir)}}
+
+
+def report(recs: list[dict], out: Path, quick: bool) -> dict:
+    """One section per recipe variant (mean ± sd over seeds) into ``cold_start[_quick].md/json``;
+    returns the summary of the defaults' runs (or of the first variant)."""
+    if not recs:
+        return {}
+    groups: dict[str, list[dict]] = {}
+    for r in recs:
+        groups.setdefault(json.dumps(r["result"]["recipe_overrides"], sort_keys=True), []).append(r)
+    sections = {k: _section(g) for k, g in groups.items()}
+    head = [f"# ML-1M cold start{' (quick smoke run — not a result)' if quick else ''}", "",
+            "Method: `bench/cold_start.py` docstring. Goals (issue 13): cold HR@50 ≥ 0.5× reference and "
+            "≥ 1.5× content-kNN; warm NDCG@10 within 1% of the reference.", ""]
+    lines = head + [line for lines_, _ in sections.values() for line in lines_]
+    summary = sections.get("{}", next(iter(sections.values())))[1]
+    suffix = "_quick" if quick else ""
+    (out / f"cold_start{suffix}.md").write_text("\n".join(lines) + "\n")
+    (out / f"cold_start{suffix}.json").write_text(json.dumps(
+        {"summary": summary, "variants": {k: v[1] for k, v in sections.items()}, "runs": recs}, indent=1, default=str))
+    return summary
+
+
+def _section(recs: list[dict]) -> tuple[list[str], dict]:
+    res = [r["result"] for r in recs]
+    ms = lambda xs: (float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0)  # noqa: E731
+    fmt = lambda xs: "{:.4f} ± {:.4f}".format(*ms(xs)) if len(xs) > 1 else f"{xs[0]:.4f}"  # noqa: E731
+    r0 = res[0]
+    lines = [f"## Recipe: {r0['recipe_overrides'] or 'defaults'}", "",
+             f"{r0['titles_held_out']} movies held out of training ({recs[0]['result']['recipe_overrides'] or 'defaults'}); "
+             f"{r0['cold_users']} test users whose target is one of them; full ranking over {r0['candidates']} movies; "
+             f"seeds {[r['seed'] for r in recs]}; budget {recs[0]['budget_s']:.0f} s {recs[0]['clock']} per model. "
+             "", "### Cold users", "", "| variant | HR@10 | NDCG@10 | HR@50 | NDCG@50 |", "|---|---:|---:|---:|---:|"]
+    for v in r0["cold"]:
+        cells = [fmt([x["cold"][v][k] for x in res]) if k in r0["cold"][v] else "" for k in METRICS]
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    lines += ["", f"Calibration chosen on the cold validation users (HR@50): "
+              + ", ".join(f"seed {r['seed']}: {r['result']['calibration_chosen']} "
+                          "(" + ", ".join(f"{k} {v['hr@50']:.4f}" for k, v in r["result"]["calibration_valid"].items()) + ")"
+                          for r in recs), "",
+              "### Warm users", "", "| variant | NDCG@10 | HR@10 |", "|---|---:|---:|"]
+    for v in r0["warm"]:
+        lines.append(f"| {v} | {fmt([x['warm'][v]['ndcg@10'] for x in res])} | {fmt([x['warm'][v]['hr@10'] for x in res])} |")
+    summary = {k: round(ms([x[k] for x in res])[0], 4) for k in
+               ("hr@50_vs_reference", "hr@50_vs_content_knn", "warm_ndcg@10_vs_reference")}
+    summary["cold_hr@50"] = round(ms([x["cold"][x["calibration_chosen"]]["hr@50"] for x in res])[0], 4)
+    summary["seeds"] = len(recs)
+    lines += ["", f"Against the goals: {summary}", "", "### Runs", ""]
+    lines += [f"- seed {r['seed']}: commit `{r['commit']}`, `{r['command']}`, {r['machine']}, load "
+              f"{r['loadavg_start']} → {r['loadavg_end']}, wall {r['wall_s']:.0f} s" for r in recs]
+    return lines + [""], summary
