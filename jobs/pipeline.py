@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from jobs import locks
 from jobs.io import atomic_write_json, partition, raw_partition
+from jobs.redact import redact
 from jobs.settings import Paths, parse_date, parse_overrides
 
 STEPS = ("check_raw", "tokenize", "embed", "validate", "publish", "index", "report")
@@ -67,7 +68,7 @@ def _timed(step: str, date: str, fn: Callable[[Paths, dt.date], dict]) -> dict:
     paths, day = Paths.from_env(), parse_date(date)
     with step_locks(paths, step, day):
         t0 = time.perf_counter()
-        out = fn(paths, day)
+        out = redact(fn(paths, day))            # the step record and the XCom never hold a credential
         out = {"step": step, "wall_s": round(time.perf_counter() - t0, 2), **out}
         atomic_write_json(out, partition(paths.reports, day) / "steps" / f"{step}.json")
     return out
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("overrides", nargs="*", help="per-step options, e.g. embed.engine=spark")
     args = ap.parse_args(argv)
     out = backfill(args.start, args.end, _step_overrides(args.overrides))
-    print(json.dumps(out))
+    print(json.dumps(redact(out)))
     return out
 
 

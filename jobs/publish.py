@@ -26,6 +26,7 @@ from jobs import publication as pubs
 from jobs import staging
 from jobs.feast_store import apply_if_changed, get_store
 from jobs.io import partition
+from jobs.redact import redact_text
 from jobs.settings import run_cli, Paths, parse_date
 
 FEATURE_VIEWS = {"profile_embeddings": "profile_embeddings", "title_embeddings": "title_embeddings"}
@@ -133,7 +134,7 @@ def run(cfg: PublishConfig, paths: Paths) -> dict:
             "index": {k: {kk: v.get(kk) for kk in ("type", "vectors", "recall_at_10", "nprobe", "build_s")}
                       for k, v in (index_meta or {}).items()},
             "dropped": gc["dropped"],
-            "registry": str(store.config.registry_config), "online_store": store.config.online_store.type,
+            "registry": redact_text(str(store.config.registry_config)), "online_store": store.config.online_store.type,
             "atomic_swap": online.atomic}
 
 

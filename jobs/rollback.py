@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from jobs.online_store import OnlineTables
 from jobs.publication import (FEATURE_VIEWS, collect_garbage, commit, current, history, lock, manifest, new_id,
                               pub_dir, reconcile, write_manifest)
+from jobs.redact import redact
 from jobs.settings import Paths, parse_date
 from jobs.staging import content_digest, stage_day
 
@@ -91,5 +92,5 @@ def main(argv: list[str] | None = None) -> dict:
         if not to:
             raise SystemExit("usage: fmpipe rollback --to YYYY-MM-DD")
         out = rollback(RollbackConfig(to=to, keep=int(opts.get("keep", args.keep))), paths)
-    print(json.dumps(out, indent=2, default=str))
+    print(json.dumps(redact(out), indent=2, default=str))
     return out

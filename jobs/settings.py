@@ -116,10 +116,11 @@ def run_cli(cls: type[T], run: typing.Callable[[T, Paths], dict], doc: str | Non
     holding the step's date and shared-state locks like the pipeline does (:func:`jobs.pipeline.cli_locks`)."""
     import argparse
     from jobs.pipeline import cli_locks
+    from jobs.redact import redact
     ap = argparse.ArgumentParser(description=(doc or cls.__doc__ or "").strip().splitlines()[0])
     ap.add_argument("overrides", nargs="*", help=f"key=value overrides of {cls.__name__}")
     cfg, paths = parse_overrides(cls, ap.parse_args(argv).overrides), Paths.from_env()
     with cli_locks(paths, cfg):
-        out = run(cfg, paths)
+        out = redact(run(cfg, paths))           # stdout and the caller never see a credential
     print(show(out))
     return out
