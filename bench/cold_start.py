@@ -7,8 +7,10 @@ ranked over **all** movies (the protocol of ``fm/protocol.py``), with:
 * ``fm``: the held-out movies get what serving gives a title that arrives after training
   (``fm.model.regress_cold_titles``: ID vector and bias predicted from content by a ridge map
   fitted on the trained titles -- the calibration);
-* ``fm_median_bias``: the same vectors, bias = the median trained title's (uncalibrated); the two
-  are compared on the cold **validation** users (second-last event held out) before test is read;
+* ``fm_median_bias``: the same vectors, bias = the median trained title's (uncalibrated);
+* ``fm_neighbours``: vector and bias imputed from the 20 nearest trained titles by content cosine
+  (``fm.model.impute_cold_titles``); the three are compared on the cold **validation** users
+  (second-last event held out) before test is read;
 * ``fm_content_only``: held-out movies through the content projection alone (ID zero);
 * ``reference``: a model trained on every movie, same budget and seed (what the cold users would get
   had those movies been seen);
@@ -32,6 +34,7 @@ from fm import checkpoint
 from fm import protocol as P
 from fm.content_knn import content_knn_scores, title_tfidf
 from fm.evaluate import content_only, regressed
+from fm.model import impute_cold_titles
 from fm.schema import N_SPECIAL
 from jobs import evaluate as ev
 from jobs import train as train_job
@@ -46,6 +49,16 @@ def _train(args, home, day: str, seed: int, over: dict) -> Path:
                                                      "time_budget_s": args.budget_s, "clock": args.clock,
                                                      "seed": seed, "checkpoint_every_s": 0, **over})
     return Path(train_job.run(cfg, home)["path"])
+
+
+def _imputed(model, held: np.ndarray):
+    """Held-out titles by neighbour imputation (``fm.model.impute_cold_titles``)."""
+    m = content_only(model, held)
+    trained = torch.ones(m.cfg.n_titles, dtype=torch.bool)
+    trained[:N_SPECIAL] = False
+    trained[torch.as_tensor(held)] = False
+    impute_cold_titles(m, torch.as_tensor(held), trained)
+    return m
 
 
 def _median_bias(model, held: np.ndarray):
@@ -78,10 +91,11 @@ def run(args, seed: int, prepare, eval_data) -> dict:
     def score(m, es):
         return P.evaluate(ev.candidate_scores(m, cand), seqs, es, max_len)
 
-    served, median = regressed(cold, held), _median_bias(cold, held)
+    served, median, imputed = regressed(cold, held), _median_bias(cold, held), _imputed(cold, held)
     cold_valid = split.valid.subset(is_cold(split.valid))
     with P.selecting():                                    # the calibration choice never reads test
-        valid = {"fm": score(served, cold_valid), "fm_median_bias": score(median, cold_valid)}
+        valid = {"fm": score(served, cold_valid), "fm_median_bias": score(median, cold_valid),
+                 "fm_neighbours": score(imputed, cold_valid)}
     chosen = max(valid, key=lambda k: valid[k]["hr@50"])
     cold_test, warm_test = split.test.subset(is_cold(split.test)), split.test.subset(~is_cold(split.test))
     knn = content_knn_scores(title_tfidf(ids, pq.read_table(home.catalogue)))
@@ -89,6 +103,7 @@ def run(args, seed: int, prepare, eval_data) -> dict:
     mask[torch.as_tensor(cand)] = True
     cold_users = {
         "fm": score(served, cold_test), "fm_median_bias": score(median, cold_test),
+        "fm_neighbours": score(imputed, cold_test),
         "fm_content_only": score(content_only(cold, held), cold_test), "reference": score(ref, cold_test),
         "content_knn": P.evaluate(lambda b: knn(b).masked_fill(~mask, float("-inf")), seqs, cold_test, max_len),
         "random": {"hr@10": 10 / len(cand), "hr@50": 50 / len(cand), "users": len(cold_test)},

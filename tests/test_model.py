@@ -227,6 +227,31 @@ def test_grown_titles_get_the_vector_their_content_predicts():
     assert not torch.allclose(m.title.table()[200:], m.title.proj(new_content), atol=5e-2)
 
 
+def test_cold_titles_are_calibrated_from_content():
+    """The ridge map predicts the bias as well as the vector (a bias that is a linear function of
+    content is recovered); neighbour imputation copies the nearest trained title's vector and bias
+    when a cold title's text equals it."""
+    from fm.model import impute_cold_titles, regress_cold_titles
+    m = tiny_model(n_titles=200, title_bias=True)
+    w0, b0 = torch.randn(8, 16), torch.randn(8)
+    with torch.no_grad():
+        m.title.id.weight.copy_(m.title.content @ w0 - m.title.proj(m.title.content))
+        m.bias.copy_(m.title.content @ b0 + 0.5)
+    trained = torch.ones(200, dtype=torch.bool)
+    trained[:2] = False
+    trained[190:] = False
+    cold = torch.arange(190, 200)
+    want_bias = m.bias[cold].detach().clone()
+    regress_cold_titles(m, cold, trained)
+    assert torch.allclose(m.bias[cold], want_bias, atol=5e-2)
+    assert torch.allclose(m.title.table()[cold], m.title.content[cold] @ w0, atol=0.1)
+    with torch.no_grad():
+        m.title.content[195] = m.title.content[7]
+    impute_cold_titles(m, cold, trained, k=5, temperature=1e-3)
+    assert torch.allclose(m.title.table()[195], m.title.table()[7], atol=1e-4)
+    assert torch.isclose(m.bias[195], m.bias[7], atol=1e-4)
+
+
 def test_id_dropout_trains_titles_through_content_alone_and_never_applies_at_serving():
     m = tiny_model(id_dropout=0.5)
     content_only = m.title.proj(m.title.content).detach()
