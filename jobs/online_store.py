@@ -33,6 +33,7 @@ import copy
 import datetime as dt
 import json
 import sqlite3
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -43,6 +44,22 @@ from jobs.embed import published_at
 LIVE_TABLE = "fmpipe_publication_live"
 POINTER_TABLE = "fmpipe_publication_pointer"     # the pointer record, written in the swap transaction
 CACHE_KIB = 256 * 1024          # SQLite page cache while staging (the default 2 MiB thrashes on large tables)
+
+
+def use_wal(conn: sqlite3.Connection, where: object) -> None:
+    """Put the online store in WAL mode (persistent in the file) with fully synchronous commits.
+
+    Why: in the default rollback-journal mode a writer committing a large staging table or copy-
+    forward takes an exclusive lock, and Feast readers (``get_online_features`` in other processes,
+    5 s busy timeout) fail with "database is locked"; in WAL mode readers keep reading the last
+    committed state while the publisher writes. ``synchronous=FULL`` keeps every commit (the swap is
+    the commit point) fsynced to the log before it returns, as the rollback journal did."""
+    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        warnings.warn(f"SQLite online store {where} stays in journal_mode={mode} (WAL needs shared memory on a "
+                      "local filesystem): Feast readers can see 'database is locked' while a publication is written",
+                      RuntimeWarning, stacklevel=2)
+    conn.execute("PRAGMA synchronous=FULL")
 
 
 def _safe(pub_id: str) -> str:
@@ -72,6 +89,7 @@ class OnlineTables:
             from feast.infra.online_stores.sqlite import SqliteOnlineStore
             path = SqliteOnlineStore._get_db_path(self.store.config)
             self._conn = sqlite3.connect(path, timeout=60, isolation_level=None)
+            use_wal(self._conn, path)
             self._conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
             self._conn.execute(f"CREATE TABLE IF NOT EXISTS {LIVE_TABLE} (feature_view TEXT PRIMARY KEY, publication TEXT)")
             self._conn.execute(f"CREATE TABLE IF NOT EXISTS {POINTER_TABLE} (id INTEGER PRIMARY KEY CHECK (id = 1), record TEXT)")

@@ -216,6 +216,30 @@ def test_an_older_date_never_moves_serving_backwards(tmp_path, monkeypatch, live
     np.testing.assert_allclose(got["emb_layer2_last"][0], fixed["profile"]["emb_layer2_last"][10], rtol=0, atol=0)
 
 
+def test_online_store_is_in_wal_mode_so_a_writer_never_blocks_feast_readers(tmp_path, monkeypatch):
+    """The store a publish opened reports journal_mode=wal (persistent, for every process); while
+    the publisher holds an exclusive write transaction (a large copy-forward), a Feast reader still
+    reads the committed day instead of failing with "database is locked"."""
+    from jobs.feast_store import get_store
+    paths = Paths(tmp_path / "var")
+    monkeypatch.setenv("FMPIPE_HOME", str(paths.home))
+    day = write_day(paths, D1, range(0, 20), "m1", 1)
+    run_publish(paths, D1)
+    with sqlite3.connect(paths.feast / "online.db") as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    tables = pubs.OnlineTables(get_store(paths))
+    try:
+        assert tables.conn().execute("PRAGMA synchronous").fetchone()[0] == 2            # FULL: commits fsynced
+        tables.conn().execute("BEGIN EXCLUSIVE")
+        tables.conn().execute(f'DELETE FROM "{tables.live("profile_embeddings")}"')      # uncommitted
+        got = online(paths, [10])                    # Feast's own reader, its own connection
+        assert got["model_version"] == ["m1"]
+        np.testing.assert_allclose(got["emb_layer2_last"][0], day["profile"]["emb_layer2_last"][10], rtol=0, atol=0)
+        tables.conn().execute("ROLLBACK")
+    finally:
+        tables.close()
+
+
 def test_failure_midway_leaves_yesterdays_publication_serving(synth, monkeypatch, live_state):
     from feast.infra.online_stores.sqlite import SqliteOnlineStore
     from jobs.index import TitleIndex
