@@ -69,6 +69,7 @@ import os
 import shutil
 import sqlite3
 import uuid
+import warnings
 from pathlib import Path
 
 from jobs.failpoints import failpoint
@@ -106,12 +107,29 @@ def current(paths: Paths) -> dict | None:
     in_store = committed_pointer(paths)
     if in_store is not None and (on_disk is None or in_store.get("seq", 0) > on_disk.get("seq", 0)):
         return in_store
+    if on_disk is None and in_store is None and pointer_path(paths).exists():
+        moves = history(paths)                 # a damaged CURRENT.json and no store record: the last move
+        return moves[-1] if moves else None
     return on_disk
 
 
 def _pointer_file(paths: Paths) -> dict | None:
+    """CURRENT.json, or None when absent, empty or corrupt (power loss, a full disk, a hand edit).
+
+    Why not fail: the commit record in the SQLite store (or the history) says what is serving, and
+    :func:`settle` rewrites the file from it under the lock before the next pointer move."""
     p = pointer_path(paths)
-    return json.loads(p.read_text()) if p.exists() else None
+    if not p.exists():
+        return None
+    try:
+        record = json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError):
+        record = None
+    if not isinstance(record, dict) or "publication" not in record:
+        warnings.warn(f"{p} is empty or corrupt: following the committed record instead (the next publish, "
+                      "index build or rollback rewrites it)", RuntimeWarning, stacklevel=2)
+        return None
+    return record
 
 
 def committed_pointer(paths: Paths) -> dict | None:
@@ -145,13 +163,38 @@ def write_manifest(paths: Paths, pub_id: str, data: dict) -> None:
 
 
 def history(paths: Paths) -> list[dict]:
+    """Every pointer move, oldest first. A line that does not parse (a torn last line after power
+    loss) is skipped with a warning naming it: the commit point is the store's record, and one lost
+    history line must not stop publish, rollback or retrieval."""
     f = root(paths) / "history.jsonl"
-    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
+    if not f.exists():
+        return []
+    records = []
+    for n, line in enumerate(f.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None
+        if isinstance(rec, dict) and "publication" in rec and "date" in rec:
+            records.append(rec)
+        else:
+            warnings.warn(f"{f} line {n} is torn or corrupt ({line[:80]!r}): skipped", RuntimeWarning, stacklevel=2)
+    return records
 
 
 def _append_history(paths: Paths, record: dict) -> None:
-    with open(root(paths) / "history.jsonl", "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+    """Append one line, durably; a torn last line is first closed with a newline so the new record
+    never fuses with it."""
+    f_path = root(paths) / "history.jsonl"
+    torn = False
+    if f_path.exists() and f_path.stat().st_size > 0:
+        with open(f_path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+    with open(f_path, "a") as f:
+        f.write(("\n" if torn else "") + json.dumps(record, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
 

@@ -529,3 +529,32 @@ def test_redis_online_store_by_configuration_only(redis_server, tmp_path, monkey
     got = online(paths, [40, 70])
     assert got["model_version"] == ["m1", "m2b"]
     np.testing.assert_array_equal(got["emb_layer2_last"][0], expect(synth, D1, 40))
+
+
+def test_a_torn_history_line_and_an_empty_current_json_recover_from_the_commit_record(tmp_path, monkeypatch, live_state):
+    """Power loss damage: the last history line torn, CURRENT.json empty. Readers follow the SQLite
+    commit record (with warnings), the next pointer move rewrites the pointer and appends its line
+    cleanly, and rollback and publish keep working."""
+    paths = Paths(tmp_path / "var")
+    monkeypatch.setenv("FMPIPE_HOME", str(paths.home))
+    write_day(paths, D1, range(0, 20), "m1", 1)
+    write_day(paths, D2, range(10, 30), "m2", 2)
+    run_publish(paths, D1)
+    run_publish(paths, D2)
+    served, d2_state = pubs.current(paths), live_state(paths)
+    journal = pubs.root(paths) / "history.jsonl"
+    with open(journal, "a") as f:
+        f.write('{"date": "2026-11-0')                                    # torn: no closing, no newline
+    pubs.pointer_path(paths).write_text("")
+    with pytest.warns(RuntimeWarning, match=r"history.jsonl line 3 is torn or corrupt"):
+        assert [r["date"] for r in pubs.history(paths)] == [D1.isoformat(), D2.isoformat()]
+    with pytest.warns(RuntimeWarning, match="CURRENT.json is empty or corrupt"):
+        assert pubs.current(paths) == served
+    with pytest.warns(RuntimeWarning):
+        back = rb.rollback(rb.RollbackConfig(to=D1.isoformat()), paths)   # reconcile rewrites the pointer first
+    assert json.loads(pubs.pointer_path(paths).read_text())["publication"] == back["rolled_back_to"]
+    lines = journal.read_text().splitlines()
+    assert lines[2] == '{"date": "2026-11-0' and json.loads(lines[3])["action"] == "rollback"   # not fused
+    with pytest.warns(RuntimeWarning, match="line 3 is torn"):
+        run_publish(paths, D2)
+    assert live_state(paths) == d2_state and pubs.current(paths)["date"] == D2.isoformat()
