@@ -12,6 +12,7 @@ COMMANDS = {
     "backfill": "jobs.pipeline", "export": "jobs.export",
 }
 LOCKED = 75          # EX_TEMPFAIL: another run holds the lock; retry later
+FAILED = 1           # an expected failure (bad input, missing data, failed gate): the message says what to fix
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,13 +20,37 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS:
         print(f"usage: fmpipe {{{','.join(COMMANDS)}}} [key=value ...]", file=sys.stderr)
         return 2
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     from jobs.locks import LockBusy
     try:
         importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
     except LockBusy as e:                    # another run holds the date or shared state: say who, no traceback
         print(f"fmpipe {argv[0]}: {e}", file=sys.stderr)
         return LOCKED
+    except expected_errors() as e:
+        if debug:
+            raise
+        print(f"fmpipe {argv[0]}: error: {_message(e)}\n(run with --debug for the traceback)", file=sys.stderr)
+        return FAILED
     return 0
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Failures a user can fix (bad input or option, missing data, a failed gate, a gap in the
+    history chain, a bad checkpoint): one message naming what, where and how, no traceback."""
+    from fm.checkpoint import CheckpointError
+    from fm.content import EncoderUnavailable
+    from jobs.publication import PublishOrderError
+    from jobs.tokenize import HistoryGapError
+    from jobs.validate import GateFailed
+    return (ValueError, LookupError, OSError, CheckpointError, EncoderUnavailable, GateFailed, HistoryGapError,
+            PublishOrderError)
+
+
+def _message(e: BaseException) -> str:
+    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    return str(text) or type(e).__name__
 
 
 if __name__ == "__main__":

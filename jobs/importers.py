@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from fm import schema as S
 from fm.data import data_root
+from jobs.catalogue_import import before_release, catalogue_from_table
 from jobs.io import atomic_write_json, atomic_write_table, fsync_tree
 from jobs.settings import Paths, parse_overrides
 
@@ -52,7 +53,12 @@ class ImportConfig:
     canvas: str = ""
     action_map: str = ""                 # "click:play,buy:complete": source value -> pipeline action
     default_action: str = "play"         # when there is no action column
-    catalogue: str = ""                  # optional CSV/Parquet in the catalogue schema (title_id required)
+    catalogue: str = ""                  # optional CSV/Parquet item table (jobs.catalogue_import)
+    catalogue_map: str = ""              # "title_id:item,name:title,genres:genres+brand,synopsis:plot+director"
+    genres_sep: str = "|"                # genres given as one string column
+    date_format: str = ""                # release dates: strptime format (empty: common formats)
+    before_release: str = "quarantine"   # events before a title's release: quarantine | accept (move the release back)
+    dry_run: bool = False                # check everything, print what would be written, write nothing
     delimiter: str = ","
     target_actions: str = ""             # actions that count as interactions (next-title targets), comma-separated;
                                          # default: every imported action except impression / pause / search
@@ -239,23 +245,36 @@ def merge_catalogue(paths: Paths, new: pa.Table, keep_existing: bool) -> pa.Tabl
     return pa.Table.from_pylist(list(rows.values()), schema=S.CATALOGUE_SCHEMA)
 
 
+def dry_run_report(events: pd.DataFrame, cat: pa.Table, early: dict, key: str) -> dict:
+    """What an import would write: per-day counts, the catalogue, events before release."""
+    per_day = events.groupby("dt").size()
+    return {"dry_run": True, "written": False, "source_key": key, "events": len(events), "days": len(per_day),
+            "first_day": per_day.index.min(), "last_day": per_day.index.max(),
+            "events_per_day": {d: int(n) for d, n in per_day.items()} if len(per_day) <= 31 else
+            {"min": int(per_day.min()), "median": int(per_day.median()), "max": int(per_day.max())},
+            "profiles": int(events["profile_id"].nunique()), "titles": int(events["title_id"].nunique()),
+            "titles_without_catalogue_row": int((~events["title_id"].isin(cat["title_id"].to_pylist())).sum()),
+            "catalogue_titles": cat.num_rows, "before_release": early}
+
+
 def run(cfg: ImportConfig, paths: Paths) -> dict:
     src = Path(cfg.source)
     key = source_key(src)
     events = events_from_table(read_any(src, cfg.delimiter), cfg, key)
     if cfg.catalogue:
-        cat = read_any(Path(cfg.catalogue), cfg.delimiter)
-        if "title_id" not in cat.column_names:
-            raise ImportError_(f"{cfg.catalogue}: catalogue needs a 'title_id' column; has {cat.column_names}")
-        cat = pa.Table.from_pylist([{f.name: r.get(f.name) for f in S.CATALOGUE_SCHEMA} for r in cat.to_pylist()],
-                                   schema=S.CATALOGUE_SCHEMA)
+        cat = catalogue_from_table(read_any(Path(cfg.catalogue), cfg.delimiter), cfg.catalogue_map, cfg.catalogue,
+                                   cfg.genres_sep, cfg.date_format)
         check_unique_titles(cat, cfg.catalogue)
     else:
         cat = minimal_catalogue(sorted(events["title_id"].dropna().unique().tolist()))
+    cat, early = before_release(cat, events, cfg.before_release)
+    if cfg.dry_run:
+        return dry_run_report(events, cat, early, key)
     cat = merge_catalogue(paths, cat, keep_existing=not cfg.catalogue)
     atomic_write_table(cat, paths.catalogue)
     meta = write_dataset_meta(paths, str(src), events["action"].dropna().unique(), cfg.target_actions)
-    return {**write_raw(events, paths, key), "catalogue_titles": cat.num_rows, "target_actions": meta["target_actions"]}
+    return {**write_raw(events, paths, key), "catalogue_titles": cat.num_rows, "target_actions": meta["target_actions"],
+            "before_release": early}
 
 
 def import_movielens(paths: Paths, path: str | None = None, users: int = 0, ratings_file: str | None = None) -> dict:
@@ -338,7 +357,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("kind", choices=["events", "movielens", "beauty"])
     ap.add_argument("overrides", nargs="*", help="key=value (events: ImportConfig fields; movielens: path=, users=)")
-    args = ap.parse_args(argv)
+    args, flags = ap.parse_known_args(argv)       # --dry-run style flags are overrides too
+    args.overrides += flags
     paths = Paths.from_env()
     if args.kind == "beauty":
         opts = dict(o.split("=", 1) for o in args.overrides)

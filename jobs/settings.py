@@ -101,6 +101,8 @@ def parse_overrides(cls: type[T], overrides: list[str] | dict | None = None) -> 
         key = key.lstrip("-").replace("-", "_")
         if key not in names:
             raise ValueError(f"unknown option {key!r} for {cls.__name__}; valid: {sorted(names)}")
+        if raw is None and hints.get(key) is bool:
+            raw = "true"                                       # a bare flag: --dry-run
         if raw is None:
             raise ValueError(f"option {key!r} needs a value (key=value)")
         try:
@@ -119,7 +121,8 @@ def run_cli(cls: type[T], run: typing.Callable[[T, Paths], dict], doc: str | Non
     from jobs.redact import redact
     ap = argparse.ArgumentParser(description=(doc or cls.__doc__ or "").strip().splitlines()[0])
     ap.add_argument("overrides", nargs="*", help=f"key=value overrides of {cls.__name__}")
-    cfg, paths = parse_overrides(cls, ap.parse_args(argv).overrides), Paths.from_env()
+    args, flags = ap.parse_known_args(argv)       # --flag style booleans are overrides too
+    cfg, paths = parse_overrides(cls, args.overrides + flags), Paths.from_env()
     with cli_locks(paths, cfg):
         out = redact(run(cfg, paths))           # stdout and the caller never see a credential
     print(show(out))

@@ -124,3 +124,71 @@ def test_a_catalogue_listing_a_title_twice_is_refused(tmp_path, home):
     with pytest.raises(importers.ImportError_, match=r"title_id 'A1' appears twice \(rows 0 and 2\)"):
         importers.run(importers.ImportConfig(source=str(write(tmp_path, CSV)), user="uid", item="sku",
                                              timestamp="when", catalogue=str(cat)), home)
+
+
+ITEMS = """item,title,release_date,genres,plot,director
+101,Heat,15 Dec 1995,Crime|Thriller,A heist crew and a detective.,Michael Mann
+102,Toy Story,1995-11-22,Animation|Comedy,,John Lasseter
+103,Later Film,2030-01-01,,Not out yet.,
+"""
+LOG = """uid,sku,when
+7,101,2026-11-01T10:00:00Z
+7,102,2026-11-01T11:00:00Z
+8,103,2026-11-02T09:30:00Z
+8,103,2026-11-03T09:30:00Z
+"""
+
+
+def test_plain_csv_catalogue_with_a_mapping_and_the_release_policy(tmp_path, home):
+    """A catalogue in the user's own columns: numeric ids kept as strings, '|' genres, day-month-name
+    dates, several columns joined into the synopsis; events before release counted, then accepted."""
+    log, items = write(tmp_path, LOG), tmp_path / "items.csv"
+    items.write_text(ITEMS)
+    cfg = dict(source=str(log), user="uid", item="sku", timestamp="when", catalogue=str(items),
+               catalogue_map="title_id:item,name:title,synopsis:plot+director")
+    dry = importers.run(importers.ImportConfig(**cfg, dry_run=True), home)
+    assert dry["written"] is False and not home.raw.exists() and not home.catalogue.exists()
+    assert dry["events_per_day"] == {"2026-11-01": 2, "2026-11-02": 1, "2026-11-03": 1}
+    assert dry["before_release"]["events_before_release"] == 2 and dry["before_release"]["examples"] == ["103"]
+    importers.run(importers.ImportConfig(**cfg), home)
+    rows = {r["title_id"]: r for r in pq.read_table(home.catalogue).to_pylist()}
+    assert rows["101"]["genres"] == ["Crime", "Thriller"] and rows["101"]["release_date"] == dt.date(1995, 12, 15)
+    assert rows["101"]["synopsis"] == "A heist crew and a detective.. Michael Mann" and rows["101"]["name"] == "Heat"
+    assert rows["102"]["release_date"] == dt.date(1995, 11, 22) and rows["102"]["synopsis"] == "John Lasseter"
+    assert rows["103"]["release_date"] == dt.date(2030, 1, 1)            # quarantine policy: date kept
+    out = importers.run(importers.ImportConfig(**cfg, before_release="accept"), home)
+    assert out["before_release"]["policy"] == "accept"
+    rows = {r["title_id"]: r for r in pq.read_table(home.catalogue).to_pylist()}
+    assert rows["103"]["release_date"] == dt.date(2026, 11, 2)            # moved back to its first event
+
+
+@pytest.mark.parametrize("items, mapping, message", [
+    ("item,released\n1,someday\n", "title_id:item,release_date:released", "'released' (release_date) row 0: 'someday'"),
+    ("sku,title\n1,A\n", "", "no title id column"),
+    ("item,title\n1,A\n", "title_id:item,name:nme", "column(s) ['nme'] not found"),
+])
+def test_bad_catalogues_name_file_row_and_column(tmp_path, home, items, mapping, message):
+    log, cat = write(tmp_path, LOG), tmp_path / "items.csv"
+    cat.write_text(items)
+    with pytest.raises(ValueError, match=__import__("re").escape(message)):
+        importers.run(importers.ImportConfig(source=str(log), user="uid", item="sku", timestamp="when",
+                                             catalogue=str(cat), catalogue_map=mapping), home)
+    assert not home.raw.exists()
+
+
+def test_cli_errors_are_one_message_without_traceback(tmp_path, home):
+    import subprocess
+    import sys
+    log, cat = write(tmp_path, LOG), tmp_path / "items.csv"
+    cat.write_text("item,released\n1,someday\n")
+    exe = Path(sys.executable).with_name("fmpipe")
+    args = [str(exe), "import", "events", f"source={log}", "user=uid", "item=sku", "timestamp=when",
+            f"catalogue={cat}", "catalogue_map=title_id:item,release_date:released"]
+    r = subprocess.run(args, capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "row 0: 'someday' is not a date" in r.stderr and "date_format" in r.stderr
+    r = subprocess.run([*args, "--debug"], capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" in r.stderr
+    r = subprocess.run([str(exe), "import", "events", f"source={log}", "user=uid", "item=sku", "timestamp=when",
+                        "--dry-run"], capture_output=True, text=True)
+    assert r.returncode == 0 and "'dry_run': True" in r.stdout and not home.raw.exists()
