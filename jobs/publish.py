@@ -9,6 +9,8 @@ Online, the day's complete state is built aside and swapped in atomically with t
 (``online_write_batch`` with Feast ``Value`` protos, encoded from Arrow in batches of
 ``batch_rows``); ``method=materialize`` uses Feast's stock materialization engine for the same
 rows, for comparison (``bench/publish.py``). Both are read back with ``get_online_features``.
+The gate's verdict must cover exactly the bytes published (:mod:`jobs.verdict`): data changed
+after validate (a re-embed) or a missing or stale verdict is refused until validate runs again.
 Re-running a date rebuilds the same state from the same base (idempotent). A date older than the
 one serving is never made current by accident: re-publishing it with exactly the content it was
 published with is a no-op (serving stays), anything else is refused with the ways forward
@@ -16,14 +18,13 @@ published with is a no-op (serving stays), anything else is refused with the way
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 
 import pyarrow.parquet as pq
 
 from jobs import publication as pubs
-from jobs import staging
+from jobs import staging, verdict
 from jobs.feast_store import apply_if_changed, get_store
 from jobs.io import partition
 from jobs.redact import redact_text
@@ -44,12 +45,10 @@ class PublishConfig:
     force: bool = False                # publish a date older than the serving one anyway (serving moves back to it)
 
 
-def check_gate(paths: Paths, day) -> None:
-    summary = partition(paths.gx / "results", day) / "summary.json"
-    if not summary.exists():
-        raise RuntimeError(f"refusing to publish {day}: no validation result at {summary} (run validate first)")
-    if not json.loads(summary.read_text())["success"]:
-        raise RuntimeError(f"refusing to publish {day}: validation failed (see {summary})")
+def check_gate(paths: Paths, day) -> dict:
+    """The day's verdict, if it passed and covers exactly the bytes about to be published
+    (:func:`jobs.verdict.check`: missing, stale, failed or changed-since data are refused)."""
+    return verdict.check(paths, day)
 
 
 def check_columns(store, paths: Paths, day) -> None:
@@ -81,8 +80,7 @@ def already_published(paths: Paths, day, content: str, cur: dict) -> dict:
 def run(cfg: PublishConfig, paths: Paths) -> dict:
     """Publish ``cfg.date`` (see the module docstring); under the publication lock from check to commit."""
     day = parse_date(cfg.date)
-    if cfg.require_gate:
-        check_gate(paths, day)
+    gate = check_gate(paths, day) if cfg.require_gate else {}
     t0 = time.perf_counter()
     store = get_store(paths)
     applied = apply_if_changed(store, paths)
@@ -100,6 +98,7 @@ def run(cfg: PublishConfig, paths: Paths) -> dict:
             pubs.pub_dir(paths, pub_id).mkdir(parents=True)
             pubs.write_manifest(paths, pub_id, {"publication": pub_id, "date": day.isoformat(), "status": "staging",
                                                 "method": cfg.method, "model_version": model_version, "content": content,
+                                                "validated_inputs": gate.get("inputs_sha256"),
                                                 "forced": bool(cfg.force and pubs.is_behind(day, cur))})
             t1 = time.perf_counter()
             staged = staging.stage_day(store, paths, online, day, pub_id, cfg.method, cfg.batch_rows)

@@ -24,6 +24,9 @@ vectors. Without a reference (the first publication) the static bounds apply.
 Results (JSON) go to ``gx/results/dt=D/`` and Data Docs to the GE file context under ``gx/``.
 A failed suite raises :class:`GateFailed` naming, for each failed expectation, the suite, the
 expectation, the column, the observed value and the threshold, so the DAG stops before publishing.
+``summary.json`` (the verdict publish reads) carries a checksum of exactly the partitions it judged
+and is removed when validate starts, so publish refuses data changed after validation and never
+reads an older success after a crash (:mod:`jobs.verdict`).
 """
 from __future__ import annotations
 
@@ -40,15 +43,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fm import schema as S
+from jobs import verdict
 from jobs.io import atomic_write_json, partition
 from jobs.settings import REPO_ROOT, Paths, parse_date, run_cli
+from jobs.verdict import GateFailed  # noqa: F401 (re-exported: the gate's failure type)
 
 SUITES_DIR = REPO_ROOT / "expectations"
 LONG_LIST = 10            # lists longer than this are summarised in failure messages
 
 
-class GateFailed(RuntimeError):
-    """The day's tables did not pass validation; nothing may be published."""
 
 
 @dataclass(frozen=True)
@@ -485,7 +488,11 @@ def describe_failures(summaries: list[dict]) -> str:
 
 
 def run(cfg: ValidateConfig, paths: Paths) -> dict:
+    """Run every suite over ``cfg.date``'s tables; store the verdict bound to the inputs it checked
+    (:mod:`jobs.verdict`): the old verdict is removed first, the new one written atomically last."""
     day = parse_date(cfg.date)
+    verdict.invalidate(paths, day)
+    checked = verdict.inputs(paths, day)
     builders = [lambda: tokens_check(paths, day, thresholds("tokens", cfg.thresholds)),
                 *embedding_checks(paths, day, cfg.thresholds)]
     summaries = []
@@ -498,7 +505,10 @@ def run(cfg: ValidateConfig, paths: Paths) -> dict:
     docs = paths.gx / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
     out = {"date": day.isoformat(), "success": all(s["success"] for s in summaries), "suites": summaries,
            "data_docs": str(docs) if docs.exists() else None}
-    atomic_write_json(out, partition(paths.gx / "results", day) / "summary.json")
+    verdict.require_unchanged(checked, paths, day)
+    bound = verdict.bind(out, checked)
+    atomic_write_json(bound, verdict.summary_path(paths, day))
+    out["inputs_sha256"] = bound["inputs_sha256"]
     if not out["success"]:
         raise GateFailed(describe_failures(summaries))
     return out

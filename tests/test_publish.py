@@ -19,6 +19,7 @@ from fm.schema import (ACTIONS, HISTORY_SCHEMA, TITLE_VOCAB_SCHEMA, TOKEN_FIELDS
 from jobs import publication as pubs
 from jobs import publish
 from jobs import rollback as rb
+from jobs import verdict
 from jobs.embed import published_at
 from jobs.io import atomic_write_json, atomic_write_table, partition
 from jobs.settings import Paths
@@ -51,8 +52,14 @@ def write_day(paths: Paths, day: dt.date, pids, version: str, seed: int) -> dict
     pq.write_table(pa.table({"title_id": [f"t{i:03d}" for i in range(TITLES)], "event_timestamp": [stamp] * TITLES,
                              "model_version": [version] * TITLES, "is_new": [False] * TITLES, "title_embedding": tarr},
                             schema=title_embedding_schema()), t / "part-0.parquet")
-    atomic_write_json({"success": True, "suites": []}, partition(paths.gx / "results", day) / "summary.json")
+    validated(paths, day)
     return {"pids": list(pids), "version": version, "profile": vecs, "titles": tv}
+
+
+def validated(paths: Paths, day: dt.date) -> None:
+    """A passed gate bound to the day's partitions as they are now (what a validate run stores)."""
+    atomic_write_json(verdict.bind({"date": day.isoformat(), "success": True, "suites": []}, verdict.inputs(paths, day)),
+                      verdict.summary_path(paths, day))
 
 
 @pytest.fixture(scope="module")
