@@ -4,6 +4,18 @@ DuckDB runs over the partitioned Parquet under ``$FMPIPE_HOME`` (read-only); eve
 and ``dt`` partitions are columns. Views: raw_events, quarantine, tokens, history, title_vocab,
 catalogue, profile_embeddings, title_embeddings. Example queries: ``docs/queries.sql``
 (``fmpipe sql --file docs/queries.sql --name nearest_titles``).
+
+It reads the pipeline's tables and nothing else, and writes no file, because an analyst's query
+string is untrusted input on a machine that holds credentials and the serving state:
+
+* views are created through DuckDB's relation API, so the table paths are values, never SQL text
+  (a ``$FMPIPE_HOME`` with a quote in it neither breaks nor injects into the view DDL);
+* then external access is switched off (``enable_external_access=false``) except for exactly the
+  views' directories and files (``allowed_directories`` / ``allowed_paths``), and the configuration
+  is locked (``lock_configuration=true``), so ``read_csv('/etc/passwd')``, ``ATTACH``, ``INSTALL``
+  and ``SET`` are refused by DuckDB itself;
+* only ``SELECT`` statements run (checked on DuckDB's own parse of every statement): the allowed
+  directories would otherwise accept ``COPY ... TO`` into the pipeline's own tables.
 """
 from __future__ import annotations
 
@@ -27,15 +39,41 @@ def views(paths: Paths) -> dict[str, Path]:
 
 
 def connect(paths: Paths) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with one view per table that exists (partitioned dirs read with hive_partitioning)."""
+    """An in-memory DuckDB with one view per table that exists (partitioned dirs read with
+    hive_partitioning), locked down to reading exactly those tables (see the module docstring)."""
     con = duckdb.connect()
+    dirs, files = [], []
     for name, path in views(paths).items():
         if path.is_file():
-            con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{path}')")
+            con.read_parquet(str(path)).create_view(name)
+            files.append(str(path))
         elif path.is_dir() and any(path.glob("dt=*/*.parquet")):
-            con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{path}/dt=*/*.parquet', "
-                        "hive_partitioning=true, union_by_name=true)")
+            con.read_parquet(str(path / "dt=*" / "*.parquet"), hive_partitioning=True,
+                             union_by_name=True).create_view(name)
+            dirs.append(f"{path}/")                 # trailing slash: tokens/ must not allow tokens2/
+    lock_down(con, dirs, files)
     return con
+
+
+def lock_down(con: duckdb.DuckDBPyConnection, dirs: list[str], files: list[str]) -> None:
+    """No file access beyond ``dirs`` and ``files``, no extensions, and no way to undo either.
+
+    The lists go in as bound parameters; ``allowed_*`` must be set before external access is off."""
+    con.execute("SET allowed_directories = ?", [dirs])
+    con.execute("SET allowed_paths = ?", [files])
+    con.execute("SET enable_external_access = false")
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+    con.execute("SET lock_configuration = true")
+
+
+def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Refuse anything but SELECT (COPY, EXPORT, ATTACH, CREATE, SET, CALL, EXPLAIN ANALYZE ...)."""
+    for stmt in con.extract_statements(sql):
+        if stmt.type != duckdb.StatementType.SELECT:
+            kind = str(stmt.type).rsplit(".", 1)[-1]
+            raise ValueError(f"fmpipe sql runs read-only SELECT queries over the pipeline's views; a {kind} "
+                             f"statement is not allowed (export results with the shell: fmpipe sql \"...\" > out.txt)")
 
 
 def named_queries(text: str) -> dict[str, str]:
@@ -48,9 +86,17 @@ def query(sql: str, paths: Paths, params: dict | None = None):
     """Run one query; returns a pandas DataFrame."""
     con = connect(paths)
     try:
+        check_read_only(con, sql)
         return con.execute(sql, params or {}).df()
     except duckdb.CatalogException as e:
         raise ValueError(f"{e}; available views: {sorted(v for v in views(paths) if _exists(con, v))}") from e
+    except duckdb.ParserException as e:
+        raise ValueError(f"fmpipe sql: the query does not parse: {e}") from e
+    except duckdb.PermissionException as e:
+        raise PermissionError(f"fmpipe sql reads only the pipeline's tables under {paths.home} "
+                              f"(views {sorted(v for v in views(paths) if _exists(con, v))}): {e}") from e
+    finally:
+        con.close()
 
 
 def _exists(con, view: str) -> bool:
