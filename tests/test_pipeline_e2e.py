@@ -18,6 +18,7 @@ import torch
 from jobs import pipeline, validate
 from jobs.io import partition
 from jobs.settings import Paths
+from pathlib import Path
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +92,30 @@ def test_exported_subgraph_reproduces_the_published_vectors(day_run):
     assert ranker(tokens, lengths, torch.zeros(len(pids), ranker.meta["dim"])).shape == (len(pids),)
     with pytest.raises(ValueError, match="format="):
         export.run(export.ExportConfig(format="onnx"), paths)
+
+
+def test_status_shows_serving_model_runs_and_staleness(day_run):
+    """`fmpipe status`: what serves, from which model, the day's steps and gate, nothing stale; then
+    a raw day nobody tokenized shows up as stale with the command that fixes it."""
+    from jobs import status
+    paths, day = day_run["paths"], day_run["day"]
+    out = status.run(status.StatusConfig(), paths)
+    assert out["serving"]["date"] == day.isoformat() and out["model"]["version"] == out["serving"]["model_version"]
+    today = out["runs"][0]
+    assert today["date"] == day.isoformat() and today["gate"] == "passed" and today["quarantine_rate"] > 0
+    assert all(today["steps"][s] is not None for s in ("tokenize", "embed", "validate", "publish", "index"))
+    assert out["stale"] == [] and "nothing stale" in status.render(out)
+    late = partition(paths.raw, day + dt.timedelta(days=1))
+    late.mkdir(parents=True)
+    try:
+        text = status.render(status.run(status.StatusConfig(), paths))
+        assert f"raw data up to {day + dt.timedelta(days=1)}" in text and "fmpipe backfill" in text
+    finally:
+        shutil.rmtree(late)
+    env = {**os.environ, "FMPIPE_HOME": str(paths.home)}
+    cli = subprocess.run([str(Path(sys.executable).with_name("fmpipe")), "status", "--json"], env=env,
+                         capture_output=True, text=True)
+    assert cli.returncode == 0 and json.loads(cli.stdout)["serving"]["date"] == day.isoformat()
 
 
 def test_gate_results_and_data_docs_are_kept(day_run):
