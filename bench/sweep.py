@@ -50,6 +50,7 @@ AXES: dict[str, list] = {
     "max_len": [100, 200],
     "id_dropout": [0.0, 0.1],
     "content_encoder": ["tfidf", "minilm"],
+    "exposure_gate": [False, True],
 }
 
 

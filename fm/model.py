@@ -61,6 +61,10 @@ class ModelConfig:
     # per title), so the content path must carry each title on its own: an unseen title has only
     # its content vector. 0 keeps the old behaviour (the ID embedding absorbs everything).
     id_dropout: float = 0.0
+    # Mix ID and content by exposure (cold start): a title's ID part is scaled by a learned gate
+    # sigmoid(a * log(1 + training interactions) + b), so a rarely seen title leans on its content
+    # and a popular one on its ID. Off: the plain sum (old checkpoints load unchanged).
+    exposure_gate: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.id_dropout < 1.0:
@@ -88,15 +92,37 @@ class TitleEmbedding(nn.Module):
         nn.init.normal_(self.id.weight, std=0.02)
         self.register_buffer("content", torch.zeros(cfg.n_titles, cfg.content_dim))
         self.proj = nn.Linear(cfg.content_dim, cfg.d_model, bias=False)
+        if getattr(cfg, "exposure_gate", False):
+            self.register_buffer("exposure", torch.zeros(cfg.n_titles))     # log(1 + training interactions)
+            self.gate = nn.Parameter(torch.tensor([1.0, 0.0]))              # slope, offset
+
+    def id_scale(self, idx: torch.Tensor | None = None) -> torch.Tensor | float:
+        """The exposure gate of titles ``idx`` (all when None); 1.0 without the gate."""
+        if not getattr(self.cfg, "exposure_gate", False):
+            return 1.0
+        e = self.exposure if idx is None else self.exposure[idx]
+        return torch.sigmoid(self.gate[0] * e + self.gate[1]).unsqueeze(-1)
+
+    @torch.no_grad()
+    def set_exposure(self, counts) -> None:
+        """Interaction counts per title from the training data (a fine-tune never lowers them)."""
+        if getattr(self.cfg, "exposure_gate", False):
+            c = torch.as_tensor(counts, dtype=self.exposure.dtype, device=self.exposure.device)[: len(self.exposure)]
+            self.exposure[: len(c)] = torch.maximum(self.exposure[: len(c)], torch.log1p(c))
+
+    def id_part(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """The (gated) ID embedding of titles ``idx`` (all when None), without ID dropout."""
+        w = self.id.weight if idx is None else self.id.weight[idx]
+        return w * self.id_scale(idx)
 
     def table(self) -> torch.Tensor:
-        t = self._drop_ids(self.id.weight, self.id.weight.shape[:1])
+        t = self._drop_ids(self.id.weight, self.id.weight.shape[:1]) * self.id_scale()
         if self.cfg.use_content:
             t = t + self.proj(self.content)
         return t
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        e = self._drop_ids(self.id(idx), idx.shape)
+        e = self._drop_ids(self.id(idx), idx.shape) * self.id_scale(idx)
         if self.cfg.use_content:
             e = e + self.proj(self.content[idx])
         return e
@@ -207,6 +233,8 @@ class FoundationModel(nn.Module):
         emb.weight.data[n_old:] = 0.0
         self.title.id = emb
         self.title.content = torch.cat([self.title.content, new_content.to(old.device, old.dtype)])
+        if getattr(self.cfg, "exposure_gate", False):          # a new title has had no interactions
+            self.title.exposure = torch.cat([self.title.exposure, self.title.exposure.new_zeros(n_new)])
         if self.bias is not None:               # the typical trained title's bias, until regressed below
             fill = self.bias.data[S.N_SPECIAL:].median() if n_old > S.N_SPECIAL else self.bias.new_zeros(())
             self.bias = nn.Parameter(torch.cat([self.bias.data, fill.expand(n_new).clone()]))
@@ -224,7 +252,7 @@ def content_map(model: FoundationModel, trained: torch.Tensor, ridge: float = 1.
     as the last output column (float64 solve: the same answer in the driver and every Spark task)."""
     t = model.title
     x = t.content[trained]
-    y = t.id.weight[trained] + (t.proj(x) if model.cfg.use_content else 0.0)       # table() without ID dropout
+    y = t.id_part(trained.nonzero(as_tuple=True)[0]) + (t.proj(x) if model.cfg.use_content else 0.0)  # table(), no dropout
     if model.bias is not None:
         y = torch.cat([y, model.bias[trained].unsqueeze(1)], dim=1)
     x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1).double()
@@ -252,7 +280,7 @@ def regress_cold_titles(model: FoundationModel, cold: torch.Tensor, trained: tor
     pred = torch.cat([content, torch.ones_like(content[:, :1])], dim=1) @ w
     d = t.id.weight.shape[1]
     own = t.proj(content) if model.cfg.use_content else torch.zeros_like(pred[:, :d])
-    t.id.weight[cold] = pred[:, :d] - own
+    t.id.weight[cold] = (pred[:, :d] - own) / t.id_scale(cold)
     if model.bias is not None:
         model.bias[cold] = pred[:, d]
 
@@ -271,10 +299,10 @@ def impute_cold_titles(model: FoundationModel, cold: torch.Tensor, trained: torc
     top, pos = sim.topk(min(k, len(idx)), dim=1)
     w = torch.softmax(top / temperature, dim=1)
     nb = idx[pos]                                                       # (n_cold, k) neighbour title ids
-    table = t.id.weight + (t.proj(t.content) if model.cfg.use_content else 0.0)
+    table = t.id_part() + (t.proj(t.content) if model.cfg.use_content else 0.0)
     pred = (w.unsqueeze(-1) * table[nb]).sum(1)
     own = t.proj(t.content[cold]) if model.cfg.use_content else torch.zeros_like(pred)
-    t.id.weight[cold] = pred - own
+    t.id.weight[cold] = (pred - own) / t.id_scale(cold)
     if model.bias is not None:
         model.bias[cold] = (w * model.bias[nb]).sum(1)
 

@@ -51,6 +51,7 @@ class Recipe:
     detach_heads: bool = True
     zero_fields: bool = True
     id_dropout: float = 0.1            # cold start: content alone must carry a title (bench/results/cold_start_previous_harness.md)
+    exposure_gate: bool = False        # ID part scaled by a learned gate of log(1 + interactions) (fm.model)
     w_mtp: float = 0.5
     w_action: float = 0.2
     w_duration: float = 0.2
@@ -94,7 +95,8 @@ def model_config(r: Recipe, n_titles: int, target_actions: tuple[str, ...], cont
     return ModelConfig(n_titles=n_titles, content_dim=content_dim or r.content_dim, d_model=r.d_model, n_layers=r.n_layers,
                        n_heads=r.n_heads, max_len=r.max_len, dropout=r.dropout, mtp_k=r.mtp_k,
                        use_content=r.use_content, emb_norm=r.emb_norm, title_bias=r.title_bias,
-                       detach_heads=r.detach_heads, id_dropout=r.id_dropout, w_mtp=r.w_mtp,
+                       detach_heads=r.detach_heads, id_dropout=r.id_dropout, exposure_gate=r.exposure_gate,
+                       w_mtp=r.w_mtp,
                        w_action=r.w_action, w_duration=r.w_duration, w_device=r.w_device,
                        **({"target_actions": tuple(target_actions)} if target_actions else {}))
 
@@ -155,6 +157,7 @@ def train(r: Recipe, model: FoundationModel, seqs: Sequences, leave_one_out: boo
     rows = np.arange(len(seqs)) if among is None else np.asarray(among)
     train_seqs = P.truncate(seqs.take(rows), back)
     counts = np.bincount(train_seqs.values["title"], minlength=model.cfg.n_titles)[: model.cfg.n_titles]
+    model.title.set_exposure(counts)
     objective = Objective(model, counts, n_negatives=r.n_negatives, alpha=r.neg_alpha,
                           mask_history=r.mask_history, exclude_titles=exclude_titles)
     valid = validation_set(seqs, back, target_ids(model), r.valid_users, r.seed, among)

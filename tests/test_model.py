@@ -252,6 +252,28 @@ def test_cold_titles_are_calibrated_from_content():
     assert torch.isclose(m.bias[195], m.bias[7], atol=1e-4)
 
 
+def test_exposure_gate_mixes_id_and_content_by_interactions_and_survives_growth():
+    """A title seen often keeps (nearly) its whole ID; one never seen leans on content; the gate's
+    slope and offset are learned; new titles enter with exposure 0 and still get the vector their
+    content predicts (the gate is divided out of the ID row)."""
+    m = tiny_model(n_titles=200, exposure_gate=True)
+    counts = np.zeros(200)
+    counts[10], counts[11] = 1000, 0
+    m.title.set_exposure(counts)
+    g = m.title.id_scale()
+    assert g[10] > 0.99 and abs(float(g[11]) - 0.5) < 1e-6
+    expect = m.title.id.weight * g + m.title.proj(m.title.content)
+    assert torch.allclose(m.title.table(), expect, atol=1e-6)
+    assert m.title.gate.requires_grad and "title.exposure" in m.state_dict()
+    w0 = torch.randn(8, 16)
+    with torch.no_grad():
+        m.title.id.weight.copy_((m.title.content @ w0 - m.title.proj(m.title.content)) / m.title.id_scale())
+    new_content = torch.randn(4, 8)
+    m.grow_titles(new_content)
+    assert m.title.exposure.shape == (204,) and (m.title.exposure[200:] == 0).all()
+    assert torch.allclose(m.title.table()[200:], new_content @ w0, atol=0.1)
+
+
 def test_id_dropout_trains_titles_through_content_alone_and_never_applies_at_serving():
     m = tiny_model(id_dropout=0.5)
     content_only = m.title.proj(m.title.content).detach()
