@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fm.durable import commit_file as _commit, fsync_path, fsync_tree  # noqa: F401 (re-exported)
-from jobs.settings import Paths
+from jobs.settings import DIR_MODE, FILE_MODE, Paths
 
 
 def partition(root: Path, day: dt.date) -> Path:
@@ -32,21 +32,42 @@ def temp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
 
 
+def restrict_tree(root: Path) -> None:
+    """Set :data:`FILE_MODE` on every file and :data:`DIR_MODE` on every folder under ``root``
+    (``root`` included), whatever the umask of the process or library that wrote them."""
+    if root.is_file():
+        os.chmod(root, FILE_MODE)
+        return
+    for dirpath, _, files in os.walk(root):
+        os.chmod(dirpath, DIR_MODE)
+        for f in files:
+            os.chmod(Path(dirpath) / f, FILE_MODE)
+
+
 def atomic_write_table(table: pa.Table, path: Path) -> Path:
     """Write one Parquet file under a temporary name, then rename it into place (durably)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(path)
     pq.write_table(table, tmp)
+    os.chmod(tmp, FILE_MODE)
+    _commit(tmp, path)
+    return path
+
+
+def atomic_write_text(text: str, path: Path) -> Path:
+    """Write a text file under a temporary name with :data:`FILE_MODE`, then rename it into place (durably)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        os.fchmod(f.fileno(), FILE_MODE)          # the umask may have removed bits, never adds any back
+        f.write(text)
     _commit(tmp, path)
     return path
 
 
 def atomic_write_json(obj: dict, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(path)
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    _commit(tmp, path)
-    return path
+    return atomic_write_text(json.dumps(obj, indent=2, sort_keys=True, default=str), path)
 
 
 def swap_dir(staging: Path, final: Path) -> None:
@@ -56,6 +77,7 @@ def swap_dir(staging: Path, final: Path) -> None:
     one), and a crash there leaves the old copy recoverable under its ``.old-`` name.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
+    restrict_tree(staging)
     fsync_tree(staging)
     old = None
     if final.exists():

@@ -26,7 +26,7 @@ from typing import Any, Callable
 from jobs import locks
 from jobs.io import atomic_write_json, partition, raw_partition
 from jobs.redact import redact
-from jobs.settings import Paths, parse_date, parse_overrides
+from jobs.settings import Paths, parse_date, parse_overrides, restrict_umask
 
 STEPS = ("check_raw", "tokenize", "embed", "validate", "publish", "index", "report")
 # state that every date reads and rewrites: tokenize grows the title vocabulary and chains the history
@@ -66,6 +66,7 @@ def cli_locks(paths: Paths, cfg: object) -> contextlib.ExitStack:
 
 def _timed(step: str, date: str, fn: Callable[[Paths, dt.date], dict]) -> dict:
     paths, day = Paths.from_env(), parse_date(date)
+    restrict_umask()
     with step_locks(paths, step, day):
         t0 = time.perf_counter()
         out = redact(fn(paths, day))            # the step record and the XCom never hold a credential

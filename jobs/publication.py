@@ -73,9 +73,9 @@ import warnings
 from pathlib import Path
 
 from jobs.failpoints import failpoint
-from jobs.io import atomic_write_json
+from jobs.io import atomic_write_json, fsync_path
 from jobs.online_store import LIVE_TABLE, POINTER_TABLE, OnlineTables, _safe, in_key_order  # noqa: F401 (re-exported)
-from jobs.settings import Paths
+from jobs.settings import DIR_MODE, FILE_MODE, Paths
 
 FEATURE_VIEWS = ("profile_embeddings", "title_embeddings")
 
@@ -193,17 +193,23 @@ def _append_history(paths: Paths, record: dict) -> None:
         with open(f_path, "rb") as f:
             f.seek(-1, os.SEEK_END)
             torn = f.read(1) != b"\n"
-    with open(f_path, "a") as f:
+    created = not f_path.exists()
+    with os.fdopen(os.open(f_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE), "a", encoding="utf-8") as f:
+        os.fchmod(f.fileno(), FILE_MODE)
         f.write(("\n" if torn else "") + json.dumps(record, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
+    if created:
+        fsync_path(f_path.parent)                 # the new file's name must survive power loss too
 
 
 @contextlib.contextmanager
 def lock(paths: Paths):
     """One publisher at a time (publish, rollback, index rebuild) per FMPIPE_HOME."""
+    from jobs.locks import open_lock_file
     root(paths).mkdir(parents=True, exist_ok=True)
-    with open(root(paths) / ".lock", "w") as f:
+    os.chmod(root(paths), DIR_MODE)
+    with os.fdopen(open_lock_file(root(paths) / ".lock"), "r+") as f:    # owner-only: nobody else can hold it
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pyarrow.parquet as pq
 
-from jobs.io import atomic_write_json, partition
+from jobs.io import atomic_write_json, atomic_write_text, partition
 from jobs.settings import Paths, parse_date, run_cli
 
 
@@ -69,7 +69,7 @@ def run(cfg: ReportConfig, paths: Paths) -> dict:
     out["html"] = str(render_html(paths, day, out))
     atomic_write_json(out, partition(paths.reports, day) / "summary.json")
     text = render(out)
-    (partition(paths.reports, day) / "summary.txt").write_text(text)
+    atomic_write_text(text, partition(paths.reports, day) / "summary.txt")
     print(text)
     return {"summary": str(partition(paths.reports, day) / "summary.json"), "html": out["html"]}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from jobs.io import partition
+from jobs.io import atomic_write_text, partition
 from jobs.settings import Paths
 
 MAX_PROFILES = 20_000          # drift and histograms sample this many profiles per day
@@ -115,6 +115,5 @@ th,td{{border:1px solid #ccc;padding:2px 8px;text-align:left}} .ok{{color:#2a7}}
 <h2>Drift</h2><img alt="drift over time" src="data:image/png;base64,{imgs['drift']}">
 </body></html>"""
     out = partition(paths.reports, day) / "report.html"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page)
+    atomic_write_text(page, out)
     return out

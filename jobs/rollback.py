@@ -13,7 +13,7 @@ from jobs.online_store import OnlineTables
 from jobs.publication import (FEATURE_VIEWS, collect_garbage, commit, current, history, lock, manifest, new_id,
                               pub_dir, reconcile, write_manifest)
 from jobs.redact import redact
-from jobs.settings import Paths, parse_date
+from jobs.settings import Paths, parse_date, restrict_umask
 from jobs.staging import content_digest, stage_day
 
 
@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         raise SystemExit(f"unknown option(s) {sorted(unknown)}; valid: ['keep', 'to']")
     paths = Paths.from_env()
+    restrict_umask()
     if args.list:
         out = {"current": current(paths), "history": history(paths)}
     else:

@@ -17,6 +17,26 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 T = typing.TypeVar("T")
 
+# Permissions of everything written under $FMPIPE_HOME. Why: the tables hold user behaviour and
+# the state decides what is served, so no other local user may read or alter them, and lock files
+# are owner-only so nobody else can open one and hold it to block publishing. The group may read
+# outputs (analysts, a Feast server in the pipeline's group); nothing is ever world-writable.
+FILE_MODE = 0o640          # tables, manifests, reports, history, pointers
+DIR_MODE = 0o750           # partitions and publication folders
+LOCK_MODE = 0o600          # lock files: owner only
+LOCK_DIR_MODE = 0o700      # the lock folder: nobody else can create (and hold) a lock file in it
+UMASK = 0o027              # what every entry point adds to the process umask (Spark, Feast, GE too)
+
+
+def restrict_umask() -> int:
+    """Add :data:`UMASK` to the process umask (never loosen it); returns the previous umask.
+
+    Called by every entry point, so files that libraries create on our behalf (Spark partitions,
+    the Feast registry and SQLite store, GE results) are never group-writable or world-readable."""
+    old = os.umask(UMASK)
+    os.umask(old | UMASK)
+    return old
+
 
 @dataclass(frozen=True)
 class Paths:
@@ -123,6 +143,7 @@ def run_cli(cls: type[T], run: typing.Callable[[T, Paths], dict], doc: str | Non
     ap.add_argument("overrides", nargs="*", help=f"key=value overrides of {cls.__name__}")
     args, flags = ap.parse_known_args(argv)       # --flag style booleans are overrides too
     cfg, paths = parse_overrides(cls, args.overrides + flags), Paths.from_env()
+    restrict_umask()
     with cli_locks(paths, cfg):
         out = redact(run(cfg, paths))           # stdout and the caller never see a credential
     print(show(out))
