@@ -14,7 +14,8 @@ after validate (a re-embed) or a missing or stale verdict is refused until valid
 Re-running a date rebuilds the same state from the same base (idempotent). A date older than the
 one serving is never made current by accident: re-publishing it with exactly the content it was
 published with is a no-op (serving stays), anything else is refused with the ways forward
-(``fmpipe backfill ... publish.force=true`` or ``fmpipe rollback``) unless ``force=true``.
+(``fmpipe backfill ... publish.force=true`` or ``fmpipe rollback``) unless ``force=true``. After a
+rollback, publishing is refused until ``fmpipe rollback --release`` (or ``force=true``): see :mod:`jobs.rollback`.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from jobs import staging, verdict
 from jobs.feast_store import apply_if_changed, get_store
 from jobs.io import partition
 from jobs.redact import redact_text
+from jobs.rollback import check_not_pinned
 from jobs.settings import run_cli, Paths, parse_date
 
 FEATURE_VIEWS = {"profile_embeddings": "profile_embeddings", "title_embeddings": "title_embeddings"}
@@ -93,6 +95,7 @@ def run(cfg: PublishConfig, paths: Paths) -> dict:
         with pubs.lock(paths):
             pubs.reconcile(paths, online)
             cur = pubs.current(paths)
+            check_not_pinned(paths, day, cur, cfg.force)
             if pubs.is_behind(day, cur) and not cfg.force:
                 return already_published(paths, day, content, cur)
             pubs.pub_dir(paths, pub_id).mkdir(parents=True)

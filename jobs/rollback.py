@@ -1,20 +1,121 @@
-"""Rollback: make a previous publication (features and indexes) current again.
+"""Rollback: make a previous publication (features and indexes) current again, and keep it there.
 
 ``fmpipe rollback --to DATE``; see :mod:`jobs.publication` for the protocol.
+
+A rollback *pins* serving: the operator rolled back because something published later was bad, so
+the next daily publish must not silently put a (possibly just as bad) day back on top. While the
+latest serving move (publish or rollback; index rebuilds do not count) is a rollback, publish
+refuses with :class:`RollbackPinned`, naming the pin and the two ways on: ``fmpipe rollback
+--release`` once the cause is fixed (recorded in ``publications/PIN_RELEASED.json`` with the
+rollback's sequence number, so a later rollback pins again), or ``fmpipe publish date=D force=true``.
+The pin is derived from the committed pointer record itself, so it is exactly as durable as the
+rollback; losing the release file can only re-pin, never unpin.
+
+The dates a rollback undid (published after the date rolled back to, before the rollback) stay
+*rolled back* until they are published again (:func:`rolled_back_dates`): embed must not align a
+new day to one of them, nor the gate compare with one (:func:`alignment_reference`).
 """
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import time
 from dataclasses import dataclass
 
 from jobs.online_store import OnlineTables
-from jobs.publication import (FEATURE_VIEWS, collect_garbage, commit, current, history, lock, manifest, new_id,
-                              pub_dir, reconcile, write_manifest)
+from jobs.io import atomic_write_json, partition
+from jobs.publication import (FEATURE_VIEWS, PublishOrderError, collect_garbage, commit, current, history, lock,
+                              manifest, new_id, pub_dir, reconcile, root, write_manifest)
 from jobs.redact import redact
 from jobs.settings import Paths, parse_date, restrict_umask
 from jobs.staging import content_digest, stage_day
+
+
+ROLLBACK_ACTIONS = ("rollback", "rollback_rebuild")
+
+
+class RollbackPinned(PublishOrderError):
+    """Serving is pinned by a rollback; publishing over it needs a release or ``force=true``."""
+
+
+def release_path(paths: Paths):
+    return root(paths) / "PIN_RELEASED.json"
+
+
+def moves(paths: Paths, cur: dict | None = None) -> list[dict]:
+    """Every pointer move, oldest first, with ``cur`` (the current record) when history lacks it."""
+    recs = history(paths)
+    if cur is not None and cur.get("seq") not in {r.get("seq") for r in recs}:
+        recs.append(cur)
+    return sorted(recs, key=lambda r: r.get("seq", 0))
+
+
+def serving_move(paths: Paths, cur: dict | None = None) -> dict | None:
+    """The latest publish or rollback (an index rebuild re-points the same publication: skipped)."""
+    return next((r for r in reversed(moves(paths, cur)) if r.get("action") != "index"), None)
+
+
+def pin(paths: Paths, cur: dict | None = None) -> dict | None:
+    """The rollback record pinning serving, or None (no rollback in force, or it was released)."""
+    move = serving_move(paths, cur)
+    if move is None or move.get("action") not in ROLLBACK_ACTIONS:
+        return None
+    try:
+        released = json.loads(release_path(paths).read_text()).get("seq")
+    except (OSError, ValueError, AttributeError):
+        released = None
+    return None if released == move.get("seq") else move
+
+
+def check_not_pinned(paths: Paths, day: dt.date, cur: dict | None, force: bool) -> None:
+    """Refuse to publish over a rollback still in force (call under the publication lock)."""
+    held = pin(paths, cur)
+    if held is None or force:
+        return
+    raise RollbackPinned(
+        f"refusing to publish {day}: serving is pinned to {held['date']} by a rollback (publication "
+        f"{held['publication']}, seq {held['seq']}, at {held.get('committed_at', '?')}); publishing now would silently "
+        f"undo it. When the cause is fixed, release the pin with `fmpipe rollback --release` and re-run; or "
+        f"publish over it on purpose with `fmpipe publish date={day} force=true`.")
+
+
+def release(paths: Paths) -> dict:
+    """Release the rollback pin (``fmpipe rollback --release``): the next publish may move serving."""
+    with lock(paths):
+        reconcile(paths)
+        held = pin(paths, current(paths))
+        if held is None:
+            return {"released": None, "action": "noop (no rollback pin in force)"}
+        atomic_write_json({"seq": held["seq"], "publication": held["publication"], "date": held["date"],
+                           "released_at": dt.datetime.now(dt.timezone.utc).isoformat()}, release_path(paths))
+    return {"released": held["publication"], "date": held["date"], "seq": held["seq"], "action": "released"}
+
+
+def rolled_back_dates(paths: Paths) -> dict[str, int]:
+    """``{date: seq of the rollback that undid it}`` for every date whose latest publish a later
+    rollback to an earlier date undid; a new publish of the date clears it."""
+    published: dict[str, int] = {}
+    undone: dict[str, int] = {}
+    for rec in moves(paths):
+        if rec.get("action") == "publish":
+            published[rec["date"]] = rec["seq"]
+            undone.pop(rec["date"], None)
+        elif rec.get("action") in ROLLBACK_ACTIONS:
+            for d in [d for d in published if d > rec["date"]]:
+                undone[d] = rec["seq"]
+                del published[d]
+    return undone
+
+
+def alignment_reference(paths: Paths, day: dt.date) -> dt.date | None:
+    """The latest profile partition before ``day`` with a manifest that no rollback undid: what a
+    new day's vectors should be aligned to (never the bad day an operator rolled back)."""
+    bad = rolled_back_dates(paths)
+    days = sorted((dt.date.fromisoformat(p.name[3:]) for p in paths.profile_embeddings.glob("dt=*")
+                   if p.is_dir() and (p / "_manifest.json").exists()), reverse=True)
+    return next((d for d in days if d < day and d.isoformat() not in bad
+                 and partition(paths.profile_embeddings, d).exists()), None)
 
 
 @dataclass(frozen=True)
@@ -78,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--to", default="")
     ap.add_argument("--keep", type=int, default=RollbackConfig.keep)
     ap.add_argument("--list", action="store_true", help="print the publication history and the current pointer")
+    ap.add_argument("--release", action="store_true", help="release the rollback pin: the next publish may move serving")
     ap.add_argument("overrides", nargs="*", help="to=DATE keep=N")
     args = ap.parse_args(argv)
     opts = dict(o.split("=", 1) for o in args.overrides if "=" in o)
@@ -87,7 +189,10 @@ def main(argv: list[str] | None = None) -> dict:
     paths = Paths.from_env()
     restrict_umask()
     if args.list:
-        out = {"current": current(paths), "history": history(paths)}
+        out = {"current": current(paths), "history": history(paths), "pinned_by": pin(paths, current(paths)),
+               "rolled_back_dates": rolled_back_dates(paths)}
+    elif args.release:
+        out = release(paths)
     else:
         to = opts.get("to") or args.to
         if not to:

@@ -360,6 +360,7 @@ def test_kill_9_mid_publish_serves_one_whole_day_and_the_rerun_equals_the_undist
     d3_state = live_state(paths)
     rb.rollback(rb.RollbackConfig(to=D2.isoformat()), paths)
     assert live_state(paths) == d2_state
+    rb.release(paths)                                                # the rollback pin, released: D3 may go again
     marker = paths.home / f"reached-{point}"
     env = {**os.environ, "FMPIPE_HOME": str(paths.home), "FMPIPE_FAILPOINT": point, "FMPIPE_FAILPOINT_MARKER": str(marker)}
     code = f"from jobs import publish; from jobs.settings import Paths; publish.run(publish.PublishConfig(date={D3.isoformat()!r}), Paths.from_env())"
@@ -404,7 +405,10 @@ def test_rollback_restores_features_and_index_then_rolls_forward(synth, live_sta
     assert got["model_version"] == ["m1", "m1", None, None]
     np.testing.assert_allclose(got["emb_layer2_last"][1], expect(synth, D1, 40))
     assert TitleIndex.current(paths).meta["date"] == D1.isoformat()
-    # publishing D2 after rolling back to D1 builds on D1 again: same state as the first D2
+    # publishing D2 after rolling back to D1 (and releasing the pin) builds on D1 again: same state as the first D2
+    with pytest.raises(rb.RollbackPinned):
+        run_publish(paths, D2)
+    assert rb.main(["--release"])["action"] == "released"
     run_publish(paths, D2)
     assert live_state(paths) == d2_state
 
@@ -563,5 +567,6 @@ def test_a_torn_history_line_and_an_empty_current_json_recover_from_the_commit_r
     lines = journal.read_text().splitlines()
     assert lines[2] == '{"date": "2026-11-0' and json.loads(lines[3])["action"] == "rollback"   # not fused
     with pytest.warns(RuntimeWarning, match="line 3 is torn"):
+        rb.release(paths)
         run_publish(paths, D2)
     assert live_state(paths) == d2_state and pubs.current(paths)["date"] == D2.isoformat()
