@@ -108,6 +108,13 @@ def rolled_back_dates(paths: Paths) -> dict[str, int]:
     return undone
 
 
+def published_dates(paths: Paths) -> list[dt.date]:
+    """Every date whose embeddings consumers were served and no rollback undid: what the offline
+    views expose (a day that failed the gate was never published; a rolled-back day is withdrawn)."""
+    undone = rolled_back_dates(paths)
+    return sorted({dt.date.fromisoformat(r["date"]) for r in moves(paths)} - {dt.date.fromisoformat(d) for d in undone})
+
+
 def alignment_reference(paths: Paths, day: dt.date) -> dt.date | None:
     """The latest profile partition before ``day`` with a manifest that no rollback undid: what a
     new day's vectors should be aligned to (never the bad day an operator rolled back)."""

@@ -2,7 +2,8 @@
 
 DuckDB runs over the partitioned Parquet under ``$FMPIPE_HOME`` (read-only); every table is a view
 and ``dt`` partitions are columns. Views: raw_events, quarantine, tokens, history, title_vocab,
-catalogue, profile_embeddings, title_embeddings. Example queries: ``docs/queries.sql``
+catalogue, profile_embeddings, title_embeddings (published days only: not a day that failed the gate
+or was rolled back), publications (every pointer move). Example queries: ``docs/queries.sql``
 (``fmpipe sql --file docs/queries.sql --name nearest_titles``).
 
 It reads the pipeline's tables and nothing else, and writes no file, because an analyst's query
@@ -20,14 +21,19 @@ string is untrusted input on a machine that holds credentials and the serving st
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import re
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 
+from jobs.io import partition
 from jobs.settings import REPO_ROOT, Paths
 
 EXAMPLES = REPO_ROOT / "docs" / "queries.sql"
+PUBLISHED_ONLY = ("profile_embeddings", "title_embeddings")
+PUBLICATION_COLUMNS = ("date", "publication", "action", "seq", "committed_at", "model_version", "previous")
 
 
 def views(paths: Paths) -> dict[str, Path]:
@@ -38,13 +44,34 @@ def views(paths: Paths) -> dict[str, Path]:
     }
 
 
+def published_files(root: Path, days: list[dt.date]) -> list[str]:
+    """The Parquet files of ``root``'s partitions of ``days`` (the published ones), in date order."""
+    return [str(f) for d in days for f in sorted(partition(root, d).glob("*.parquet"))]
+
+
 def connect(paths: Paths) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with one view per table that exists (partitioned dirs read with
-    hive_partitioning), locked down to reading exactly those tables (see the module docstring)."""
+    hive_partitioning), locked down to reading exactly those tables (see the module docstring).
+
+    The embedding views hold published days only (:data:`PUBLISHED_ONLY`): a day that failed the
+    gate or that a rollback withdrew must not reach a ranker trained offline; ``publications``
+    lists every pointer move."""
+    from jobs.publication import history
+    from jobs.rollback import published_dates
     con = duckdb.connect()
     dirs, files = [], []
+    days = published_dates(paths)
+    moves = history(paths)
+    if moves:
+        con.from_arrow(pa.Table.from_pylist([{k: r.get(k) for k in PUBLICATION_COLUMNS} for r in moves])) \
+            .create_view("publications")
     for name, path in views(paths).items():
-        if path.is_file():
+        if name in PUBLISHED_ONLY:
+            chosen = published_files(path, days) if path.is_dir() else []
+            if chosen:
+                con.read_parquet(chosen, hive_partitioning=True, union_by_name=True).create_view(name)
+                dirs.append(f"{path}/")
+        elif path.is_file():
             con.read_parquet(str(path)).create_view(name)
             files.append(str(path))
         elif path.is_dir() and any(path.glob("dt=*/*.parquet")):
@@ -89,18 +116,19 @@ def query(sql: str, paths: Paths, params: dict | None = None):
         check_read_only(con, sql)
         return con.execute(sql, params or {}).df()
     except duckdb.CatalogException as e:
-        raise ValueError(f"{e}; available views: {sorted(v for v in views(paths) if _exists(con, v))}") from e
+        raise ValueError(f"{e}; available views: {_view_names(con)} (profile_embeddings and title_embeddings "
+                         f"appear once a day is published)") from e
     except duckdb.ParserException as e:
         raise ValueError(f"fmpipe sql: the query does not parse: {e}") from e
     except duckdb.PermissionException as e:
         raise PermissionError(f"fmpipe sql reads only the pipeline's tables under {paths.home} "
-                              f"(views {sorted(v for v in views(paths) if _exists(con, v))}): {e}") from e
+                              f"(views {_view_names(con)}): {e}") from e
     finally:
         con.close()
 
 
-def _exists(con, view: str) -> bool:
-    return bool(con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = ?", [view]).fetchone()[0])
+def _view_names(con) -> list[str]:
+    return sorted(r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall())
 
 
 def main(argv: list[str] | None = None) -> None:

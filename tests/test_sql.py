@@ -77,3 +77,34 @@ def test_the_lock_down_cannot_be_undone_on_the_connection(home):
         assert con.execute("SELECT count(*) FROM tokens").fetchone()[0] == 5
     finally:
         con.close()
+
+
+def _embedded(paths: Paths, day: dt.date) -> None:
+    for root, key in ((paths.profile_embeddings, "profile_id"), (paths.title_embeddings, "title_id")):
+        atomic_write_table(pa.table({key: pa.array([1, 2] if key == "profile_id" else ["t1", "t2"])}),
+                           partition(root, day) / "part-0.parquet")
+
+
+def _moved(paths: Paths, day: dt.date, seq: int, action: str = "publish") -> None:
+    from jobs import publication as pubs
+    pubs.root(paths).mkdir(parents=True, exist_ok=True)
+    pubs._append_history(paths, {"date": day.isoformat(), "publication": f"{day}.p{seq}", "seq": seq, "action": action})
+
+
+def test_embedding_views_hold_only_published_days_and_rollbacks_withdraw_them(home):
+    d3, d4 = D2 + dt.timedelta(days=1), D2 + dt.timedelta(days=2)
+    for day in (D1, D2, d3, d4):                                  # d4: embedded, failed the gate, never published
+        _embedded(home, day)
+    with pytest.raises(ValueError, match="appear once a day is published"):
+        sql.query("SELECT * FROM profile_embeddings", home)
+    for seq, day in enumerate((D1, D2, d3), 1):
+        _moved(home, day, seq)
+    days = "SELECT DISTINCT CAST(dt AS VARCHAR) AS d FROM {} ORDER BY 1"
+    assert list(sql.query(days.format("profile_embeddings"), home)["d"]) == [D1.isoformat(), D2.isoformat(), d3.isoformat()]
+    _moved(home, D1, 4, "rollback")                               # D2 and d3 were bad: rolled back
+    for view in ("profile_embeddings", "title_embeddings"):
+        assert list(sql.query(days.format(view), home)["d"]) == [D1.isoformat()]
+    _moved(home, D2, 5)                                           # D2 fixed and published again
+    assert list(sql.query(days.format("profile_embeddings"), home)["d"]) == [D1.isoformat(), D2.isoformat()]
+    moves = sql.query("SELECT action, seq FROM publications ORDER BY seq", home)
+    assert list(moves["action"]) == ["publish"] * 3 + ["rollback", "publish"]
