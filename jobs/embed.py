@@ -190,13 +190,13 @@ def table_checksum(directory: Path, key: str, columns: list[str]) -> tuple[int, 
 # Alignment across model versions
 # ------------------------------------------------------------------------------------------------
 def previous_publication(paths: Paths, day: dt.date) -> tuple[dt.date, dict] | None:
-    """The latest profile partition strictly before ``day`` that has a manifest."""
-    days = sorted((dt.date.fromisoformat(p.name[3:]) for p in paths.profile_embeddings.glob("dt=*")
-                   if p.is_dir() and (p / "_manifest.json").exists()), reverse=True)
-    for d in days:
-        if d < day:
-            return d, json.loads((partition(paths.profile_embeddings, d) / "_manifest.json").read_text())
-    return None
+    """The latest profile partition strictly before ``day`` that has a manifest and that no rollback
+    undid (:func:`jobs.rollback.alignment_reference`): a new day is never aligned to a bad day."""
+    from jobs.rollback import alignment_reference
+    d = alignment_reference(paths, day)
+    if d is None:
+        return None
+    return d, json.loads((partition(paths.profile_embeddings, d) / "_manifest.json").read_text())
 
 
 def layer_groups(specs: tuple[LayerSpec, ...]) -> dict[str, list[str]]:
