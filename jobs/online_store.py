@@ -12,8 +12,10 @@ torn file) and reaches readers only after their registry cache TTL (600 s by def
 also be set in every reader's ``feature_store.yaml`` (plain readers keep reading the unversioned
 table), and each version table would still need the full state. A rename swap inside the online
 store gives one atomic step for all views with no reader-side change.
-It is specific to the SQLite online store; for another store (Redis, ...) ``publish`` falls back to
-writing the day in place (``swap=in_place``, chosen by ``swap=auto``): the day's rows go straight
+It is specific to the SQLite online store; Redis has its own atomic design with the same interface
+(:mod:`jobs.redis_store`: the state staged in a second database, ``SWAPDB`` as the swap, chosen by
+``swap=auto``, see :func:`open_online`). For any other store (and with ``swap=in_place``)
+``publish`` writes the day in place: the day's rows go straight
 into the live keys with the same ``online_write_batch`` path (no staging, no copy forward: entities
 not active today keep yesterday's values because nothing deletes them). The trade-offs: readers see
 the day arrive batch by batch (a read during publish can mix days across entities, never within
@@ -24,8 +26,7 @@ target date itself wrote them); and ``keep``/snapshots do not apply. Feast's Red
 skips a row whose event timestamp is not newer than the stored one; the publisher is the only
 writer (publication lock) and must replace what is served on a re-run of a date (same timestamps)
 or a rollback (older ones), so it writes with ``skip_dedup`` (:func:`writer_config`). A production
-store would use the same staged design with its own swap (Redis: per-publication key prefix/DB +
-client pointer; Postgres: the same renames in a transaction).
+store would use the same staged design with its own swap (Postgres: the same renames in a transaction).
 """
 from __future__ import annotations
 
@@ -204,6 +205,30 @@ class OnlineTables:
     def drop(self, table: str) -> None:
         if self.atomic:
             self.conn().execute(f'DROP TABLE IF EXISTS "{table}"')
+
+    # -- what staging calls, the same for every backend (jobs.redis_store.RedisTables has its own)
+    def can_build_on(self, table: str) -> bool:
+        """Whether a retained table (live or snapshot) can be the base a new state is copied from."""
+        return self.exists(table)
+
+    def write(self, store, fv, table: pa.Table, batch_rows: int) -> int:
+        return write_rows(store, fv, table, batch_rows)
+
+    def materialize(self, store, fv, day: dt.date) -> None:
+        materialize_rows(store, fv, day)
+
+
+def open_online(store, swap: str = "auto"):
+    """The online backend of a publication: atomic Redis (:class:`jobs.redis_store.RedisTables`)
+    for a plain/Sentinel Redis store unless ``swap=in_place``; else :class:`OnlineTables` (SQLite
+    staged swap, or in place for stores without an atomic design, Redis Cluster included)."""
+    online = store.config.online_store
+    if getattr(online, "type", "") == "redis" and swap in ("auto", "atomic"):
+        from jobs.redis_store import RedisTables
+        if swap == "atomic" or getattr(getattr(online, "redis_type", None), "value", "redis") != "redis_cluster":
+            return RedisTables(store)
+        swap = "in_place"
+    return OnlineTables(store, swap)
 
 
 

@@ -56,7 +56,9 @@ re-publish of an old date whose inputs are byte-identical to its latest publicat
 (:func:`published_with`, the manifest's ``content`` digest) into a no-op instead.
 
 The online backends (SQLite staging/snapshot tables and the swap, the in-place path for other
-stores) live in :mod:`jobs.online_store`; building a date's state aside in :mod:`jobs.staging`;
+stores) live in :mod:`jobs.online_store`; Redis (a staging database and ``SWAPDB``, the pointer
+record in a marker key swapped with the data, re-seeded from the offline tables when flushed) in
+:mod:`jobs.redis_store`; building a date's state aside in :mod:`jobs.staging`;
 rollback in :mod:`jobs.rollback`.
 """
 from __future__ import annotations
@@ -133,10 +135,17 @@ def _pointer_file(paths: Paths) -> dict | None:
 
 
 def committed_pointer(paths: Paths) -> dict | None:
-    """The pointer record of the last swap (SQLite online store only; None elsewhere or before any)."""
-    from jobs.feast_store import sqlite_online_path
+    """The pointer record of the last swap: stored in the SQLite online store, or with the live data
+    of a Redis one (:func:`jobs.redis_store.committed_record`); None for other stores or before any."""
+    from jobs.feast_store import repo_config, sqlite_online_path
     db = sqlite_online_path(paths)
-    if db is None or not db.exists():
+    if db is None:
+        cfg = repo_config(paths)
+        if getattr(cfg.online_store, "type", "") == "redis":
+            from jobs.redis_store import committed_record
+            return committed_record(cfg.online_store, cfg.project)
+        return None
+    if not db.exists():
         return None
     with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=60)) as c:
         try:
@@ -314,6 +323,8 @@ def reconcile(paths: Paths, online: OnlineTables | None = None) -> str | None:
     settle(paths, cur)
     if online is None or not online.atomic:
         return repaired
+    if hasattr(online, "ensure_serving"):              # Redis: re-seed a flushed store, restore a snapshot
+        return cur["publication"] if online.ensure_serving(paths, cur) else repaired
     wrong = {fv: pub for fv, pub in online.live_publication().items() if pub != cur["publication"]}
     if not wrong:
         return repaired

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from jobs import publication as pubs
 from jobs import staging, verdict
 from jobs.feast_store import apply_if_changed, get_store
+from jobs.online_store import open_online
 from jobs.io import partition
 from jobs.redact import redact_text
 from jobs.rollback import check_not_pinned
@@ -43,7 +44,7 @@ class PublishConfig:
     batch_rows: int = 4096             # rows per online_write_batch call
     keep: int = 3                      # publications kept restorable (snapshot tables + indexes)
     with_index: bool = True            # build the day's indexes into the publication (else `fmpipe index` does)
-    swap: str = "auto"                 # auto | atomic | in_place (non-SQLite online stores: not atomic)
+    swap: str = "auto"                 # auto | atomic | in_place (SQLite: staged tables; Redis: staged database + SWAPDB)
     force: bool = False                # publish a date older than the serving one anyway (serving moves back to it)
 
 
@@ -87,7 +88,7 @@ def run(cfg: PublishConfig, paths: Paths) -> dict:
     store = get_store(paths)
     applied = apply_if_changed(store, paths)
     check_columns(store, paths, day)
-    online = pubs.OnlineTables(store, cfg.swap)
+    online = open_online(store, cfg.swap)
     pub_id = pubs.new_id(day)
     model_version = pq.read_table(partition(paths.profile_embeddings, day), columns=["model_version"])["model_version"][0].as_py()
     content = staging.content_digest(paths, day)

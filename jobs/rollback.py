@@ -23,7 +23,7 @@ import json
 import time
 from dataclasses import dataclass
 
-from jobs.online_store import OnlineTables
+from jobs.online_store import open_online
 from jobs.io import atomic_write_json, partition
 from jobs.publication import (FEATURE_VIEWS, PublishOrderError, collect_garbage, commit, current, history, lock,
                               manifest, new_id, pub_dir, reconcile, root, write_manifest)
@@ -142,7 +142,7 @@ def rollback(cfg: RollbackConfig, paths: Paths) -> dict:
         raise ValueError(f"no publication of {day} to roll back to; published dates: {dates}")
     t0 = time.perf_counter()
     store = get_store(paths)
-    online = OnlineTables(store)
+    online = open_online(store)
     try:
         with lock(paths):
             reconcile(paths, online)

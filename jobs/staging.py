@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from jobs.embed import published_at
 from jobs.failpoints import failpoint
 from jobs.io import partition
-from jobs.online_store import OnlineTables, _columns, materialize_rows, max_value_bytes, write_rows
+from jobs.online_store import OnlineTables, _columns, max_value_bytes
 from jobs.publication import FEATURE_VIEWS, history
 from jobs.settings import Paths
 
@@ -47,15 +47,24 @@ def day_table(paths: Paths, fv, day: dt.date) -> pa.Table:
     return pq.read_table(partition(source_root(paths, fv.name), day), columns=_columns(fv))
 
 
-def seed_table(paths: Paths, fv, day: dt.date, exclude: pa.Array) -> pa.Table:
-    """Latest offline row per entity from the dates before ``day`` still inside the view's TTL."""
+def seed_skip(paths: Paths) -> set[dt.date]:
+    """Dates whose rows must never be seeded into a state: those a rollback undid (until published
+    again). Why: a re-seed (no retained base, or a flushed Redis) must rebuild what was served, and
+    an operator rolled those days back because they were bad."""
+    from jobs.rollback import rolled_back_dates             # jobs.rollback imports this module
+    return {dt.date.fromisoformat(d) for d in rolled_back_dates(paths)}
+
+
+def seed_table(paths: Paths, fv, day: dt.date, exclude: pa.Array, skip: set[dt.date] = frozenset()) -> pa.Table:
+    """Latest offline row per entity from the dates before ``day`` still inside the view's TTL
+    (dates in ``skip`` left out)."""
     cutoff = published_at(day) - fv.ttl if fv.ttl else None
     key = fv.entity_columns[0].name
     days = sorted((dt.date.fromisoformat(p.name[3:]) for p in source_root(paths, fv.name).glob("dt=*") if p.is_dir()),
                   reverse=True)
     seen, parts = exclude, []
     for d in days:
-        if d >= day or (cutoff is not None and published_at(d) <= cutoff):
+        if d >= day or d in skip or (cutoff is not None and published_at(d) <= cutoff):
             continue
         t = pq.read_table(partition(source_root(paths, fv.name), d), columns=_columns(fv))
         t = t.filter(pc.invert(pc.is_in(t[key], value_set=seen)))
@@ -76,7 +85,7 @@ def base_publication(paths: Paths, online: OnlineTables, day: dt.date) -> tuple[
         tables = {}
         for fv_name in FEATURE_VIEWS:
             t = online.live(fv_name) if live.get(fv_name) == pub else online.snapshot(pub, fv_name)
-            if online.exists(t):
+            if online.can_build_on(t):
                 tables[fv_name] = t
         if len(tables) == len(FEATURE_VIEWS):
             return pub, tables
@@ -84,9 +93,11 @@ def base_publication(paths: Paths, online: OnlineTables, day: dt.date) -> tuple[
 
 
 def stage_day(store, paths: Paths, online: OnlineTables, day: dt.date, pub_id: str, method: str = "write",
-              batch_rows: int = 4096) -> dict:
-    """Build the complete online state of ``day`` aside (staging tables); nothing is visible yet."""
-    base_pub, base_tables = base_publication(paths, online, day)
+              batch_rows: int = 4096, use_base: bool = True) -> dict:
+    """Build the complete online state of ``day`` aside (staging tables); nothing is visible yet.
+    ``use_base=False`` rebuilds it from the offline tables alone (a re-seed of a flushed store)."""
+    base_pub, base_tables = base_publication(paths, online, day) if use_base else (None, {})
+    skip = seed_skip(paths) if base_pub is None else set()
     out: dict = {"base": base_pub, "staging": {}, "rows": {}, "carried": {}, "seeded": {}, "timings": {}}
     for fv_name in FEATURE_VIEWS:
         fv = store.get_feature_view(fv_name)
@@ -96,14 +107,14 @@ def stage_day(store, paths: Paths, online: OnlineTables, day: dt.date, pub_id: s
         key = fv.entity_columns[0].name
         seeded = 0
         if online.atomic and base_pub is None:        # no retained state to carry: rebuild it from offline
-            seed = seed_table(paths, fv, day, today[key].combine_chunks())
+            seed = seed_table(paths, fv, day, today[key].combine_chunks(), skip)
             if seed is not None:
-                seeded = write_rows(store, staged, seed, batch_rows)
+                seeded = online.write(store, staged, seed, batch_rows)
         t1, c1 = time.perf_counter(), time.process_time()
         if method == "materialize":
-            materialize_rows(store, staged, day)
+            online.materialize(store, staged, day)
         elif method == "write":
-            write_rows(store, staged, today, batch_rows)
+            online.write(store, staged, today, batch_rows)
         else:
             raise ValueError(f"method must be 'write' or 'materialize', not {method!r}")
         t2, c2 = time.perf_counter(), time.process_time()
