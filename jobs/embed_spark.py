@@ -4,7 +4,8 @@ Spark reads the day's history partition and keeps the profiles active on the day
 hands each task an iterator of Arrow record batches, and the task
 
 * loads the checkpoint **once** (safetensors + today's new-title content vectors, which the driver
-  computed and verified against the vocabulary before any task started),
+  computed and verified against the vocabulary before any task started); the driver ships the
+  checkpoint with the job (``SparkContext.addFile``), so workers need no shared storage,
 * runs the same streaming core as the single-process engine (:func:`fm.extract.embed_batches`:
   token-budgeted length buckets, the same :class:`~fm.extract.ProfileEncoder`, the same rotation),
 * yields Arrow record batches of vectors (no pandas round trip for the list columns).
@@ -19,6 +20,9 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import itertools
+import shutil
+import tempfile
+import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -28,6 +32,25 @@ import pyarrow as pa
 from fm.extract import LayerSpec
 
 ARROW_BATCH_ROWS = 1024
+
+
+def ship_checkpoint(spark, ckpt: Path) -> tuple[str, Path]:
+    """Add a copy of the checkpoint to the job's files under a name unique to this run, so every
+    executor fetches it from the driver (``SparkFiles``): no storage shared between the driver and
+    the workers is needed. Returns (the name tasks resolve, the staged copy to remove afterwards)."""
+    tmp = Path(tempfile.mkdtemp(prefix="fmpipe-ship-"))
+    staged = tmp / f"ckpt-{uuid.uuid4().hex[:12]}"
+    shutil.copytree(ckpt, staged, ignore=shutil.ignore_patterns("export", ".*"))
+    # a cluster master accepts files and archives, not directories: ship one zip, unpacked per executor
+    archive = shutil.make_archive(str(staged), "zip", root_dir=staged)
+    spark.sparkContext.addArchive(archive)
+    return Path(archive).name, staged
+
+
+def _resolve(name: str) -> str:
+    """The executor-local copy of a shipped checkpoint."""
+    from pyspark import SparkFiles
+    return SparkFiles.get(name)
 
 
 def _embed_partition(batches: Iterator[pa.RecordBatch], *, ckpt: str, version: str, new_content: np.ndarray | None,
@@ -43,7 +66,7 @@ def _embed_partition(batches: Iterator[pa.RecordBatch], *, ckpt: str, version: s
     if first is None:                       # an empty partition never loads the model
         return
     torch.set_num_threads(max(1, threads))
-    model = load_for_inference(ckpt, version, new_content)
+    model = load_for_inference(_resolve(ckpt), version, new_content)
     encoder = ProfileEncoder(model, specs)
     yield from embed_batches(encoder, itertools.chain([first], batches), chunk_profiles=chunk_profiles,
                              batch_tokens=batch_tokens, max_batch=max_batch, rotations=rotations)
@@ -68,7 +91,8 @@ def write_profiles_spark(spark, *, source: Path, day: dt.date, ckpt: Path, versi
     names = [s.name for s in specs]
     out_schema = StructType([StructField("profile_id", LongType(), False)]
                             + [StructField(n, ArrayType(FloatType()), True) for n in names])
-    fn = functools.partial(_embed_partition, ckpt=str(ckpt), version=version,
+    shipped, staged = ship_checkpoint(spark, ckpt)
+    fn = functools.partial(_embed_partition, ckpt=shipped, version=version,
                            new_content=new_content if len(new_content) else None, specs=tuple(specs),
                            rotations=dict(rotations), threads=cfg.spark_threads,
                            chunk_profiles=cfg.chunk_profiles, batch_tokens=cfg.batch_tokens, max_batch=cfg.batch_size)
@@ -83,6 +107,7 @@ def write_profiles_spark(spark, *, source: Path, day: dt.date, ckpt: Path, versi
     try:
         emb.write.mode("error").parquet(str(out))
     finally:
+        shutil.rmtree(staged.parent, ignore_errors=True)
         if before is None:
             spark.conf.unset(key)
         else:
