@@ -1,8 +1,10 @@
 """Feast declarations for the embeddings the daily pipeline publishes.
 
-Reads Entity -> Source -> FeatureView -> FeatureService. The sources are the date-partitioned
-Parquet tables written by ``jobs/embed.py`` (``embeddings/profile/dt=*/``, ``embeddings/title/dt=*/``);
-field names mirror those tables' columns. Vectors are ``Array(Float32)``, one field per layer.
+Reads Entity -> Source -> FeatureView -> FeatureService. The sources are the published dates of
+the date-partitioned Parquet tables written by ``jobs/embed.py``: ``published/profile/dt=*/`` and
+``published/title/dt=*/`` hold hard links to the partitions of every date that was published and
+not rolled back (``jobs/published.py``), so ``get_historical_features`` never returns a day that
+failed the gate or was withdrawn. Field names mirror those tables' columns. Vectors are ``Array(Float32)``, one field per layer.
 """
 import os
 from datetime import timedelta
@@ -21,15 +23,15 @@ title = Entity(name="title", join_keys=["title_id"], value_type=ValueType.STRING
 
 profile_embeddings_source = FileSource(
     name="profile_embeddings_source",
-    path=f"{_HOME}/embeddings/profile",
+    path=f"{_HOME}/published/profile",
     timestamp_field="event_timestamp",
-    description="Daily profile embeddings from the foundation model, partitioned by dt.",
+    description="Published daily profile embeddings from the foundation model, partitioned by dt.",
 )
 title_embeddings_source = FileSource(
     name="title_embeddings_source",
-    path=f"{_HOME}/embeddings/title",
+    path=f"{_HOME}/published/title",
     timestamp_field="event_timestamp",
-    description="Daily title embeddings (ID + content; content-only for titles new since training).",
+    description="Published daily title embeddings (ID + content; content-only for titles new since training).",
 )
 
 profile_embeddings = FeatureView(

@@ -70,7 +70,9 @@ def load_definitions(paths: Paths) -> list:
     """Import the feature repo's ``definitions.py`` with FMPIPE_HOME set, and return its Feast objects."""
     from feast import Entity, FeatureService, FeatureView, FileSource
 
+    from jobs.published import ensure_roots
     os.environ["FMPIPE_HOME"] = str(paths.home)
+    ensure_roots(paths)                           # the offline sources name published/, maybe still empty
     spec = importlib.util.spec_from_file_location("fmpipe_feature_definitions", feature_repo() / "definitions.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -214,8 +214,8 @@ class OnlineTables:
     def write(self, store, fv, table: pa.Table, batch_rows: int) -> int:
         return write_rows(store, fv, table, batch_rows)
 
-    def materialize(self, store, fv, day: dt.date) -> None:
-        materialize_rows(store, fv, day)
+    def materialize(self, store, fv, day: dt.date, source) -> None:
+        materialize_rows(store, fv, day, source)
 
 
 def open_online(store, swap: str = "auto"):
@@ -279,9 +279,18 @@ def write_rows(store, fv, table: pa.Table, batch_rows: int) -> int:
     return n
 
 
-def materialize_rows(store, fv, day: dt.date) -> None:
-    """Stock path: Feast's materialization engine reads the offline store and writes ``fv``'s table."""
+def materialize_rows(store, fv, day: dt.date, source) -> None:
+    """Stock path: Feast's materialization engine reads the offline store and writes ``fv``'s table.
+
+    The view's source is pointed at the embed output for this call: the offline store's own
+    sources expose published dates only (:mod:`jobs.published`), and ``day`` is not published yet;
+    ``source`` is the embed output folder of the view."""
+    from feast import FileSource
     from tqdm import tqdm
+    src = fv.batch_source
+    fv = copy.copy(fv)
+    fv.batch_source = FileSource(name=f"{src.name}_unpublished", path=str(source), timestamp_field=src.timestamp_field,
+                                 created_timestamp_column=src.created_timestamp_column)
     stamp = published_at(day)
     store._get_provider().materialize_single_feature_view(
         config=store.config, feature_view=fv, start_date=stamp - dt.timedelta(hours=1), end_date=stamp,

@@ -297,7 +297,8 @@ def commit(paths: Paths, online: OnlineTables, pub_id: str, day: dt.date, incomi
 
 
 def settle(paths: Paths, record: dict) -> None:
-    """Mirror a committed pointer ``record`` to the files: manifest status, CURRENT.json, history."""
+    """Mirror a committed pointer ``record`` to the files: manifest status, CURRENT.json, history,
+    and the offline store's ``published/`` tree (:mod:`jobs.published`)."""
     m = manifest(paths, record["publication"])
     if m.get("status") != "committed" or not m.get("retained", True):
         m.update({"status": "committed", "retained": True})
@@ -306,6 +307,8 @@ def settle(paths: Paths, record: dict) -> None:
         atomic_write_json(record, pointer_path(paths))
     if record.get("seq") not in {r.get("seq") for r in history(paths)}:
         _append_history(paths, record)
+    from jobs.published import sync                  # the offline store follows every pointer move
+    sync(paths)
 
 
 def reconcile(paths: Paths, online: OnlineTables | None = None) -> str | None:

@@ -1,7 +1,9 @@
 """Publish the day's validated embeddings: Feast online state + FAISS indexes, made current together.
 
-The offline store *is* the embed job's Parquet (Feast reads the ``dt=`` partitions), so
-point-in-time ``get_historical_features`` works across every published day without a copy.
+The offline store is the embed job's Parquet of the published dates only: every pointer move
+hard-links the partitions of published, not rolled-back dates into ``published/`` (the Feast
+sources' folder, :mod:`jobs.published`), so point-in-time ``get_historical_features`` works across
+every published day without a copy and never returns a day that failed the gate or was rolled back.
 Online, the day's complete state is built aside and swapped in atomically with the day's indexes
 (see :mod:`jobs.publication` for the design, rollback and failure behaviour).
 

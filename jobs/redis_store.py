@@ -215,7 +215,7 @@ class RedisTables:
                 n += batch.num_rows
         return n
 
-    def materialize(self, store, fv, day: dt.date) -> None:
+    def materialize(self, store, fv, day: dt.date, source) -> None:
         raise RedisPublicationError("method=materialize writes through Feast's provider into the live Redis "
                                     "database; use method=write for an atomic Redis publication (or swap=in_place)")
 

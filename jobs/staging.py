@@ -112,7 +112,7 @@ def stage_day(store, paths: Paths, online: OnlineTables, day: dt.date, pub_id: s
                 seeded = online.write(store, staged, seed, batch_rows)
         t1, c1 = time.perf_counter(), time.process_time()
         if method == "materialize":
-            online.materialize(store, staged, day)
+            online.materialize(store, staged, day, source_root(paths, fv_name))
         elif method == "write":
             online.write(store, staged, today, batch_rows)
         else:
