@@ -11,6 +11,10 @@ is submitted with ``SparkSubmitOperator`` to the master of the Airflow connectio
 the Airflow Variable ``fmpipe_spark_mode``, else ``$FMPIPE_SPARK_MODE``, else ``local``; it is
 resolved when the run starts, so parsing this file reads no database and no network.
 
+A late raw partition waits: ``wait_for_raw`` defers to the triggerer until ``raw/dt=D`` holds
+Parquet files (``$FMPIPE_RAW_POKE_S``, default 300 s between checks; fails after
+``$FMPIPE_RAW_TIMEOUT_S``, default 6 h) instead of failing the run and stalling later days.
+
 One date is never processed twice at once: ``max_active_runs=1``, ``depends_on_past`` keeps the
 days in order (each builds on the previous day's history and publication, also in a backfill with
 several active runs), and each step holds the date's lock (``jobs.locks``).
@@ -21,6 +25,8 @@ import os
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import sys
+
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 from airflow.sdk import Asset, Param, dag, task
 from airflow.timetables.interval import CronDataIntervalTimetable
@@ -30,6 +36,9 @@ PROFILE_EMBEDDINGS = Asset("fmpipe://embeddings/profile")
 TITLE_EMBEDDINGS = Asset("fmpipe://embeddings/title")
 FEATURES = Asset("fmpipe://feast/fm_embeddings")
 TITLE_INDEX = Asset("fmpipe://index/titles")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))      # the sensor module beside this file
+from raw_sensor import RawPartitionSensor  # noqa: E402
 
 SPARK_MODES = ("local", "submit")
 TOKENIZE_APP = os.environ.get("FMPIPE_TOKENIZE_APPLICATION",
@@ -120,7 +129,12 @@ def fm_embeddings_daily():
         from jobs import pipeline
         return pipeline.report(_day(context))
 
-    choose = spark_mode(check_raw())
+    wait_for_raw = RawPartitionSensor(task_id="wait_for_raw", retries=0,
+                                      poke_interval=float(os.environ.get("FMPIPE_RAW_POKE_S", 300)),
+                                      timeout=float(os.environ.get("FMPIPE_RAW_TIMEOUT_S", 6 * 3600)))
+    raw = check_raw()
+    wait_for_raw >> raw
+    choose = spark_mode(raw)
     tokenized = [tokenize_local(), tokenize_submit]
     embedded = embed()
     choose >> tokenized >> embedded

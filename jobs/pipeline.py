@@ -21,6 +21,7 @@ import contextlib
 import datetime as dt
 import json
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from jobs import locks
@@ -77,6 +78,16 @@ def _timed(step: str, date: str, fn: Callable[[Paths, dt.date], dict]) -> dict:
 
 def _with(cls: type, date: str, overrides: dict[str, Any] | None):
     return parse_overrides(cls, {**(overrides or {}), "date": date})
+
+
+def raw_glob(date: str) -> str:
+    """The files whose arrival means the day's raw partition has landed (the DAG's sensor waits on it)."""
+    return str(raw_partition(Paths.from_env(), parse_date(date)) / "*.parquet")
+
+
+def raw_files(date: str) -> list[Path]:
+    path = raw_partition(Paths.from_env(), parse_date(date))
+    return sorted(path.glob("*.parquet")) if path.is_dir() else []
 
 
 def check_raw(date: str) -> dict:

@@ -32,7 +32,8 @@ def _daily_dag():
 def test_graph_shape():
     dag = _daily_dag()
     order = ["check_raw", "spark_mode", "embed", "validate", "publish", "index", "report"]
-    assert set(dag.task_ids) == set(order) | {"tokenize_local", "tokenize_submit"}
+    assert set(dag.task_ids) == set(order) | {"tokenize_local", "tokenize_submit", "wait_for_raw"}
+    assert dag.get_task("wait_for_raw").downstream_task_ids == {"check_raw"}
     assert dag.get_task("check_raw").downstream_task_ids == {"spark_mode"}
     assert dag.get_task("spark_mode").downstream_task_ids == {"tokenize_local", "tokenize_submit"}
     for tok in ("tokenize_local", "tokenize_submit"):
@@ -135,3 +136,37 @@ def test_dag_test_run_publishes_the_day(world, spark, airflow_db):
     for step in ("check_raw", "tokenize", "embed", "validate", "publish", "index"):
         assert report["wall_s"][step] >= 0
     assert (partition(paths.reports, day) / "steps" / "report.json").exists()
+
+
+def test_a_late_raw_partition_defers_then_fires_when_it_lands(tmp_path, monkeypatch):
+    """The sensor defers (no worker slot held) while raw/dt=D is missing, with its timeout; the
+    trigger fires once the day's Parquet file lands; present data passes without deferring."""
+    import asyncio
+
+    from airflow.sdk.exceptions import TaskDeferred
+    monkeypatch.setenv("FMPIPE_HOME", str(tmp_path))
+    sensor = _daily_dag().get_task("wait_for_raw")
+    ctx = {"data_interval_start": dt.datetime(2026, 11, 5, tzinfo=dt.timezone.utc)}
+    with pytest.raises(TaskDeferred) as deferred:
+        sensor.execute(ctx)
+    trigger = deferred.value.trigger
+    assert trigger.filepath == str(tmp_path / "raw" / "dt=2026-11-05" / "*.parquet")
+    assert deferred.value.timeout.total_seconds() == sensor.timeout
+
+    async def first_event():
+        gen = trigger.run()
+        return await asyncio.wait_for(gen.__anext__(), timeout=30)
+
+    async def land_then_wait():
+        task = asyncio.ensure_future(first_event())
+        await asyncio.sleep(0.3)
+        assert not task.done()                                # still waiting: nothing landed
+        part = tmp_path / "raw" / "dt=2026-11-05"
+        part.mkdir(parents=True)
+        (part / "part-x-0.parquet").write_bytes(b"PAR1")
+        return await task
+
+    trigger.poke_interval = 0.1
+    event = asyncio.run(land_then_wait())
+    assert event is not None
+    assert sensor.execute(ctx) == {"date": "2026-11-05", "waited": False}
