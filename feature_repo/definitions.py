@@ -4,9 +4,13 @@ Reads Entity -> Source -> FeatureView -> FeatureService. The sources are the pub
 the date-partitioned Parquet tables written by ``jobs/embed.py``: ``published/profile/dt=*/`` and
 ``published/title/dt=*/`` hold hard links to the partitions of every date that was published and
 not rolled back (``jobs/published.py``), so ``get_historical_features`` never returns a day that
-failed the gate or was withdrawn. Field names mirror those tables' columns. Vectors are ``Array(Float32)``, one field per layer.
+failed the gate or was withdrawn. Field names mirror those tables' columns. Vectors are
+``Array(Float32)``, one field per layer the embed job wrote (recorded by publish in
+``feast/layers.json``, see ``jobs/feature_spec.py``); the services use the deepest layer's columns.
 """
+import json
 import os
+import re
 from datetime import timedelta
 
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
@@ -15,6 +19,32 @@ from feast.types import Array, Bool, Float32, String
 # The pipeline's state root: $FMPIPE_HOME if set, else ../var relative to this repo folder.
 _HOME = os.environ.get("FMPIPE_HOME") or "../var"
 EMBEDDING_DIM_NOTE = "dimension = model d_model (64 by default); see the table's _manifest.json"
+
+# The profile layer columns follow what the embed job wrote: publish records the day's layers in
+# $FMPIPE_HOME/feast/layers.json (jobs/feature_spec.py); before any publish, the default three.
+_LAYER_RE = re.compile(r"^emb_layer(\d+)_(last|mean)$")
+try:
+    with open(f"{_HOME}/feast/layers.json") as _f:
+        _SPEC = json.load(_f)
+except (OSError, ValueError):
+    _SPEC = {"layers": ["emb_layer1_last", "emb_layer2_last", "emb_layer2_mean"], "dims": {}}
+_LAYERS = [n for n in _SPEC.get("layers", []) if _LAYER_RE.match(n)]
+if not _LAYERS or len(_LAYERS) != len(_SPEC.get("layers", [])):
+    raise ValueError(f"{_HOME}/feast/layers.json must list layer columns named emb_layer<N>_<last|mean>, "
+                     f"not {_SPEC.get('layers')}: re-run `fmpipe publish`")
+_DEPTH = max(int(_LAYER_RE.match(n).group(1)) for n in _LAYERS)
+_DEEPEST = sorted((n for n in _LAYERS if n.startswith(f"emb_layer{_DEPTH}_")), key=lambda n: not n.endswith("_last"))
+
+
+def _layer_description(name: str) -> str:
+    """What a layer column is, its dimension and the model that produced it (from the spec)."""
+    layer, pool = _LAYER_RE.match(name).groups()
+    where = "last layer" if int(layer) == _DEPTH else f"layer {layer}"
+    what = "state at the last event" if pool == "last" else "mean-pooled over the history window"
+    scores = "; dot with title_embedding scores titles" if name == f"emb_layer{_DEPTH}_last" else ""
+    dim = (_SPEC.get("dims") or {}).get(name)
+    return (f"{where.capitalize()} {what}{scores}. " + (f"dimension = {dim}" if dim else EMBEDDING_DIM_NOTE)
+            + (f"; model {_SPEC['model_version']}" if _SPEC.get("model_version") else ""))
 
 profile = Entity(name="profile", join_keys=["profile_id"], value_type=ValueType.INT64,
                  description="A viewing profile (one person on an account).")
@@ -38,18 +68,12 @@ profile_embeddings = FeatureView(
     name="profile_embeddings",
     entities=[profile],
     ttl=timedelta(days=30),
-    schema=[
-        Field(name="emb_layer1_last", dtype=Array(Float32),
-              description=f"Layer 1 (middle) state at the last event. {EMBEDDING_DIM_NOTE}"),
-        Field(name="emb_layer2_last", dtype=Array(Float32),
-              description=f"Last layer state at the last event; dot with title_embedding scores titles. {EMBEDDING_DIM_NOTE}"),
-        Field(name="emb_layer2_mean", dtype=Array(Float32),
-              description=f"Last layer mean-pooled over the history window. {EMBEDDING_DIM_NOTE}"),
-        Field(name="model_version", dtype=String, description="Checkpoint that produced the vectors."),
-    ],
+    schema=[Field(name=name, dtype=Array(Float32), description=_layer_description(name)) for name in _LAYERS]
+    + [Field(name="model_version", dtype=String, description="Checkpoint that produced the vectors.")],
     source=profile_embeddings_source,
     online=True,
-    tags={"producer": "jobs/embed.py", "owner": "fm-platform"},
+    tags={"producer": "jobs/embed.py", "owner": "fm-platform", "model_version": str(_SPEC.get("model_version") or ""),
+          "layers": ",".join(_LAYERS)},
 )
 
 title_embeddings = FeatureView(
@@ -69,12 +93,12 @@ title_embeddings = FeatureView(
 
 ranker_v1 = FeatureService(
     name="ranker_v1",
-    features=[profile_embeddings[["emb_layer2_last", "emb_layer2_mean", "model_version"]],
+    features=[profile_embeddings[_DEEPEST + ["model_version"]],
               title_embeddings[["title_embedding"]]],
     description="Inputs of the downstream ranker, version 1.",
 )
 retrieval_v1 = FeatureService(
     name="retrieval_v1",
-    features=[profile_embeddings[["emb_layer2_last", "model_version"]]],
+    features=[profile_embeddings[_DEEPEST[:1] + ["model_version"]]],
     description="Profile query vector for FAISS title retrieval.",
 )

@@ -97,6 +97,9 @@ def apply_if_changed(store, paths: Paths) -> bool:
     repo = Path(store.repo_path)
     for f in (repo / "definitions.py", repo / "feature_store.yaml"):
         digest.update(f.read_bytes())
+    from jobs.feature_spec import spec_path
+    if spec_path(paths.home).exists():            # the layer columns definitions.py derives its schema from
+        digest.update(spec_path(paths.home).read_bytes())
     digest.update(str(paths.home).encode())
     stamp = paths.feast / "applied.sha256"
     fingerprint = digest.hexdigest()

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import pyarrow.parquet as pq
 
 from jobs import publication as pubs
-from jobs import staging, verdict
+from jobs import feature_spec, staging, verdict
 from jobs.feast_store import apply_if_changed, get_store
 from jobs.online_store import open_online
 from jobs.io import partition
@@ -87,6 +87,7 @@ def run(cfg: PublishConfig, paths: Paths) -> dict:
     day = parse_date(cfg.date)
     gate = check_gate(paths, day) if cfg.require_gate else {}
     t0 = time.perf_counter()
+    feature_spec.record(paths, day)                # the feature view's layer columns follow the day's table
     store = get_store(paths)
     applied = apply_if_changed(store, paths)
     check_columns(store, paths, day)
