@@ -155,7 +155,7 @@ def _section(recs: list[dict]) -> tuple[list[str], dict]:
     for v in r0["cold"]:
         cells = [fmt([x["cold"][v][k] for x in res]) if k in r0["cold"][v] else "" for k in METRICS]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
-    lines += ["", f"Calibration chosen on the cold validation users (HR@50): "
+    lines += ["", "Calibration chosen on the cold validation users (HR@50): "
               + ", ".join(f"seed {r['seed']}: {r['result']['calibration_chosen']} "
                           "(" + ", ".join(f"{k} {v['hr@50']:.4f}" for k, v in r["result"]["calibration_valid"].items()) + ")"
                           for r in recs), "",
