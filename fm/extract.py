@@ -64,6 +64,11 @@ class LayerSpec:
         return cls(int(layer), pool)
 
 
+def surface_column(surface: str) -> str:
+    """The profile table column of one surface's vector ('kids' -> 'emb_surface_kids')."""
+    return f"emb_surface_{surface}"
+
+
 def default_layers(n_layers: int) -> tuple[LayerSpec, ...]:
     """A middle layer and the last layer (last position), plus the last layer mean-pooled."""
     mid = max(1, n_layers // 2)
@@ -103,16 +108,23 @@ class ProfileEncoder(nn.Module):
 
     ``forward(tokens, lengths)``: ``tokens`` (B, L, F) integer ids in :data:`fm.schema.TOKEN_FIELDS`
     order, right-padded with PAD; ``lengths`` (B,) real tokens per row (>= 1). Returns a tuple of
-    (B, D) tensors in ``specs`` order. Shares the blocks' parameters with ``model``; the fused
-    embedding table is a snapshot, so build the encoder after ``grow_titles``.
+    (B, D) tensors in ``specs`` order, then one per ``surfaces`` entry: the last layer's
+    last-position state plus that surface's query vector (:meth:`FoundationModel.query`), so a
+    dot product with a title vector is the model's "next on this canvas" score. Shares the
+    blocks' parameters with ``model``; the fused embedding table is a snapshot, so build the
+    encoder after ``grow_titles``.
     """
 
-    def __init__(self, model: FoundationModel, specs: tuple[LayerSpec, ...]):
+    def __init__(self, model: FoundationModel, specs: tuple[LayerSpec, ...], surfaces: tuple[str, ...] = ()):
         super().__init__()
         cfg = model.cfg
         check_layers(specs, cfg.n_layers)
         self.specs = tuple(specs)
-        self.names = [s.name for s in specs]
+        self.names = [s.name for s in specs] + [surface_column(s) for s in surfaces]
+        with torch.no_grad():
+            sq = [model.surface_vector(s).detach() for s in surfaces]
+        self.register_buffer("surface_queries", torch.stack(sq).clone() if sq else torch.zeros(0, cfg.d_model),
+                             persistent=False)
         self.n_heads, self.d_model, self.max_len = cfg.n_heads, cfg.d_model, cfg.max_len
         with torch.no_grad():
             tables = [model.title.table().detach()] + [model.fields[f].weight.detach() for f in TOKEN_FIELDS[1:]]
@@ -121,7 +133,7 @@ class ProfileEncoder(nn.Module):
         self.register_buffer("offsets", torch.tensor(np.cumsum([0] + sizes[:-1]), dtype=torch.long))
         self.register_buffer("pos", model.pos.weight.detach().clone())
         self.emb_norm = model.emb_norm                      # the embedding LayerNorm, when the model has one
-        self.depth = max(s.layer for s in specs)
+        self.depth = cfg.n_layers if surfaces else max(s.layer for s in specs)
         self.blocks = nn.ModuleList(list(model.blocks)[: self.depth])
         self.ln_f = model.ln_f if self.depth == cfg.n_layers else None
         self.n_layers = cfg.n_layers
@@ -180,6 +192,10 @@ class ProfileEncoder(nn.Module):
             else:                                               # masked mean as one batched GEMV
                 w = valid.to(h.dtype) / lengths.clamp(min=1).view(B, 1, 1).to(h.dtype)
                 out.append(torch.bmm(w, h).squeeze(1))
+        if self.surface_queries.shape[0] > 0:
+            last = states[-1][rows, lengths - 1]
+            for i in range(self.surface_queries.shape[0]):
+                out.append(last + self.surface_queries[i].to(last.dtype))
         return tuple(out)
 
 

@@ -14,6 +14,10 @@ Why each option exists (evidence: ``bench/results/quality.md``):
 * ``exclude_titles``: titles removed from every softmax (held out of training for a cold-start test),
   so training learns nothing about them, not even as negatives.
 
+Surfaces: when the model has surface queries (``ModelConfig.surfaces``), the query for the title at
+t+j+1 is conditioned on that event's own canvas (for the next title: ``canvas`` shifted by one), so
+the model learns "what next on this canvas"; the canvas is never an input of the state itself.
+
 Targets: only tokens whose action is one of the model's ``target_actions`` are next-title targets
 (impressions and pauses are context only); the side heads predict every next token.
 """
@@ -79,8 +83,9 @@ class Objective(torch.nn.Module):
             b_idx, t_idx = m.nonzero(as_tuple=True)
             seen = None if first is None else (lambda cols, b=b_idx, t=t_idx: first[:, cols][b] <= t.unsqueeze(1))
             src, tgt = h[:, : -(j + 1)][m], tokens["title"][:, j + 1:][m]
+            surface = tokens["canvas"][:, j + 1:][m] if m_.surface is not None else None
             fn = self._full if neg is None else self._sampled
-            losses[f"title_{j + 1}"] = fn(src, tgt, j, seen, neg)
+            losses[f"title_{j + 1}"] = fn(src, tgt, j, seen, neg, surface)
         nxt = valid[:, 1:] & valid[:, :-1]
         w = {"title_1": c.w_title, "action": c.w_action, "duration": c.w_duration, "device": c.w_device}
         for f in HEADS:
@@ -91,9 +96,10 @@ class Objective(torch.nn.Module):
             total = h.sum() * 0.0
         return total, {k: float(v.detach()) for k, v in losses.items()}
 
-    def _full(self, src, tgt, j, seen, neg) -> torch.Tensor:
+    def _full(self, src, tgt, j, seen, neg, surface=None) -> torch.Tensor:
         """Cross-entropy over every title (history and excluded titles masked)."""
-        logits = self.model.title_logits(src.unsqueeze(0), j)[0]                      # (N, V)
+        surface = None if surface is None else surface.unsqueeze(0)
+        logits = self.model.title_logits(src.unsqueeze(0), j, surface)[0]             # (N, V)
         if bool(self.excluded.any()):
             logits = logits.masked_fill(self.excluded, float("-inf"))
         if seen is not None:
@@ -102,11 +108,11 @@ class Objective(torch.nn.Module):
             logits = logits.masked_fill(mask, float("-inf"))
         return F.cross_entropy(logits, tgt)
 
-    def _sampled(self, src, tgt, j, seen, neg) -> torch.Tensor:
+    def _sampled(self, src, tgt, j, seen, neg, surface=None) -> torch.Tensor:
         """The target against the batch's shared negatives, logQ-corrected, accidental hits masked."""
         m_ = self.model
         table = m_.title.table()
-        q = m_.query(src, j)                                                          # (N, D)
+        q = m_.query(src, j, surface)                                                 # (N, D)
         pos = (q * table[tgt]).sum(-1, keepdim=True) - self.log_q[tgt].unsqueeze(1)
         negl = q @ table[neg].T - self.log_q[neg]                                     # (N, K)
         if m_.bias is not None:

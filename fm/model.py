@@ -65,20 +65,32 @@ class ModelConfig:
     # sigmoid(a * log(1 + training interactions) + b), so a rarely seen title leans on its content
     # and a popular one on its ID. Off: the plain sum (old checkpoints load unchanged).
     exposure_gate: bool = False
+    # Canvases (``fm.schema.CANVASES``) the model can be asked "what next *on this canvas*" about:
+    # a learned surface query added to the state before scoring titles (``FoundationModel.query``).
+    # Empty: no surface parameters at all (old checkpoints and configs load unchanged).
+    surfaces: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.id_dropout < 1.0:
             raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
+        self.surfaces = tuple(self.surfaces)
+        unknown = [s for s in self.surfaces if s not in S.CANVASES]
+        if unknown or len(set(self.surfaces)) != len(self.surfaces):
+            raise ValueError(f"surfaces: {list(self.surfaces)} must be distinct canvases of {list(S.CANVASES)}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["target_actions"] = list(self.target_actions)
+        d["surfaces"] = list(self.surfaces)
+        if not self.surfaces:          # a model without surfaces writes the same config as before
+            del d["surfaces"]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         d = dict(d)
         d["target_actions"] = tuple(d.get("target_actions", cls.target_actions))
+        d["surfaces"] = tuple(d.get("surfaces", ()))
         return cls(**d)
 
 
@@ -174,10 +186,32 @@ class FoundationModel(nn.Module):
         self.heads = nn.ModuleDict({f: nn.Linear(cfg.d_model, cfg.field_sizes[f])
                                     for f in ("action", "duration", "device")})
         self.bias = nn.Parameter(torch.zeros(cfg.n_titles)) if cfg.title_bias else None
+        self.surface = self._surface_query(cfg)
         target = torch.zeros(cfg.field_sizes["action"], dtype=torch.bool)
         for a in cfg.target_actions:
             target[S.vocab_index(S.ACTIONS)[a]] = True
         self.register_buffer("target_action", target, persistent=False)
+
+    def _surface_query(self, cfg: ModelConfig) -> nn.Embedding | None:
+        """The surface query table over the canvas vocabulary, zero-initialised so a fresh surface
+        model starts as the plain model; ``surface_of`` maps a canvas id to its row, PAD (a zero row
+        without gradient) for canvases that are not configured surfaces, so the plain state keeps
+        meaning "next on any other canvas"."""
+        n = cfg.field_sizes["canvas"]
+        lookup = torch.zeros(n, dtype=torch.long)
+        for name in cfg.surfaces:
+            lookup[S.vocab_index(S.CANVASES)[name]] = S.vocab_index(S.CANVASES)[name]
+        self.register_buffer("surface_of", lookup, persistent=False)
+        if not cfg.surfaces:
+            return None
+        # built from zeros, never drawn: the random stream (so every other weight) matches the plain model's
+        return nn.Embedding.from_pretrained(torch.zeros(n, cfg.d_model), freeze=False, padding_idx=S.PAD)
+
+    def surface_vector(self, name: str) -> torch.Tensor:
+        """The (D,) query vector of a configured surface (what embed adds to a profile's state)."""
+        if name not in self.cfg.surfaces:
+            raise KeyError(f"surface {name!r} is not configured; the model has {list(self.cfg.surfaces)}")
+        return self.surface.weight[S.vocab_index(S.CANVASES)[name]]
 
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -202,17 +236,23 @@ class FoundationModel(nn.Module):
         states[-1] = self.ln_f(x)
         return states
 
-    def title_logits(self, h: torch.Tensor, j: int) -> torch.Tensor:
-        """Scores of every title as the (j+1)-th next title: (B, L, D) -> (B, L, V)."""
-        logits = self.query(h, j) @ self.title.table().T
+    def title_logits(self, h: torch.Tensor, j: int, surface: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores of every title as the (j+1)-th next title: (B, L, D) -> (B, L, V); ``surface``:
+        canvas ids (broadcastable to (B, L)) of the canvas the title is asked for (see ``query``)."""
+        logits = self.query(h, j, surface) @ self.title.table().T
         if self.bias is not None:
             logits = logits + self.bias
         logits[..., : S.N_SPECIAL] = float("-inf")
         return logits
 
-    def query(self, h: torch.Tensor, j: int = 0) -> torch.Tensor:
-        """The vector a state matches titles with for the (j+1)-th next title."""
-        return h + self.mtp[j](h)
+    def query(self, h: torch.Tensor, j: int = 0, surface: torch.Tensor | None = None) -> torch.Tensor:
+        """The vector a state matches titles with for the (j+1)-th next title; with ``surface``
+        (canvas ids shaped like ``h`` without its last dim) the target canvas's surface query is
+        added, so the same state answers "what next on this canvas". Ignored without surfaces."""
+        q = h + self.mtp[j](h)
+        if surface is not None and self.surface is not None:
+            q = q + self.surface(self.surface_of[surface])
+        return q
 
     def head(self, name: str, h: torch.Tensor) -> torch.Tensor:
         """Logits of a side head (action / duration / device) from states ``h``."""
@@ -314,7 +354,7 @@ def init_weights(model: FoundationModel, zero_fields: bool = False) -> None:
     the title signal dominates the first steps and side features grow only where they help (on
     ML-1M five of the nine fields are constant)."""
     for name, p in model.named_parameters():
-        if p.dim() >= 2 and "title.id" not in name:
+        if p.dim() >= 2 and "title.id" not in name and not name.startswith("surface."):  # surfaces start at 0
             nn.init.normal_(p, std=0.02)
         if name.endswith("out.weight") or name.endswith("mlp.2.weight"):
             nn.init.normal_(p, std=0.02 / math.sqrt(2 * model.cfg.n_layers))

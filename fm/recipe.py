@@ -30,7 +30,7 @@ from fm.data import Sequences
 from fm.fit import FitConfig, FitResult, fit
 from fm.losses import Objective
 from fm.model import FoundationModel, ModelConfig, init_weights
-from fm.schema import ACTIONS, vocab_index
+from fm.schema import ACTIONS, CANVASES, vocab_index
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ class Recipe:
     zero_fields: bool = True
     id_dropout: float = 0.1            # cold start: content alone must carry a title (bench/results/cold_start_previous_harness.md)
     exposure_gate: bool = False        # ID part scaled by a learned gate of log(1 + interactions) (fm.model)
+    surfaces: str = ""                 # "home,search,kids": canvas-conditioned queries (fm.model); "" = off
     w_mtp: float = 0.5
     w_action: float = 0.2
     w_duration: float = 0.2
@@ -79,11 +80,19 @@ class Recipe:
         unknown = set(self.target_actions) - set(ACTIONS)
         if unknown:
             raise ValueError(f"target_actions: unknown action(s) {sorted(unknown)}; valid: {list(ACTIONS)}")
+        unknown_surfaces = set(surface_names(self.surfaces)) - set(CANVASES)
+        if unknown_surfaces:
+            raise ValueError(f"surfaces: unknown canvas(es) {sorted(unknown_surfaces)}; valid: {list(CANVASES)}")
         if self.content_encoder not in ENCODERS:
             raise ValueError(f"content_encoder={self.content_encoder!r}: expected one of {', '.join(ENCODERS)}")
 
 
 RECIPE_FIELDS = tuple(f.name for f in fields(Recipe))
+
+
+def surface_names(text: str) -> tuple[str, ...]:
+    """'home, search,kids' -> ('home', 'search', 'kids'); duplicates dropped, order kept."""
+    return tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
 
 
 def recipe_of(cfg) -> Recipe:
@@ -96,6 +105,7 @@ def model_config(r: Recipe, n_titles: int, target_actions: tuple[str, ...], cont
                        n_heads=r.n_heads, max_len=r.max_len, dropout=r.dropout, mtp_k=r.mtp_k,
                        use_content=r.use_content, emb_norm=r.emb_norm, title_bias=r.title_bias,
                        detach_heads=r.detach_heads, id_dropout=r.id_dropout, exposure_gate=r.exposure_gate,
+                       surfaces=surface_names(r.surfaces),
                        w_mtp=r.w_mtp,
                        w_action=r.w_action, w_duration=r.w_duration, w_device=r.w_device,
                        **({"target_actions": tuple(target_actions)} if target_actions else {}))

@@ -42,7 +42,8 @@ from fm.checkpoint import CheckpointError
 from fm.content import content_matrix
 from fm.data import Sequences
 from fm.extract import (LayerSpec, ProfileEncoder, default_layers, embed_batches, history_files,  # noqa: F401
-                        iter_history, parse_layers, profile_embeddings, title_embeddings, vector_array)
+                        iter_history, parse_layers, profile_embeddings, surface_column, title_embeddings,
+                        vector_array)
 from fm.model import FoundationModel
 from fm.schema import N_SPECIAL, profile_embedding_schema, title_embedding_schema
 from fm.fit import pick_device
@@ -312,6 +313,22 @@ def plan_alignment(paths: Paths, day: dt.date, cfg: EmbedConfig, version: str, m
     return rotations, info
 
 
+def surface_rotations(surfaces: tuple[str, ...], title_rotation: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Surface columns turn with the titles' rotation: a surface vector is a last-layer state plus
+    a query in the title space, so rotating it like the titles keeps every surface score."""
+    if title_rotation is None:
+        return {}
+    return {surface_column(x): title_rotation for x in surfaces}
+
+
+def surface_manifest(surfaces: tuple[str, ...]) -> dict:
+    """The manifest's surface record ({surface: column}); nothing for a model without surfaces, so
+    its manifest stays as before. Surface columns are listed in ``dims`` too but not in ``layers``
+    (which holds transformer-layer columns ``emb_layer<N>_<pool>`` only, as export and the Feast
+    spec parse it)."""
+    return {"surfaces": {x: surface_column(x) for x in surfaces}} if surfaces else {}
+
+
 # ------------------------------------------------------------------------------------------------
 # Writing
 # ------------------------------------------------------------------------------------------------
@@ -368,6 +385,9 @@ def run(cfg: EmbedConfig, paths: Paths, spark=None) -> dict:
     rotations, alignment = plan_alignment(paths, day, cfg, version, model, specs, tv, title_ids, device)
     col_rot = {c: rotations[g] for g, cols in layer_groups(specs).items() if g in rotations for c in cols}
     title_group = f"layer{model.cfg.n_layers}"
+    surfaces = tuple(model.cfg.surfaces)
+    col_rot.update(surface_rotations(surfaces, rotations.get(title_group)))
+    names = [s.name for s in specs] + [surface_column(x) for x in surfaces]
     if title_group in rotations:
         tv = tv @ rotations[title_group]
 
@@ -377,15 +397,15 @@ def run(cfg: EmbedConfig, paths: Paths, spark=None) -> dict:
         title_tmp.mkdir(parents=True)
         if cfg.engine == "local":
             prof_tmp.mkdir(parents=True)
-            encoder = ProfileEncoder(model, specs).to(device)
+            encoder = ProfileEncoder(model, specs, surfaces).to(device)
             n, checksum = write_profiles_local(encoder, source, day, prof_tmp, stamp, version, cfg, device, col_rot)
         else:
             from jobs.embed_spark import write_profiles_spark
             new_content = model.title.content[n_trained:].detach().cpu().numpy()
             write_profiles_spark(spark, source=source, day=day, ckpt=checkpoint_dir(paths, cfg), version=version,
                                  new_content=new_content, specs=specs, rotations=col_rot, out=prof_tmp,
-                                 stamp=stamp, cfg=cfg)
-            n, checksum = table_checksum(prof_tmp, "profile_id", [s.name for s in specs])
+                                 stamp=stamp, cfg=cfg, surfaces=surfaces)
+            n, checksum = table_checksum(prof_tmp, "profile_id", names)
         if n == 0:
             raise ValueError(f"no profiles active on {day} in {source}: nothing to embed")
 
@@ -405,7 +425,8 @@ def run(cfg: EmbedConfig, paths: Paths, spark=None) -> dict:
                   "source": str(source), "checksum_algo": CHECKSUM_ALGO,
                   "alignment": {**alignment, **align_file}, "space": alignment.get("space", version)}
         atomic_write_json({**common, "table": "profile", "layers": [s.name for s in specs],
-                           "dims": {s.name: model.cfg.d_model for s in specs}, "rows": n, "checksum": checksum,
+                           "dims": {c: model.cfg.d_model for c in names}, **surface_manifest(surfaces),
+                           "rows": n, "checksum": checksum,
                            "engine": cfg.engine, "model_config": model.cfg.to_dict()}, prof_tmp / "_manifest.json")
         title_align = {k: v for k, v in common["alignment"].items() if k != "groups"}
         if title_group in alignment.get("groups", {}):
@@ -420,7 +441,8 @@ def run(cfg: EmbedConfig, paths: Paths, spark=None) -> dict:
         raise
     elapsed = time.perf_counter() - t0
     return {"date": day.isoformat(), "model_version": version, "profiles": n, "titles": len(tv),
-            "new_titles": n_new, "layers": [s.name for s in specs], "dim": model.cfg.d_model,
+            "new_titles": n_new, "layers": [s.name for s in specs], **surface_manifest(surfaces),
+            "dim": model.cfg.d_model,
             "device": str(device), "engine": cfg.engine, "alignment": alignment.get("mode"),
             "seconds": round(elapsed, 3), "profiles_per_s": round(n / elapsed, 1) if elapsed > 0 else None}
 

@@ -8,7 +8,12 @@ something beats popularity on it:
 * series continuation and binges (a profile keeps playing the show it is in the middle of),
 * device and time-of-day habits per profile,
 * Zipf popularity, and new titles released every day (cold start),
-* optional malformed rows (missing profile_id, unparseable ts, unknown action).
+* optional malformed rows (missing profile_id, unparseable ts, unknown action),
+* optional per-canvas behaviour (``canvas_behaviour=true``; off by default, so the default output is
+  byte-identical to earlier versions): kids profiles browse a kids canvas that shows kids-only
+  titles (and only it does), search follows the genres of the profile's last title, home shows
+  what is popular, the other rows the profile's taste. This is what a surface-conditioned model
+  (``fm.model.ModelConfig.surfaces``) must pick up: the next title depends on the canvas.
 """
 from __future__ import annotations
 
@@ -38,6 +43,14 @@ GENRE_WORDS = {
     "music": "band concert song singer", "sports": "team championship coach match",
 }
 N_CLUSTERS = 8
+KIDS_GENRES = frozenset({"animation", "family"})
+ADULT_GENRES = frozenset({"horror", "war", "thriller", "crime"})
+BROWSE_CANVASES = ("home", "search", "more_like_this", "trending", "genre_row")
+
+
+def kids_titles(genres: list[list[str]]) -> np.ndarray:
+    """Kids-only titles: a kids genre and no adult one (from the catalogue, no random draw)."""
+    return np.array([bool(KIDS_GENRES & set(g)) and not ADULT_GENRES & set(g) for g in genres], bool)
 
 
 @dataclass(frozen=True)
@@ -52,6 +65,9 @@ class GenerateConfig:
     active_prob: float = 0.6
     malformed_per_day: int = 0
     seed: int = 7
+    canvas_behaviour: bool = False      # plant per-canvas behaviour (module docstring)
+    kids_profiles: float = 0.2          # with canvas_behaviour: share of profiles that are kids
+    kids_session: float = 0.6           # ... and the share of a kids profile's sessions on the kids canvas
 
 
 def _catalogue(cfg: GenerateConfig, rng: np.random.Generator) -> pa.Table:
@@ -99,6 +115,24 @@ class _World:
         self.hour_pref = rng.integers(0, 21, size=n)
         self.locale = rng.choice(LOCALES, size=n, p=np.r_[0.4, np.full(len(LOCALES) - 1, 0.6 / (len(LOCALES) - 1))])
         self.current_show = np.full(n, -1)
+        self.canvas_aware = cfg.canvas_behaviour
+        if self.canvas_aware:                        # drawn after everything else: the default run is unchanged
+            self.kids_title = kids_titles(cat["genres"].to_pylist())
+            self.kids_profile = rng.random(n) < cfg.kids_profiles
+            self.last_title = np.full(n, -1)
+            self.dists: dict[str, np.ndarray] = {}
+
+    def start_day(self, day: dt.date, cluster: np.ndarray) -> None:
+        """Per-canvas title distributions of the day (canvas behaviour only): kids titles only on
+        the kids canvas, home by popularity alone, the taste rows by cluster."""
+        released = (self.release <= day).astype(float)
+        adult = released * ~self.kids_title
+        home = self.popularity * adult
+        taste = cluster * ~self.kids_title
+        taste = np.where(taste.sum(axis=1, keepdims=True) > 0, taste, home)   # a cluster of kids titles only
+        kids = self.popularity * released * self.kids_title
+        self.dists = {"kids": _normed(kids if kids.sum() > 0 else home), "home": _normed(home),
+                      "taste": taste / taste.sum(axis=1, keepdims=True), "adult": adult}
 
     def cluster_dist(self, day: dt.date) -> np.ndarray:
         released = self.release <= day
@@ -111,9 +145,13 @@ class _World:
             hour = int((self.hour_pref[p] + rng.normal(0, 2)) % 21)   # sessions end before midnight
             t = dt.datetime(day.year, day.month, day.day, hour, tzinfo=dt.timezone.utc) + dt.timedelta(seconds=int(rng.integers(0, 3600)))
             device = DEVICES[rng.choice(len(DEVICES), p=self.device_pref[p])]
+            kids = self.canvas_aware and bool(self.kids_profile[p]) and rng.random() < self.cfg.kids_session
             for _ in range(int(rng.integers(1, 5))):
-                t, title = self._pick(p, dist, t)
-                rows += self._interaction(p, title, t, device)
+                if self.canvas_aware:
+                    title, canvas = self._pick_on_canvas(p, kids)
+                else:
+                    (t, title), canvas = self._pick(p, dist, t), None
+                rows += self._interaction(p, title, t, device, canvas)
                 t = rows[-1][2] + dt.timedelta(seconds=int(rng.integers(20, 600)))
         return rows
 
@@ -127,9 +165,39 @@ class _World:
             self.current_show[p] = title
         return t, title
 
-    def _interaction(self, p: int, title: int, t: dt.datetime, device: str) -> list[tuple]:
+    def _pick_on_canvas(self, p: int, kids: bool) -> tuple[int, str]:
+        """(title, canvas) with canvas behaviour: the canvas first, then a title from its distribution."""
+        rng, d = self.rng, self.dists
+        if kids:
+            title, canvas = int(rng.choice(len(d["kids"]), p=d["kids"])), "kids"
+        elif self.current_show[p] >= 0 and rng.random() < 0.5:
+            return int(self.current_show[p]), "continue_watching"
+        else:
+            canvas = BROWSE_CANVASES[int(rng.integers(len(BROWSE_CANVASES)))]
+            title = int(rng.choice(len(d["home"]), p=self._canvas_dist(p, canvas)))
+        if self.kind[title] == "show" and canvas != "kids":
+            self.current_show[p] = title
+        self.last_title[p] = title
+        return title, canvas
+
+    def _canvas_dist(self, p: int, canvas: str) -> np.ndarray:
+        """Home: popular titles; search: titles sharing the genres of the profile's last title (its
+        current intent); the other rows: the profile's taste cluster."""
+        d = self.dists
+        if canvas == "home":
+            return d["home"]
+        if canvas == "search" and self.last_title[p] >= 0:
+            overlap = self.title_genre @ self.title_genre[self.last_title[p]]
+            w = overlap ** 2 * np.sqrt(self.popularity) * d["adult"]
+            if w.sum() > 0:
+                return w / w.sum()
+        c = self.clusters[p, 0] if self.rng.random() < self.cluster_w[p] else self.clusters[p, 1]
+        return d["taste"][c]
+
+    def _interaction(self, p: int, title: int, t: dt.datetime, device: str, canvas: str | None = None) -> list[tuple]:
         rng = self.rng
-        canvas = "continue_watching" if title == self.current_show[p] else CANVASES[int(rng.choice([0, 1, 3, 6, 7]))]
+        if canvas is None:
+            canvas = "continue_watching" if title == self.current_show[p] else CANVASES[int(rng.choice([0, 1, 3, 6, 7]))]
         row = int(rng.integers(0, 6) if canvas == "continue_watching" else rng.geometric(0.3))
         base = (self.locale[p], canvas, row, device)
         out = [(p, "impression", t, None, base)]
@@ -156,8 +224,14 @@ class _World:
         return [(*o, title) for o in out]
 
 
+def _normed(w: np.ndarray) -> np.ndarray:
+    return w / w.sum()
+
+
 def _day_table(world: _World, day: dt.date, cfg: GenerateConfig, rng: np.random.Generator) -> pa.Table:
     dist = world.cluster_dist(day)
+    if world.canvas_aware:
+        world.start_day(day, dist)
     active = np.flatnonzero(rng.random(cfg.profiles) < cfg.active_prob)
     cols: dict[str, list] = {f.name: [] for f in RAW_EVENT_SCHEMA}
     day_end = dt.datetime(day.year, day.month, day.day, tzinfo=dt.timezone.utc) + dt.timedelta(days=1)

@@ -11,7 +11,12 @@ A profile whose vector came from another model version than the index's titles i
 (``model_version_mismatch``): its vector lives in the previous model's space until it is active
 again (or until the embed job re-embeds it).
 
+With ``surface=kids`` the query is the profile's ``emb_surface_kids`` vector (the model's "what
+next on the kids canvas", published by embed for a model trained with ``surfaces=...``); a surface
+the publication does not carry is an error that names the ones it does.
+
     fmpipe retrieve profile_id=42 k=10
+    fmpipe retrieve profile_id=42 k=10 surface=kids
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ class RetrieveConfig:
     k: int = 10
     exclude_finished: bool = True
     feature: str = QUERY_FEATURE
+    surface: str = ""                  # a published surface (home, search, kids, ...): its vector is the query
 
 
 def finished_titles(paths: Paths, day, profile_id: int) -> set[str]:
@@ -59,6 +65,23 @@ def finished_titles(paths: Paths, day, profile_id: int) -> set[str]:
     return out
 
 
+def published_surfaces(paths: Paths, day) -> dict[str, str]:
+    """{surface: column} of the profile publication of ``day`` (empty when it has none)."""
+    manifest = partition(paths.profile_embeddings, parse_date(day)) / "_manifest.json"
+    if not manifest.exists():
+        return {}
+    return dict(json.loads(manifest.read_text()).get("surfaces") or {})
+
+
+def surface_feature(paths: Paths, day, surface: str) -> str:
+    """The profile feature that answers for ``surface`` in the publication of ``day``."""
+    available = published_surfaces(paths, day)
+    if surface not in available:
+        have = ", ".join(sorted(available)) or "none (the model was trained without surfaces=...)"
+        raise ValueError(f"surface={surface!r} is not published for {day}; available surfaces: {have}")
+    return available[surface]
+
+
 def profile_vector(store, profile_id: int, feature: str = QUERY_FEATURE) -> tuple[np.ndarray, str | None]:
     got = store.get_online_features(features=[f"profile_embeddings:{feature}", "profile_embeddings:model_version"],
                                     entity_rows=[{"profile_id": int(profile_id)}]).to_dict()
@@ -69,25 +92,28 @@ def profile_vector(store, profile_id: int, feature: str = QUERY_FEATURE) -> tupl
 
 
 def retrieve(paths: Paths, profile_id: int, k: int = 10, exclude_finished: bool = True, feature: str = QUERY_FEATURE,
-             store=None, index=None) -> dict:
+             store=None, index=None, surface: str = "") -> dict:
     from jobs.feast_store import get_store
     from jobs.index import TitleIndex
     store = store or get_store(paths)
     index = index or TitleIndex.current(paths)
-    vec, version = profile_vector(store, profile_id, feature)
     day = index.meta["date"]
+    if surface:
+        feature = surface_feature(paths, day, surface)
+    vec, version = profile_vector(store, profile_id, feature)
     exclude = finished_titles(paths, day, profile_id) if exclude_finished else set()
     hits = index.score(vec, k, exclude)
     return {"profile_id": int(profile_id), "date": day, "model_version": version,
             "index_model_version": index.meta.get("model_version"),
             "model_version_mismatch": version != index.meta.get("model_version"),
+            **({"surface": surface, "feature": feature} if surface else {}),
             "excluded_finished": sorted(exclude), "titles": [{"title_id": t, "score": round(s, 6)} for t, s in hits]}
 
 
 def run(cfg: RetrieveConfig, paths: Paths) -> dict:
     if cfg.profile_id < 0:
         raise ValueError("profile_id=<id> is required")
-    return retrieve(paths, cfg.profile_id, cfg.k, cfg.exclude_finished, cfg.feature)
+    return retrieve(paths, cfg.profile_id, cfg.k, cfg.exclude_finished, cfg.feature, surface=cfg.surface)
 
 
 def main(argv: list[str] | None = None) -> dict:

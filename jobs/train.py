@@ -66,6 +66,8 @@ def model_version(cfg: TrainJobConfig, day: dt.date) -> str:
     """Deterministic version name: a resumed run writes the same version as the run it continues;
     a re-run whose version exists gets a new suffix (``fresh_version``)."""
     key = {k: v for k, v in asdict(cfg).items() if k not in _RUN_ONLY}
+    if not key.get("surfaces"):        # added later: a config without surfaces keeps its old version name
+        key.pop("surfaces", None)
     return f"fm-{day:%Y%m%d}-{cfg.init}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]}"
 
 
