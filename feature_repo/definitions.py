@@ -32,6 +32,8 @@ _LAYERS = [n for n in _SPEC.get("layers", []) if _LAYER_RE.match(n)]
 if not _LAYERS or len(_LAYERS) != len(_SPEC.get("layers", [])):
     raise ValueError(f"{_HOME}/feast/layers.json must list layer columns named emb_layer<N>_<last|mean>, "
                      f"not {_SPEC.get('layers')}: re-run `fmpipe publish`")
+# per-surface profile vectors of a model trained with surfaces=... ("what next on this canvas")
+_SURFACES = {k: v for k, v in (_SPEC.get("surfaces") or {}).items() if re.match(r"^emb_surface_[a-z0-9_]+$", v)}
 _DEPTH = max(int(_LAYER_RE.match(n).group(1)) for n in _LAYERS)
 _DEEPEST = sorted((n for n in _LAYERS if n.startswith(f"emb_layer{_DEPTH}_")), key=lambda n: not n.endswith("_last"))
 
@@ -69,6 +71,9 @@ profile_embeddings = FeatureView(
     entities=[profile],
     ttl=timedelta(days=30),
     schema=[Field(name=name, dtype=Array(Float32), description=_layer_description(name)) for name in _LAYERS]
+    + [Field(name=col, dtype=Array(Float32),
+             description=f"Last-layer state plus the '{s}' surface query: what next on the {s} canvas; dot with "
+                         f"title_embedding ranks titles for that surface.") for s, col in sorted(_SURFACES.items())]
     + [Field(name="model_version", dtype=String, description="Checkpoint that produced the vectors.")],
     source=profile_embeddings_source,
     online=True,

@@ -27,8 +27,10 @@ import pyarrow.parquet as pq
 from jobs.io import atomic_write_json, partition
 from jobs.settings import Paths
 
-DEFAULT = {"layers": ["emb_layer1_last", "emb_layer2_last", "emb_layer2_mean"], "dims": {}, "model_version": None}
+DEFAULT = {"layers": ["emb_layer1_last", "emb_layer2_last", "emb_layer2_mean"], "dims": {}, "model_version": None,
+           "surfaces": {}}
 LAYER_RE = re.compile(r"^emb_layer(\d+)_(last|mean)$")
+SURFACE_RE = re.compile(r"^emb_surface_[a-z0-9_]+$")     # per-surface profile vectors (fm.extract.surface_column)
 
 
 def spec_path(home: Path) -> Path:
@@ -42,14 +44,17 @@ def from_partition(paths: Paths, day: dt.date) -> dict:
     if manifest.exists():
         m = json.loads(manifest.read_text())
         if m.get("layers"):
-            return {"layers": list(m["layers"]), "dims": dict(m.get("dims") or {}), "model_version": m.get("model_version")}
+            return {"layers": list(m["layers"]), "dims": dict(m.get("dims") or {}), "model_version": m.get("model_version"),
+                    "surfaces": dict(m.get("surfaces") or {})}
     files = sorted(part.glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"no profile embeddings under {part} (run `fmpipe embed date={day}` first)")
-    layers = [n for n in pq.read_schema(files[0]).names if LAYER_RE.match(n)]
+    names = pq.read_schema(files[0]).names
+    layers = [n for n in names if LAYER_RE.match(n)]
     if not layers:
         raise ValueError(f"{files[0]} has no layer column named emb_layer<N>_<last|mean>: nothing to publish")
-    return {"layers": layers, "dims": {}, "model_version": None}
+    surfaces = {n.removeprefix("emb_surface_"): n for n in names if SURFACE_RE.match(n)}
+    return {"layers": layers, "dims": {}, "model_version": None, "surfaces": surfaces}
 
 
 def record(paths: Paths, day: dt.date) -> bool:
@@ -72,6 +77,7 @@ def load(home: str | Path) -> dict:
     except (OSError, ValueError):
         return DEFAULT
     bad = [n for n in spec.get("layers", []) if not LAYER_RE.match(n)]
+    bad += [c for c in (spec.get("surfaces") or {}).values() if not SURFACE_RE.match(c)]
     if bad or not spec.get("layers"):
         raise ValueError(f"{spec_path(Path(home))} lists no layers or bad names {bad}: re-run `fmpipe publish`")
     return spec

@@ -288,3 +288,28 @@ def test_retrieve_uses_the_surface_vector_and_names_the_available_ones(world, ho
     assert "surface" not in plain and "feature" not in plain
     with pytest.raises(ValueError, match="available surfaces: home, kids"):
         retrieve.retrieve(home, pid, k=5, exclude_finished=False, store=store, index=index, surface="search")
+
+
+def test_surface_vectors_are_published_to_feast_and_retrieved_through_it(world, home, one_thread):
+    """The whole path with the real Feast store: embed (surface model) -> validate -> publish ->
+    index; the profile view declares the surface columns and `retrieve surface=kids` reads them."""
+    import shutil as _shutil
+
+    from jobs import pipeline
+    from jobs.feast_store import get_store
+    day, version = surface_checkpoint(world, home)
+    _shutil.copytree(partition(world["paths"].tokens, day), partition(home.tokens, day))
+    (home.models / "CURRENT.json").write_text(json.dumps({"version": version}))
+    pipeline.embed(day.isoformat())
+    pipeline.validate(day.isoformat())
+    pipeline.publish(day.isoformat())
+    pipeline.index(day.isoformat())
+    fields = [f.name for f in get_store(home).get_feature_view("profile_embeddings").features]
+    assert {"emb_surface_home", "emb_surface_kids"} <= set(fields)
+    t = pq.read_table(partition(home.profile_embeddings, day))
+    pid = int(t["profile_id"][0].as_py())
+    got = retrieve.retrieve(home, pid, k=5, exclude_finished=False, surface="kids")
+    plain = retrieve.retrieve(home, pid, k=5, exclude_finished=False)
+    assert got["surface"] == "kids" and len(got["titles"]) == 5
+    assert [x["title_id"] for x in got["titles"]] != [x["title_id"] for x in plain["titles"]] or \
+        [x["score"] for x in got["titles"]] != [x["score"] for x in plain["titles"]]
