@@ -1,0 +1,171 @@
+"""The daily run at scale: generate a world, then run the daily DAG's steps for two consecutive days
+and record, per step, wall time, CPU time (this process and its children, Spark's JVM included),
+peak RSS of the process tree, and bytes written.
+
+    .venv/bin/python bench/daily.py --quick                      # 10k profiles (~10 min here)
+    .venv/bin/python bench/daily.py --profiles 100000 --titles 5000
+    .venv/bin/python bench/daily.py --profiles 1000000 --titles 20000 --sessions 4   # ~10M events/day
+
+What runs is the product: ``jobs.generate``, a ``full`` tokenize backfill and a short ``fmpipe
+train`` to set up (timed, not part of the per-day figures), then for each of the last two days the
+same functions the DAG's tasks call (``jobs.pipeline.check_raw`` ... ``report``). The machine is
+shared and noisy, so a fixed single-thread matmul is timed at the start and the end (``anchor_s``)
+and each step's wall time is also given in anchor units. Writes ``bench/results/daily[_quick].md``
+/ ``.json`` (commit, command, machine, load) and prints one JSON line.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import psutil  # noqa: E402
+
+from bench.common import PeakRSS, emit  # noqa: E402
+
+STEPS = ("check_raw", "tokenize", "embed", "validate", "publish", "index", "report")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="10k profiles, 1,000 titles")
+    ap.add_argument("--profiles", type=int, default=100_000)
+    ap.add_argument("--titles", type=int, default=5_000)
+    ap.add_argument("--days", type=int, default=4, help="generated days (the last two are measured)")
+    ap.add_argument("--sessions", type=float, default=1.2, help="sessions per active profile and day")
+    ap.add_argument("--train-budget-s", type=float, default=60.0)
+    ap.add_argument("--work", default=str(Path(_HERE) / ".work" / "daily"))
+    ap.add_argument("--out", default=str(Path(_HERE) / "results"))
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.profiles, a.titles = 10_000, 1_000
+    return a
+
+
+def anchor_s() -> float:
+    """Seconds for a fixed single-thread workload: the machine's speed right now."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    x = torch.randn(384, 384, generator=torch.Generator().manual_seed(0))
+    t = time.perf_counter()
+    for _ in range(200):
+        x = torch.tanh(x @ x / 20.0)
+    torch.set_num_threads(n)
+    return time.perf_counter() - t
+
+
+def _tree() -> list[psutil.Process]:
+    me = psutil.Process()
+    return [me, *me.children(recursive=True)]
+
+
+def _counters() -> tuple[float, int]:
+    """(CPU seconds, bytes written) of this process and its live children."""
+    cpu, written = 0.0, 0
+    for p in _tree():
+        try:
+            t = p.cpu_times()
+            cpu += t.user + t.system
+            written += p.io_counters().write_bytes
+        except (psutil.Error, AttributeError):
+            continue
+    return cpu, written
+
+
+def measured(fn) -> tuple[object, dict]:
+    """Run ``fn`` and return its result with wall s, CPU s, peak RSS (MB) and bytes written."""
+    cpu0, w0 = _counters()
+    t0 = time.perf_counter()
+    with PeakRSS() as rss:
+        out = fn()
+    cpu1, w1 = _counters()
+    return out, {"wall_s": round(time.perf_counter() - t0, 2), "cpu_s": round(cpu1 - cpu0, 2),
+                 "peak_rss_mb": rss.mb, "written_mb": round((w1 - w0) / 2**20, 1)}
+
+
+def setup(args, paths) -> tuple[list[str], dict]:
+    """Generate the world, backfill history up to the day before the measured days, train."""
+    from jobs import generate, tokenize, train
+    if paths.home.exists():
+        shutil.rmtree(paths.home)
+    paths.home.mkdir(parents=True)
+    cfg = generate.GenerateConfig(days=args.days, profiles=args.profiles, titles=args.titles,
+                                  sessions_per_day=args.sessions, malformed_per_day=5)
+    _, gen = measured(lambda: generate.run(cfg, paths))
+    days = sorted(p.name[3:] for p in paths.raw.glob("dt=*"))
+    _, tok = measured(lambda: tokenize.run(tokenize.TokenizeConfig(date=days[-3], full=True), paths))
+    _, trn = measured(lambda: train.run(train.TrainJobConfig(date=days[-3], time_budget_s=args.train_budget_s,
+                                                             clock="wall", promote="always"), paths))
+    return days[-2:], {"generate": gen, "backfill_tokenize": tok, "train": trn}
+
+
+def run_day(day: str) -> dict:
+    from jobs import pipeline
+    out = {}
+    for step in STEPS:
+        result, m = measured(lambda: getattr(pipeline, step)(day))
+        if step == "tokenize":
+            m["raw_events"], m["profiles_active"] = result.get("raw_events"), result.get("profiles_active")
+        out[step] = m
+    return out
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from bench.quality import provenance
+    from jobs.settings import Paths
+    paths = Paths(Path(args.work) / ("quick" if args.quick else f"p{args.profiles}"))
+    os.environ["FMPIPE_HOME"] = str(paths.home)
+    prov = provenance(argv)
+    prov["command"] = prov["command"].replace("bench/quality.py", "bench/daily.py")
+    a0 = anchor_s()
+    days, prep = setup(args, paths)
+    per_day = {d: run_day(d) for d in days}
+    a1 = anchor_s()
+    anchor = (a0 + a1) / 2
+    for steps in per_day.values():
+        for m in steps.values():
+            m["wall_anchor_units"] = round(m["wall_s"] / anchor, 2)
+    res = {**prov, "loadavg_end": [round(x, 2) for x in os.getloadavg()], "profiles": args.profiles,
+           "titles": args.titles, "setup": prep, "days": per_day, "anchor_s": [round(a0, 3), round(a1, 3)],
+           "day_wall_s": {d: round(sum(m["wall_s"] for m in s.values()), 1) for d, s in per_day.items()}}
+    write(res, args)
+    emit({"profiles": args.profiles, "day_wall_s": res["day_wall_s"], "anchor_s": res["anchor_s"],
+          "steps_wall_s": {d: {k: v["wall_s"] for k, v in s.items()} for d, s in per_day.items()},
+          "raw_events": {d: s["tokenize"].get("raw_events") for d, s in per_day.items()}})
+    return res
+
+
+def write(res: dict, args) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "daily_quick" if args.quick else f"daily_{args.profiles}"
+    lines = [f"# Daily run at {args.profiles:,} profiles, {args.titles:,} titles", "",
+             f"- command: `{res['command']}`; commit `{res['commit']}`",
+             f"- machine: {res['machine']}; load {res['loadavg_start']} → {res['loadavg_end']}; anchor (fixed "
+             f"single-thread matmul) {res['anchor_s'][0]} s at start, {res['anchor_s'][1]} s at end",
+             "- setup (not part of the daily figures): " + ", ".join(f"{k} {v['wall_s']} s" for k, v in res["setup"].items()),
+             ""]
+    for day, steps in res["days"].items():
+        tok = steps["tokenize"]
+        lines += [f"## {day}: {tok.get('raw_events')} raw events, {tok.get('profiles_active')} active profiles", "",
+                  "| step | wall s | anchor units | CPU s | peak RSS MB | written MB |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {k} | {m['wall_s']} | {m['wall_anchor_units']} | {m['cpu_s']} | {m['peak_rss_mb']} | {m['written_mb']} |"
+                  for k, m in steps.items()]
+        lines += [f"| **day** | **{res['day_wall_s'][day]}** | | | | |", ""]
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(res, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
