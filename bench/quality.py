@@ -97,6 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--converged-cap-s", type=float, default=float("inf"),
                     help="sasrec_converged: stop anyway after this many seconds (then stopped_by says budget)")
     ap.add_argument("--cold-start-only", action="store_true", help="only the cold_start part (bench/cold_start.py)")
+    ap.add_argument("--rescore", action="store_true",
+                    help="cold_start: re-score the models the part's previous run saved (no training)")
     ap.add_argument("--holdout-frac", type=float, default=0.2, help="cold_start: fraction of movies held out")
     ap.add_argument("--recipe", action="append", default=[], metavar="KEY=VALUE",
                     help="cold_start: a recipe setting for both of its models (repeatable)")
@@ -267,7 +269,10 @@ def run_part(part: str, args, seed: int) -> dict:
         return taobao(args, seed)
     if part == "cold_start":
         from bench import cold_start
-        return cold_start.run(args, seed, prepare, eval_data)
+        prev = None
+        if args.rescore:                     # score the models a former run saved, without training
+            prev = json.loads(part_file(args, part, seed).read_text())["result"]["models"]
+        return cold_start.run(args, seed, prepare, eval_data, prev)
     key, _, value = part[len("ablate:"):].partition("=")
     return product("ml-1m", args, seed, {key: value})
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from fm.data import Sequences, length_bucketed
-from fm.model import FoundationModel, regress_cold_titles
+from fm.model import FoundationModel, regress_cold_titles, serve_cold_titles
 from fm.schema import N_SPECIAL
 
 
@@ -64,16 +64,26 @@ def head_accuracy(model: FoundationModel, seqs: Sequences, rows: np.ndarray, end
     return out
 
 
-def regressed(model: FoundationModel, titles: np.ndarray) -> FoundationModel:
-    """A copy whose ``titles`` get the vectors their content predicts from the other trained titles
-    (what ``grow_titles`` gives a title that arrives after training, i.e. what is served)."""
+def _as_cold(model: FoundationModel, titles: np.ndarray, fill) -> FoundationModel:
     m = content_only(model, titles)
     trained = torch.ones(m.cfg.n_titles, dtype=torch.bool)
     trained[:N_SPECIAL] = False
     held = torch.as_tensor(np.asarray(titles, np.int64))
     trained[held] = False
-    regress_cold_titles(m, held, trained)
+    fill(m, held, trained)
     return m
+
+
+def regressed(model: FoundationModel, titles: np.ndarray) -> FoundationModel:
+    """A copy whose ``titles`` get the vectors (and biases) their content predicts by the ridge map
+    fitted on the other, trained titles."""
+    return _as_cold(model, titles, regress_cold_titles)
+
+
+def served(model: FoundationModel, titles: np.ndarray) -> FoundationModel:
+    """A copy whose ``titles`` are what serving gives a title that arrives after training
+    (``grow_titles``, by the model's ``cold_titles`` method)."""
+    return _as_cold(model, titles, serve_cold_titles)
 
 
 def content_only(model: FoundationModel, titles: np.ndarray, content: bool = True) -> FoundationModel:

@@ -26,6 +26,9 @@ import torch.nn.functional as F
 from fm import schema as S
 
 
+COLD_TITLES = ("content", "ridge", "neighbours")
+
+
 @dataclass
 class ModelConfig:
     n_titles: int                      # title vocabulary size including PAD and OOV
@@ -69,8 +72,15 @@ class ModelConfig:
     # a learned surface query added to the state before scoring titles (``FoundationModel.query``).
     # Empty: no surface parameters at all (old checkpoints and configs load unchanged).
     surfaces: tuple[str, ...] = ()
+    # How a title that was never trained (new since training) is served: "content" (the content
+    # projection alone, the path ID dropout trains; untrained bias), "ridge" (vector and bias a ridge
+    # map from content predicts) or "neighbours" (the nearest trained titles by content). Chosen on
+    # cold validation users (bench/cold_start.py: content 0.155 HR@50 vs ridge 0.032, neighbours 0.054).
+    cold_titles: str = "content"
 
     def __post_init__(self) -> None:
+        if self.cold_titles not in COLD_TITLES:
+            raise ValueError(f"cold_titles={self.cold_titles!r}: expected one of {', '.join(COLD_TITLES)}")
         if not 0.0 <= self.id_dropout < 1.0:
             raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
         self.surfaces = tuple(self.surfaces)
@@ -261,8 +271,8 @@ class FoundationModel(nn.Module):
     @torch.no_grad()
     def grow_titles(self, new_content: torch.Tensor, regress: bool = True) -> None:
         """Append titles: old rows stay bit-identical; a new title gets the vector its content
-        predicts (:func:`regress_cold_titles` over the trained titles), or with ``regress=False``
-        a zero ID row (content projection only)."""
+        predicts (:func:`serve_cold_titles` over the trained titles, by ``cfg.cold_titles``), or
+        with ``regress=False`` a zero ID row (content projection only)."""
         n_new = new_content.shape[0]
         if n_new == 0:
             return
@@ -282,7 +292,7 @@ class FoundationModel(nn.Module):
         if regress and self.cfg.use_content and n_old > S.N_SPECIAL:
             trained = torch.zeros(n_old + n_new, dtype=torch.bool, device=old.device)
             trained[S.N_SPECIAL:n_old] = True
-            regress_cold_titles(self, torch.arange(n_old, n_old + n_new, device=old.device), trained)
+            serve_cold_titles(self, torch.arange(n_old, n_old + n_new, device=old.device), trained)
 
 
 @torch.no_grad()
@@ -323,6 +333,21 @@ def regress_cold_titles(model: FoundationModel, cold: torch.Tensor, trained: tor
     t.id.weight[cold] = (pred[:, :d] - own) / t.id_scale(cold)
     if model.bias is not None:
         model.bias[cold] = pred[:, d]
+
+
+@torch.no_grad()
+def serve_cold_titles(model: FoundationModel, cold: torch.Tensor, trained: torch.Tensor) -> None:
+    """Give never-trained titles (``cold``) what ``model.cfg.cold_titles`` says: the content
+    projection alone (ID row and bias zero), the ridge prediction, or the neighbours' mean."""
+    method = getattr(model.cfg, "cold_titles", "content")
+    if method == "ridge":
+        regress_cold_titles(model, cold, trained)
+    elif method == "neighbours":
+        impute_cold_titles(model, cold, trained)
+    else:
+        model.title.id.weight[cold] = 0.0
+        if model.bias is not None:
+            model.bias[cold] = 0.0
 
 
 @torch.no_grad()

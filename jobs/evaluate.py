@@ -32,7 +32,7 @@ import torch
 
 from fm import protocol as P
 from fm.data import Sequences
-from fm.evaluate import content_only, head_accuracy, regressed
+from fm.evaluate import content_only, head_accuracy, regressed, served
 from fm.model import FoundationModel
 from fm.schema import CATALOGUE_SCHEMA, N_SPECIAL, OOV
 from jobs.io import atomic_write_json, latest_partition_before, partition
@@ -168,12 +168,14 @@ def candidate_scores(model: FoundationModel, candidates: np.ndarray) -> P.ScoreF
 
 def cold_start(model: FoundationModel, seqs: Sequences, es: P.EvalSet, held: np.ndarray, candidates: np.ndarray,
                batch_size: int) -> dict:
-    """Users whose target was held out of training: held-out titles with the vectors their content
-    predicts (``regressed``: what serving gives a new title), through the content projection only
-    (``content``), and with content off (``no_content``, the floor)."""
+    """Users whose target was held out of training: held-out titles as serving gives a new title
+    (``served``, the model's ``cold_titles`` method), with the vectors a ridge map from content
+    predicts (``regressed``), through the content projection only (``content``), and with content
+    off (``no_content``, the floor)."""
     cold = es.subset(np.isin(es.targets, held))
     out = {"titles_held_out": len(held), "users": len(cold)}
-    variants = {"regressed": lambda: regressed(model, held), "content": lambda: content_only(model, held),
+    variants = {"served": lambda: served(model, held), "regressed": lambda: regressed(model, held),
+                "content": lambda: content_only(model, held),
                 "no_content": lambda: content_only(model, held, content=False)}
     for name, make in variants.items():
         m = make()

@@ -103,10 +103,12 @@ def test_evaluate_cli_json(trained, capsys):
     assert all(0.0 <= h["accuracy"] <= 1.0 and h["n"] == 60 for h in printed["heads"].values())
     cold = printed["cold_start"]
     assert cold["titles_held_out"] == 8 and 0 < cold["users"] < 60
-    for variant in ("regressed", "content", "no_content"):
+    for variant in ("served", "regressed", "content", "no_content"):
         assert cold[variant]["users"] == cold["users"] and 0.0 <= cold[variant]["ndcg@10"] <= 1.0
+    assert cli.main(["evaluate", "users=abc"]) == 1                       # one message, no traceback
+    assert "users must be LO-HI" in capsys.readouterr().err
     with pytest.raises(ValueError, match="users must be LO-HI"):
-        cli.main(["evaluate", "users=abc"])
+        cli.main(["evaluate", "users=abc", "--debug"])
 
 
 def test_evaluate_warns_when_the_model_saw_the_targets_and_resume_keeps_the_version(home):

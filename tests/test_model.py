@@ -212,10 +212,25 @@ def test_growing_the_vocabulary_keeps_old_rows_bit_identical():
     assert (new.norm(dim=1) > 0).all()
 
 
+def test_grown_titles_are_served_by_content_by_default():
+    """The validated default (cold_titles="content"): a new title is its content projection with
+    an untrained (zero) bias -- the path ID dropout trains; old rows stay bit-identical."""
+    m = tiny_model(n_titles=200, title_bias=True)
+    with torch.no_grad():
+        m.bias.normal_()
+    old_table, old_bias = m.title.table().detach().clone(), m.bias.detach().clone()
+    m.grow_titles(torch.randn(3, 8))
+    assert torch.equal(m.title.table()[:200], old_table) and torch.equal(m.bias[:200], old_bias)
+    assert torch.allclose(m.title.table()[200:], m.title.proj(m.title.content[200:]))
+    assert torch.equal(m.bias[200:], torch.zeros(3))
+    with pytest.raises(ValueError, match="cold_titles='nearest'"):
+        tiny_model(cold_titles="nearest")
+
+
 def test_grown_titles_get_the_vector_their_content_predicts():
     """Default growth: where the trained vectors are a linear function of content, a new title gets
     exactly that function of its content, not the (small) content projection alone."""
-    m = tiny_model(n_titles=200)
+    m = tiny_model(n_titles=200, cold_titles="ridge")
     w0 = torch.randn(8, 16)
     with torch.no_grad():
         m.title.id.weight.copy_(m.title.content @ w0 - m.title.proj(m.title.content))
@@ -256,7 +271,7 @@ def test_exposure_gate_mixes_id_and_content_by_interactions_and_survives_growth(
     """A title seen often keeps (nearly) its whole ID; one never seen leans on content; the gate's
     slope and offset are learned; new titles enter with exposure 0 and still get the vector their
     content predicts (the gate is divided out of the ID row)."""
-    m = tiny_model(n_titles=200, exposure_gate=True)
+    m = tiny_model(n_titles=200, exposure_gate=True, cold_titles="ridge")
     counts = np.zeros(200)
     counts[10], counts[11] = 1000, 0
     m.title.set_exposure(counts)
