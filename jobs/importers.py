@@ -353,12 +353,36 @@ def import_beauty(paths: Paths, path: str | None = None, users: int = 0) -> dict
     return write_raw(events, paths, "beauty")
 
 
+TITLE_KEYS = {"id": "title_id", "name": "name", "kind": "kind", "genres": "genres", "release_date": "release_date",
+              "synopsis": "synopsis", "runtime_s": "runtime_s"}
+
+
+def title_options(overrides: list[str]) -> list[str]:
+    """``title.<field>=COL`` options (``title.id=item title.genres=genres title.genres_sep='|'
+    title.date_format=%d %b %Y``) -> ``catalogue_map`` / ``genres_sep`` / ``date_format``."""
+    rest, mapping, extra = [], [], []
+    for o in overrides:
+        key, eq, value = o.partition("=")
+        if not key.startswith("title."):
+            rest.append(o)
+            continue
+        name = key[len("title."):]
+        if name in ("genres_sep", "date_format"):
+            extra.append(f"{name}={value}")
+        elif name in TITLE_KEYS and eq:
+            mapping.append(f"{TITLE_KEYS[name]}:{value}")
+        else:
+            raise ImportError_(f"unknown catalogue option {key!r}; valid: "
+                               + ", ".join(f"title.{k}" for k in [*TITLE_KEYS, "genres_sep", "date_format"]))
+    return rest + extra + ([f"catalogue_map={','.join(mapping)}"] if mapping else [])
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("kind", choices=["events", "movielens", "beauty"])
     ap.add_argument("overrides", nargs="*", help="key=value (events: ImportConfig fields; movielens: path=, users=)")
     args, flags = ap.parse_known_args(argv)       # --dry-run style flags are overrides too
-    args.overrides += flags
+    args.overrides = title_options(args.overrides + flags)
     paths = Paths.from_env()
     if args.kind == "beauty":
         opts = dict(o.split("=", 1) for o in args.overrides)

@@ -192,3 +192,27 @@ def test_cli_errors_are_one_message_without_traceback(tmp_path, home):
     r = subprocess.run([str(exe), "import", "events", f"source={log}", "user=uid", "item=sku", "timestamp=when",
                         "--dry-run"], capture_output=True, text=True)
     assert r.returncode == 0 and "'dry_run': True" in r.stdout and not home.raw.exists()
+
+
+def test_catalogue_mapping_by_title_options_on_the_command_line(tmp_path, home):
+    """The CLI form: title.id=COL title.name=COL title.genres=COL title.genres_sep=SEP
+    title.release_date=COL title.date_format=FMT (other title.* keys for synopsis, kind, runtime)."""
+    import subprocess
+    import sys
+    log, items = write(tmp_path, LOG), tmp_path / "items.csv"
+    items.write_text("sku,label,cats,out,about\n101,Heat,Crime/Thriller,15.12.1995,A heist.\n"
+                     "102,Toy Story,Animation,22.11.1995,Toys.\n103,Later,,01.01.2030,\n")
+    exe = Path(sys.executable).with_name("fmpipe")
+    r = subprocess.run([str(exe), "import", "events", f"source={log}", "user=uid", "item=sku", "timestamp=when",
+                        f"catalogue={items}", "title.id=sku", "title.name=label", "title.genres=cats",
+                        "title.genres_sep=/", "title.release_date=out", "title.date_format=%d.%m.%Y",
+                        "title.synopsis=about"], capture_output=True, text=True, env={**__import__("os").environ,
+                                                                                     "FMPIPE_HOME": str(home.home)})
+    assert r.returncode == 0, r.stderr
+    rows = {x["title_id"]: x for x in pq.read_table(home.catalogue).to_pylist()}
+    assert rows["101"]["genres"] == ["Crime", "Thriller"] and rows["101"]["release_date"] == dt.date(1995, 12, 15)
+    assert rows["101"]["name"] == "Heat" and rows["101"]["synopsis"] == "A heist."
+    bad = subprocess.run([str(exe), "import", "events", f"source={log}", "user=uid", "item=sku", "timestamp=when",
+                          f"catalogue={items}", "title.colour=x"], capture_output=True, text=True,
+                         env={**__import__("os").environ, "FMPIPE_HOME": str(home.home)})
+    assert bad.returncode == 1 and "unknown catalogue option 'title.colour'" in bad.stderr and "Traceback" not in bad.stderr
