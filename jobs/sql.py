@@ -181,6 +181,8 @@ def define_views(con: duckdb.DuckDBPyConnection, paths: Paths, define: Define) -
             chosen = published_files(path, days) if path.is_dir() else []
             if chosen:
                 add(name, con.read_parquet(chosen, hive_partitioning=True, union_by_name=True))
+                # the same rows under the name that says what they are (issue 17's published_* views)
+                add(f"published_{name}", con.read_parquet(chosen, hive_partitioning=True, union_by_name=True))
                 dirs.append(f"{path}/")
         elif path.is_file():
             add(name, con.read_parquet(str(path)))

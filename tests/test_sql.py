@@ -102,7 +102,7 @@ def test_embedding_views_hold_only_published_days_and_rollbacks_withdraw_them(ho
     days = "SELECT DISTINCT CAST(dt AS VARCHAR) AS d FROM {} ORDER BY 1"
     assert list(sql.query(days.format("profile_embeddings"), home)["d"]) == [D1.isoformat(), D2.isoformat(), d3.isoformat()]
     _moved(home, D1, 4, "rollback")                               # D2 and d3 were bad: rolled back
-    for view in ("profile_embeddings", "title_embeddings"):
+    for view in ("profile_embeddings", "title_embeddings", "published_profile_embeddings", "published_title_embeddings"):
         assert list(sql.query(days.format(view), home)["d"]) == [D1.isoformat()]
     _moved(home, D2, 5)                                           # D2 fixed and published again
     assert list(sql.query(days.format("profile_embeddings"), home)["d"]) == [D1.isoformat(), D2.isoformat()]
