@@ -70,7 +70,22 @@ def _safe(pub_id: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Online tables: staging, snapshots and the swap (SQLite online store)
 # ---------------------------------------------------------------------------------------------
-class OnlineTables:
+class PublicationNames:
+    """The names every online backend gives a view's live table and a publication's snapshot: one
+    scheme, so the commit protocol's garbage collection finds any backend's snapshots."""
+    project: str
+
+    def live(self, fv_name: str) -> str:
+        return f"{self.project}_{fv_name}"
+
+    def snapshot_prefix(self, pub_id: str) -> str:
+        return f"{self.project}__pub_{_safe(pub_id)}__"
+
+    def snapshot(self, pub_id: str, fv_name: str) -> str:
+        return self.snapshot_prefix(pub_id) + fv_name
+
+
+class OnlineTables(PublicationNames):
     """The live/staging/snapshot tables of the Feast online store, and the atomic swap."""
 
     def __init__(self, store, swap: str = "auto"):
@@ -100,12 +115,6 @@ class OnlineTables:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
-
-    def live(self, fv_name: str) -> str:
-        return f"{self.project}_{fv_name}"
-
-    def snapshot(self, pub_id: str, fv_name: str) -> str:
-        return f"{self.project}__pub_{_safe(pub_id)}__{fv_name}"
 
     def _stage_view_name(self, pub_id: str, fv_name: str) -> str:
         return f"_stage_{_safe(pub_id)}__{fv_name}"

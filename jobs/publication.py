@@ -357,7 +357,7 @@ def collect_garbage(paths: Paths, online: OnlineTables, keep: int) -> dict:
         retained.add(cur["publication"])
     dropped = []
     for table in online.tables(f"{online.project}__pub_"):
-        if not any(table.startswith(f"{online.project}__pub_{_safe(p)}__") for p in retained):
+        if not any(table.startswith(online.snapshot_prefix(p)) for p in retained):
             online.drop(table)
             dropped.append(table)
     for table in online.tables(f"{online.project}__stage_"):

@@ -41,6 +41,7 @@ import warnings
 
 import pyarrow as pa
 
+from jobs.online_store import PublicationNames
 from jobs.publication import FEATURE_VIEWS, _safe
 
 MARKER_PREFIX = b"fmpipe:publication:"
@@ -106,7 +107,7 @@ def committed_record(online_config, project: str) -> dict | None:
     return marker.get("record") if marker and marker.get("status") == "committed" else None
 
 
-class RedisTables:
+class RedisTables(PublicationNames):
     """The :class:`jobs.online_store.OnlineTables` interface over a live and a staging Redis database.
 
     Table names are symbolic: ``live(fv)`` is the live database, ``staging(pub, fv)`` the staging
@@ -125,13 +126,7 @@ class RedisTables:
         self.marker = marker_key(self.project)
         self._writer = None
 
-    # -- names and state
-    def live(self, fv_name: str) -> str:
-        return f"{self.project}_{fv_name}"
-
-    def snapshot(self, pub_id: str, fv_name: str) -> str:
-        return f"{self.project}__pub_{_safe(pub_id)}__{fv_name}"
-
+    # -- names and state (live and snapshot names: PublicationNames)
     def staging(self, pub_id: str, fv_name: str) -> str:
         return f"{self.project}__stage_{_safe(pub_id)}__{fv_name}"
 

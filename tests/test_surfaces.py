@@ -25,6 +25,7 @@ from jobs import embed, generate, retrieve
 from jobs.io import partition
 from jobs.settings import Paths
 from jobs.train import current_model_dir
+from test_embed import clone_world
 
 CANVAS = vocab_index(CANVASES)
 
@@ -185,16 +186,6 @@ def test_surface_model_learns_what_next_on_the_kids_canvas(one_thread):
 # ------------------------------------------------------------------------------------------------
 # embed and retrieve
 # ------------------------------------------------------------------------------------------------
-def clone_world(world, home: Paths) -> tuple[Paths, dt.date]:
-    """The inputs embed needs (models, vocab, catalogue, history of the trained day), copied."""
-    src: Paths = world["paths"]
-    day = dt.date.fromisoformat(world["days"][-2])
-    for sub in ("models", "vocab", "catalogue"):
-        shutil.copytree(src.home / sub, home.home / sub)
-    shutil.copytree(partition(src.history, day), partition(home.history, day))
-    return home, day
-
-
 def surface_checkpoint(world, home, surfaces=("home", "kids")) -> tuple[dt.date, str]:
     """The world's trained model with random surface queries added, saved as its own version."""
     paths, day = clone_world(world, home)
@@ -293,12 +284,10 @@ def test_retrieve_uses_the_surface_vector_and_names_the_available_ones(world, ho
 def test_surface_vectors_are_published_to_feast_and_retrieved_through_it(world, home, one_thread):
     """The whole path with the real Feast store: embed (surface model) -> validate -> publish ->
     index; the profile view declares the surface columns and `retrieve surface=kids` reads them."""
-    import shutil as _shutil
-
     from jobs import pipeline
     from jobs.feast_store import get_store
     day, version = surface_checkpoint(world, home)
-    _shutil.copytree(partition(world["paths"].tokens, day), partition(home.tokens, day))
+    shutil.copytree(partition(world["paths"].tokens, day), partition(home.tokens, day))
     (home.models / "CURRENT.json").write_text(json.dumps({"version": version}))
     pipeline.embed(day.isoformat())
     pipeline.validate(day.isoformat())
