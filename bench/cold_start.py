@@ -34,7 +34,7 @@ import torch
 from fm import checkpoint
 from fm import protocol as P
 from fm.content_knn import content_knn_scores, title_tfidf
-from fm.evaluate import content_only, regressed
+from fm.evaluate import as_cold, content_only, regressed
 from fm.model import impute_cold_titles
 from fm.schema import N_SPECIAL
 from jobs import evaluate as ev
@@ -54,12 +54,7 @@ def _train(args, home, day: str, seed: int, over: dict) -> Path:
 
 def _imputed(model, held: np.ndarray):
     """Held-out titles by neighbour imputation (``fm.model.impute_cold_titles``)."""
-    m = content_only(model, held)
-    trained = torch.ones(m.cfg.n_titles, dtype=torch.bool)
-    trained[:N_SPECIAL] = False
-    trained[torch.as_tensor(held)] = False
-    impute_cold_titles(m, torch.as_tensor(held), trained)
-    return m
+    return as_cold(model, held, impute_cold_titles)
 
 
 def _median_bias(model, held: np.ndarray):
@@ -123,10 +118,8 @@ def run(args, seed: int, prepare, eval_data, previous: dict | None = None) -> di
     chosen = choose(valid, warm_v)
     cold_test, warm_test = split.test.subset(is_cold(split.test)), split.test.subset(~is_cold(split.test))
     knn = content_knn_scores(title_tfidf(ids, pq.read_table(home.catalogue)))
-    mask = torch.zeros(cold.cfg.n_titles, dtype=torch.bool)
-    mask[torch.as_tensor(cand)] = True
     cold_users = {**{f"fm_{k}": score(m, cold_test) for k, m in models.items()}, "reference": score(ref, cold_test),
-                  "content_knn": P.evaluate(lambda b: knn(b).masked_fill(~mask, float("-inf")), seqs, cold_test, max_len),
+                  "content_knn": P.evaluate(P.among(knn, cand, cold.cfg.n_titles), seqs, cold_test, max_len),
                   "random": {"hr@10": 10 / len(cand), "hr@50": 50 / len(cand), "users": len(cold_test)}}
     floor = cand[~np.isin(cand, held)]
     warm_users = {**{f"fm_{k}": score(m, warm_test) for k, m in models.items()}, "reference": score(ref, warm_test),

@@ -235,9 +235,7 @@ def sasrec(dataset: str, args, seed: int, converged: bool = False) -> dict:
                     **{**SASREC["fit"], **({"lr": args.converged_lr} if converged else {})})
     r = fit(model, train_seqs, max_len, cfg, validate=validate)
     seqs, cand = eval_data(dataset, home, day, args)
-    mask = torch.zeros(n_titles, dtype=torch.bool)
-    mask[torch.as_tensor(cand)] = True
-    test = P.evaluate(lambda b: model.scores(b).masked_fill(~mask, float("-inf")), seqs, P.eval_set(seqs, 1), max_len)
+    test = P.evaluate(P.among(model.scores, cand, n_titles), seqs, P.eval_set(seqs, 1), max_len)
     return {**{k: test[k] for k in METRICS}, "users": test["users"], "train_s": r.train_s, "train_cpu_s": r.train_cpu_s,
             "steps": r.steps, "epochs": r.epochs, "stopped_by": r.stopped_by, "valid_ndcg@10": r.best.get("ndcg@10"),
             "n_params": model.n_params(), "config": {**SASREC, "max_len": max_len, **({"lr": cfg.lr} if converged else {})}}

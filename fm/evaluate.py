@@ -64,7 +64,9 @@ def head_accuracy(model: FoundationModel, seqs: Sequences, rows: np.ndarray, end
     return out
 
 
-def _as_cold(model: FoundationModel, titles: np.ndarray, fill) -> FoundationModel:
+def as_cold(model: FoundationModel, titles: np.ndarray, fill) -> FoundationModel:
+    """A copy whose never-trained ``titles`` are filled by ``fill(model, cold, trained_mask)``
+    (one of ``fm.model``'s cold-title methods)."""
     m = content_only(model, titles)
     trained = torch.ones(m.cfg.n_titles, dtype=torch.bool)
     trained[:N_SPECIAL] = False
@@ -77,13 +79,13 @@ def _as_cold(model: FoundationModel, titles: np.ndarray, fill) -> FoundationMode
 def regressed(model: FoundationModel, titles: np.ndarray) -> FoundationModel:
     """A copy whose ``titles`` get the vectors (and biases) their content predicts by the ridge map
     fitted on the other, trained titles."""
-    return _as_cold(model, titles, regress_cold_titles)
+    return as_cold(model, titles, regress_cold_titles)
 
 
 def served(model: FoundationModel, titles: np.ndarray) -> FoundationModel:
     """A copy whose ``titles`` are what serving gives a title that arrives after training
     (``grow_titles``, by the model's ``cold_titles`` method)."""
-    return _as_cold(model, titles, serve_cold_titles)
+    return as_cold(model, titles, serve_cold_titles)
 
 
 def content_only(model: FoundationModel, titles: np.ndarray, content: bool = True) -> FoundationModel:

@@ -147,6 +147,14 @@ def evaluate(score_fn: ScoreFn, seqs: Sequences, es: EvalSet, max_len: int, batc
     return {**metrics_from_ranks(torch.as_tensor(ranks), ks), "users": int(len(es))}
 
 
+def among(score_fn: ScoreFn, candidates: np.ndarray, n_titles: int) -> ScoreFn:
+    """``score_fn`` with every title outside ``candidates`` removed (the protocol ranks the titles
+    that occur in the data, not the whole catalogue)."""
+    mask = torch.zeros(n_titles, dtype=torch.bool)
+    mask[torch.as_tensor(candidates, dtype=torch.long)] = True
+    return lambda b: score_fn(b).masked_fill(~mask, float("-inf"))
+
+
 def popularity_scores(train: Sequences, n_titles: int) -> ScoreFn:
     """Most-popular baseline (counts on the training part): the sanity floor of the protocol."""
     counts = torch.as_tensor(np.bincount(train.values["title"], minlength=n_titles)[:n_titles], dtype=torch.float32)

@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
-import torch
 
 from fm import protocol as P
 from fm.data import Sequences
@@ -160,10 +159,7 @@ def target_overlap(paths: Paths, meta: dict, seqs: Sequences, es: P.EvalSet, hel
 def candidate_scores(model: FoundationModel, candidates: np.ndarray) -> P.ScoreFn:
     """Next-title scores with every title outside the dataset's titles removed (the protocol ranks
     the titles that occur in the data, not the whole catalogue)."""
-    mask = torch.zeros(model.cfg.n_titles, dtype=torch.bool)
-    mask[torch.as_tensor(candidates, dtype=torch.long)] = True
-    base = P.fm_scores(model)
-    return lambda b: base(b).masked_fill(~mask, float("-inf"))
+    return P.among(P.fm_scores(model), candidates, model.cfg.n_titles)
 
 
 def cold_start(model: FoundationModel, seqs: Sequences, es: P.EvalSet, held: np.ndarray, candidates: np.ndarray,

@@ -80,21 +80,28 @@ def _with(cls: type, date: str, overrides: dict[str, Any] | None):
     return parse_overrides(cls, {**(overrides or {}), "date": date})
 
 
+RAW_FILES = "*.parquet"            # a raw partition has landed when it holds these
+
+
 def raw_glob(date: str) -> str:
     """The files whose arrival means the day's raw partition has landed (the DAG's sensor waits on it)."""
-    return str(raw_partition(Paths.from_env(), parse_date(date)) / "*.parquet")
+    return str(raw_partition(Paths.from_env(), parse_date(date)) / RAW_FILES)
+
+
+def _raw_files(paths: Paths, day: dt.date) -> list[Path]:
+    path = raw_partition(paths, day)
+    return sorted(path.glob(RAW_FILES)) if path.is_dir() else []
 
 
 def raw_files(date: str) -> list[Path]:
-    path = raw_partition(Paths.from_env(), parse_date(date))
-    return sorted(path.glob("*.parquet")) if path.is_dir() else []
+    return _raw_files(Paths.from_env(), parse_date(date))
 
 
 def check_raw(date: str) -> dict:
     """Fail fast, naming the path, when the day's raw partition has not landed."""
     def go(paths: Paths, day: dt.date) -> dict:
         path = raw_partition(paths, day)
-        files = sorted(path.glob("*.parquet")) if path.is_dir() else []
+        files = _raw_files(paths, day)
         if not files:
             raise FileNotFoundError(f"raw partition missing for {day}: {path} (expected Parquet files)")
         return {"path": str(path), "files": len(files), "bytes": sum(f.stat().st_size for f in files)}
