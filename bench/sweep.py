@@ -51,6 +51,7 @@ AXES: dict[str, list] = {
     "id_dropout": [0.0, 0.1],
     "content_encoder": ["tfidf", "minilm"],
     "exposure_gate": [False, True],
+    "rel_bias": ["none", "pos", "time", "pos_time"],
 }
 
 
@@ -58,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="300 users, 15 s budgets, two axes")
     ap.add_argument("--axes", default="", help=f"comma-separated axes (default all: {', '.join(AXES)})")
+    ap.add_argument("--values", default="", help="only these values of the (single) axis, comma-separated "
+                    "(split one axis over processes; merge by reading the JSON files)")
     ap.add_argument("--budget-s", type=float, default=None, help="budget per run (default 300; quick 15)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="cpu")
     ap.add_argument("--seed", type=int, default=0)
@@ -72,6 +75,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = set(a.axes) - set(AXES)
     if unknown:
         ap.error(f"unknown axes {sorted(unknown)}; valid: {', '.join(AXES)}")
+    a.values = [x for x in a.values.split(",") if x]
+    if a.values:
+        if len(a.axes) != 1:
+            ap.error("--values needs exactly one axis in --axes")
+        known = {str(v): v for v in AXES[a.axes[0]]}
+        if set(a.values) - set(known):
+            ap.error(f"--values {sorted(set(a.values) - set(known))} not on axis {a.axes[0]}: {', '.join(known)}")
+        a.values = [known[v] for v in a.values]
     return a
 
 
@@ -98,7 +109,7 @@ def main(argv=None) -> dict:
     with P.selecting():                                  # reading test anywhere below raises
         for axis in args.axes:
             scores = {}
-            for value in AXES[axis]:
+            for value in args.values or AXES[axis]:
                 is_default = value == getattr(defaults, axis)
                 if is_default and base is not None:
                     r = base

@@ -137,30 +137,33 @@ class ProfileEncoder(nn.Module):
         self.blocks = nn.ModuleList(list(model.blocks)[: self.depth])
         self.ln_f = model.ln_f if self.depth == cfg.n_layers else None
         self.n_layers = cfg.n_layers
+        self.rel_bias = model.rel_bias                      # relative attention bias, when the model has one
+        self.gap_field = TOKEN_FIELDS.index("gap")
         self.eval()
 
-    def _block_autocast(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _block_autocast(self, blk: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``Block.forward`` in eval mode, op for op (mixed precision: the residual stream stays
         float32 as in training, GEMMs run in the autocast dtype)."""
         B, L, D = x.shape
         H = self.n_heads
         q, k, v = blk.qkv(blk.ln1(x)).split(D, dim=-1)
         q, k, v = (t.view(B, L, H, D // H).transpose(1, 2) for t in (q, k, v))
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None)
         x = x + blk.out(a.transpose(1, 2).reshape(B, L, D))
         return x + blk.mlp(blk.ln2(x))
 
-    def _block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _block(self, blk: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``Block.forward`` in eval mode, with the residual adds fused into the GEMMs (float32)."""
         if x.dtype != torch.float32 or torch.is_autocast_enabled(x.device.type):
-            return self._block_autocast(blk, x)
+            return self._block_autocast(blk, x, bias)
         B, L, D = x.shape
         H = self.n_heads
         x2 = x.view(B * L, D)
         h = F.layer_norm(x2, (D,), blk.ln1.weight, blk.ln1.bias, blk.ln1.eps)
         qkv = torch.addmm(blk.qkv.bias, h, blk.qkv.weight.t()).view(B, L, 3, H, D // H)
         q, k, v = qkv.unbind(2)
-        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=bias, is_causal=bias is None)
         a = a.transpose(1, 2).reshape(B * L, D)
         x2 = torch.addmm(x2, a, blk.out.weight.t()).add_(blk.out.bias)     # new tensor: x stays intact
         fc, proj = blk.mlp[0], blk.mlp[2]
@@ -177,8 +180,9 @@ class ProfileEncoder(nn.Module):
         if self.emb_norm is not None:
             x = self.emb_norm(x)
         states: list[torch.Tensor] = []
-        for blk in self.blocks:
-            x = self._block(blk, x)
+        biases = self.rel_bias(tokens[:, :, self.gap_field]) if self.rel_bias is not None else [None] * len(self.blocks)
+        for blk, bias in zip(self.blocks, biases):
+            x = self._block(blk, x, bias)
             states.append(x)
         if self.ln_f is not None:
             states[-1] = self.ln_f(states[-1])

@@ -52,6 +52,26 @@ def sampling_distribution(n_titles: int, counts: np.ndarray | None, alpha: float
     return q / q.sum()
 
 
+def sampled_softmax(query: torch.Tensor, table: torch.Tensor, tgt: torch.Tensor, neg: torch.Tensor,
+                    log_q: torch.Tensor, bias: torch.Tensor | None = None, seen=None) -> torch.Tensor:
+    """Cross-entropy of each target title against shared negatives ``neg``, logQ-corrected (so it
+    estimates the full softmax without its popularity bias), accidental hits masked.
+
+    ``query`` (N, D) states, ``table`` (V, D) title vectors, ``tgt`` (N,) targets, ``log_q`` (V,) the
+    log proposal, ``bias`` (V,) optional per-title bias, ``seen(neg) -> (N, K) bool`` optional mask
+    of negatives the row already had (history masking). The one sampled softmax of the project:
+    the foundation model's objective and the SASRec control use it alike."""
+    pos = (query * table[tgt]).sum(-1, keepdim=True) - log_q[tgt].unsqueeze(1)
+    negl = query @ table[neg].T - log_q[neg]                                          # (N, K)
+    if bias is not None:
+        pos, negl = pos + bias[tgt].unsqueeze(1), negl + bias[neg]
+    negl = negl.masked_fill(neg.unsqueeze(0) == tgt.unsqueeze(1), float("-inf"))
+    if seen is not None:
+        negl = negl.masked_fill(seen(neg), float("-inf"))
+    logits = torch.cat([pos, negl], dim=1)
+    return F.cross_entropy(logits, torch.zeros(len(tgt), dtype=torch.long, device=logits.device))
+
+
 class Objective(torch.nn.Module):
     """Multi-task, multi-token loss of a :class:`fm.model.FoundationModel` (head weights from its
     config). With no option set this is the full-softmax cross-entropy over every title."""
@@ -109,16 +129,6 @@ class Objective(torch.nn.Module):
         return F.cross_entropy(logits, tgt)
 
     def _sampled(self, src, tgt, j, seen, neg, surface=None) -> torch.Tensor:
-        """The target against the batch's shared negatives, logQ-corrected, accidental hits masked."""
+        """The target against the batch's shared negatives (:func:`sampled_softmax`)."""
         m_ = self.model
-        table = m_.title.table()
-        q = m_.query(src, j, surface)                                                 # (N, D)
-        pos = (q * table[tgt]).sum(-1, keepdim=True) - self.log_q[tgt].unsqueeze(1)
-        negl = q @ table[neg].T - self.log_q[neg]                                     # (N, K)
-        if m_.bias is not None:
-            pos, negl = pos + m_.bias[tgt].unsqueeze(1), negl + m_.bias[neg]
-        negl = negl.masked_fill(neg.unsqueeze(0) == tgt.unsqueeze(1), float("-inf"))
-        if seen is not None:
-            negl = negl.masked_fill(seen(neg), float("-inf"))
-        logits = torch.cat([pos, negl], dim=1)
-        return F.cross_entropy(logits, torch.zeros(len(tgt), dtype=torch.long, device=logits.device))
+        return sampled_softmax(m_.query(src, j, surface), m_.title.table(), tgt, neg, self.log_q, m_.bias, seen)

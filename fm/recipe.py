@@ -53,6 +53,7 @@ class Recipe:
     id_dropout: float = 0.1            # cold start: content alone must carry a title (bench/results/cold_start_previous_harness.md)
     exposure_gate: bool = False        # ID part scaled by a learned gate of log(1 + interactions) (fm.model)
     surfaces: str = ""                 # "home,search,kids": canvas-conditioned queries (fm.model); "" = off
+    rel_bias: str = "none"             # relative attention bias: none | pos | time | pos_time (fm.model.RelativeBias)
     w_mtp: float = 0.5
     w_action: float = 0.2
     w_duration: float = 0.2
@@ -105,7 +106,7 @@ def model_config(r: Recipe, n_titles: int, target_actions: tuple[str, ...], cont
                        n_heads=r.n_heads, max_len=r.max_len, dropout=r.dropout, mtp_k=r.mtp_k,
                        use_content=r.use_content, emb_norm=r.emb_norm, title_bias=r.title_bias,
                        detach_heads=r.detach_heads, id_dropout=r.id_dropout, exposure_gate=r.exposure_gate,
-                       surfaces=surface_names(r.surfaces),
+                       surfaces=surface_names(r.surfaces), rel_bias=r.rel_bias,
                        w_mtp=r.w_mtp,
                        w_action=r.w_action, w_duration=r.w_duration, w_device=r.w_device,
                        **({"target_actions": tuple(target_actions)} if target_actions else {}))

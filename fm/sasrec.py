@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fm.data import Batch
-from fm.losses import first_positions
+from fm.losses import first_positions, sampled_softmax
 from fm.schema import N_SPECIAL, PAD
 
 
@@ -95,18 +95,9 @@ class SASRec(nn.Module):
         return out
 
     def sampled_loss(self, h: torch.Tensor, tgt: torch.Tensor, seen_neg=None) -> torch.Tensor:
+        """The control's sampled softmax: the foundation model's own (:func:`fm.losses.sampled_softmax`)."""
         neg = torch.multinomial(self.q, self.cfg.n_negatives, replacement=True)
-        log_q = torch.log(self.q.clamp_min(1e-30))
-        w = self.item.weight
-        pos = (h * w[tgt]).sum(-1, keepdim=True) - log_q[tgt].unsqueeze(1)
-        negl = h @ w[neg].T - log_q[neg]
-        if self.bias is not None:
-            pos, negl = pos + self.bias[tgt].unsqueeze(1), negl + self.bias[neg]
-        negl = negl.masked_fill(neg.unsqueeze(0) == tgt.unsqueeze(1), float("-inf"))
-        if seen_neg is not None:
-            negl = negl.masked_fill(seen_neg(neg), float("-inf"))
-        logits = torch.cat([pos, negl], dim=1)
-        return F.cross_entropy(logits, torch.zeros(len(tgt), dtype=torch.long, device=h.device))
+        return sampled_softmax(h, self.item.weight, tgt, neg, torch.log(self.q.clamp_min(1e-30)), self.bias, seen_neg)
 
     def forward(self, tokens: dict[str, torch.Tensor], valid: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Next-item cross-entropy at every position whose next token is real."""

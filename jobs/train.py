@@ -68,6 +68,8 @@ def model_version(cfg: TrainJobConfig, day: dt.date) -> str:
     key = {k: v for k, v in asdict(cfg).items() if k not in _RUN_ONLY}
     if not key.get("surfaces"):        # added later: a config without surfaces keeps its old version name
         key.pop("surfaces", None)
+    if key.get("rel_bias") == "none":  # likewise
+        key.pop("rel_bias", None)
     return f"fm-{day:%Y%m%d}-{cfg.init}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]}"
 
 

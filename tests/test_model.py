@@ -354,3 +354,29 @@ def test_rank_metrics_on_hand_computed_cases():
     assert m["ndcg@10"] == pytest.approx((1.0 + 1 / np.log2(3)) / 3)
     # ties count against the target: a constant scorer ranks it last
     assert rank_of_target(torch.zeros(1, 5), torch.tensor([2])).tolist() == [4]
+
+
+@pytest.mark.parametrize("rel_bias", ["pos", "time", "pos_time"])
+def test_relative_attention_bias_is_causal_and_the_inference_encoder_matches(rel_bias):
+    """With a relative attention bias the state at t still sees nothing after t, the bias changes
+    the states (it is used), and the fused inference encoder gives the eager path's vectors."""
+    from fm.extract import ProfileEncoder, encode_sequences, reference_embeddings
+    m, toks = tiny_model(rel_bias=rel_bias), random_tokens()
+    plain = m.encode(toks)[-1]
+    with torch.no_grad():
+        for p in m.rel_bias.parameters():
+            p.normal_(0.0, 1.0)
+    before = m.encode(toks)[-1]
+    assert not torch.allclose(plain, before)
+    changed = {k: v.clone() for k, v in toks.items()}
+    for k in changed:
+        changed[k][:, 5:] = torch.flip(changed[k][:, 5:], dims=[0])
+    assert torch.equal(m.encode(changed)[-1][:, :5], before[:, :5])
+    seqs = learnable_sequences(n=8, L=12, n_titles=30)
+    seqs.values["gap"] = np.random.default_rng(0).integers(0, m.cfg.field_sizes["gap"], len(seqs.values["gap"])).astype(np.int32)
+    specs = (LayerSpec(1, "mean"), LayerSpec(2, "last"))
+    want = reference_embeddings(m, seqs, specs)
+    got = encode_sequences(ProfileEncoder(m, specs), seqs, batch_tokens=32)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], atol=2e-5, rtol=1e-4)
+    assert "rel_bias" in m.cfg.to_dict() and "rel_bias" not in tiny_model().cfg.to_dict()
