@@ -75,15 +75,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = set(a.axes) - set(AXES)
     if unknown:
         ap.error(f"unknown axes {sorted(unknown)}; valid: {', '.join(AXES)}")
-    a.values = [x for x in a.values.split(",") if x]
-    if a.values:
-        if len(a.axes) != 1:
-            ap.error("--values needs exactly one axis in --axes")
-        known = {str(v): v for v in AXES[a.axes[0]]}
-        if set(a.values) - set(known):
-            ap.error(f"--values {sorted(set(a.values) - set(known))} not on axis {a.axes[0]}: {', '.join(known)}")
-        a.values = [known[v] for v in a.values]
+    a.values = parse_values(ap, a.axes, [x for x in a.values.split(",") if x])
     return a
+
+
+def parse_values(ap: argparse.ArgumentParser, axes: list[str], given: list[str]) -> dict[str, list]:
+    """``--values`` -> {axis: values to run}. Plain values (``pos,time``) restrict the single axis
+    given; ``axis:value`` entries restrict several axes, each keeping its default as the anchor (one
+    shared all-defaults run per process). Axes not named run all their values."""
+    out = {axis: list(AXES[axis]) for axis in axes}
+    if not given:
+        return out
+    if all(":" not in v for v in given):
+        if len(axes) != 1:
+            ap.error("plain --values need exactly one axis in --axes (or use axis:value entries)")
+        given = [f"{axes[0]}:{v}" for v in given]
+        out[axes[0]] = []
+    else:
+        for axis in {v.split(":", 1)[0] for v in given}:
+            out[axis] = [getattr(Recipe(), axis)] if axis in out else []
+    for entry in given:
+        axis, _, value = entry.partition(":")
+        known = {str(v): v for v in AXES.get(axis, [])}
+        if axis not in out or value not in known:
+            ap.error(f"--values {entry!r}: axis must be one of --axes and value one of its values "
+                     f"({', '.join(f'{x}: {AXES[x]}' for x in axes)})")
+        if known[value] not in out[axis]:
+            out[axis].append(known[value])
+    return out
 
 
 def train_valid(args, day: str, home, over: dict) -> dict:
@@ -109,7 +128,7 @@ def main(argv=None) -> dict:
     with P.selecting():                                  # reading test anywhere below raises
         for axis in args.axes:
             scores = {}
-            for value in args.values or AXES[axis]:
+            for value in args.values[axis]:
                 is_default = value == getattr(defaults, axis)
                 if is_default and base is not None:
                     r = base
