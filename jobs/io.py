@@ -89,8 +89,22 @@ def swap_dir(staging: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def partition_dates(root: Path, until: dt.date | None = None, marker: str | None = None) -> list[dt.date]:
+    """Dates of the ``dt=YYYY-MM-DD`` partition folders under ``root``, oldest first (a missing root:
+    none; names that are not dates are ignored, e.g. a staging folder). ``until``: only dates on or
+    before it; ``marker``: only partitions holding that file (e.g. a committed ``_manifest.json``)."""
+    out = []
+    for p in root.glob("dt=*") if root.exists() else []:
+        try:
+            d = dt.date.fromisoformat(p.name[3:])
+        except ValueError:
+            continue
+        if p.is_dir() and (until is None or d <= until) and (marker is None or (p / marker).exists()):
+            out.append(d)
+    return sorted(out)
+
+
 def latest_partition_before(root: Path, day: dt.date) -> dt.date | None:
     """Most recent ``dt=`` partition strictly before ``day`` (the state to build on)."""
-    days = [dt.date.fromisoformat(p.name[3:]) for p in root.glob("dt=*") if p.is_dir()]
-    earlier = [d for d in days if d < day]
+    earlier = [d for d in partition_dates(root) if d < day]
     return max(earlier) if earlier else None

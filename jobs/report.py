@@ -1,4 +1,5 @@
-"""The day's summary: rows per table, gate result, a read-back from Feast, a FAISS lookup, timings.
+"""The day's summary: rows per table, gate result, a read-back from Feast, a FAISS lookup, timings,
+trends across the last two weeks (``jobs.report_trends``) and ``fmpipe status``.
 
 Everything is read from what the steps wrote (their step records, the tables, the online store,
 the index), so the report checks the publication rather than echoing the steps' own claims.
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import pyarrow.parquet as pq
 
+from jobs import report_trends, status
 from jobs.io import atomic_write_json, atomic_write_text, partition
 from jobs.settings import Paths, parse_date, run_cli
 
@@ -64,7 +66,8 @@ def run(cfg: ReportConfig, paths: Paths) -> dict:
            "validation": {"success": gate["success"], "data_docs": gate.get("data_docs"),
                           "suites": {s["suite"]: s["statistics"] for s in gate["suites"]}},
            "online_probe": _online_probe(paths, day), "index_probe": _index_probe(paths),
-           "wall_s": {k: v.get("wall_s") for k, v in steps.items()}}
+           "wall_s": {k: v.get("wall_s") for k, v in steps.items()},
+           "trends": report_trends.trends(paths, day), "status": status.run(status.StatusConfig(), paths)}
     from jobs.report_html import render as render_html
     out["html"] = str(render_html(paths, day, out))
     atomic_write_json(out, partition(paths.reports, day) / "summary.json")
@@ -88,6 +91,11 @@ def render(s: dict) -> str:
     lines.append(f"faiss       {ix['index_type']} recall@10={ix['recall_at_10']}; 10 nearest of {ix['title_id']}:")
     lines.append("            " + ", ".join(f"{t} ({sc:.3f})" for t, sc in ix["nearest"]))
     lines += [f"wall_s      {k:<20} {w}" for k, w in s["wall_s"].items()]
+    q = s["trends"][-1]["retrieval"] if s.get("trends") else None
+    if q:
+        lines.append(f"quality     NDCG@10 {q['ndcg@10']} / HR@10 {q['hr@10']} of today's first target events under "
+                     f"the {q['publication_date']} publication ({q['profiles']} profiles)")
+    lines += [f"stale       {x}" for x in s.get("status", {}).get("stale", [])]
     lines.append(f"report      {s.get('html')}")
     return "\n".join(lines)
 

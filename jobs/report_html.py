@@ -1,7 +1,9 @@
 """The daily HTML report: one self-contained page (plots inlined as PNG) per date.
 
-Step timings, row and quarantine counts, the gate's summary, L2-norm histograms per layer, drift
-of stable profiles against earlier publications, and the index's recall — what an on-call data
+Status (what serves, which model, what is stale), step timings, row and quarantine counts, the
+gate's summary, L2-norm histograms per layer, drift of stable profiles against earlier
+publications, trends over two weeks (volume, quarantine, events per token, next-day retrieval
+quality; ``jobs.report_trends``), and the index's recall — what an on-call data
 engineer looks at first. Plots are matplotlib (Agg backend, no display needed).
 """
 from __future__ import annotations
@@ -15,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from jobs.io import atomic_write_text, partition
+from jobs import report_trends
+from jobs.io import atomic_write_text, partition, partition_dates
 from jobs.settings import Paths
 
 MAX_PROFILES = 20_000          # drift and histograms sample this many profiles per day
@@ -40,8 +43,7 @@ def _vectors(paths: Paths, day: dt.date) -> tuple[np.ndarray, dict[str, np.ndarr
 
 def drift_series(paths: Paths, day: dt.date, max_days: int = 14) -> dict[str, list[tuple[str, float, int]]]:
     """Per layer: (date, mean cosine vs the previous published date, stable profiles) for recent days."""
-    days = sorted(dt.date.fromisoformat(p.name[3:]) for p in paths.profile_embeddings.glob("dt=*"))
-    days = [d for d in days if d <= day][-(max_days + 1):]
+    days = partition_dates(paths.profile_embeddings, day)[-(max_days + 1):]
     out: dict[str, list] = {}
     prev = None
     for d in days:
@@ -86,12 +88,35 @@ def _plots(paths: Paths, day: dt.date, summary: dict) -> dict[str, str]:
         ax.text(0.5, 0.5, "first publication: no earlier day to compare", ha="center", transform=ax.transAxes)
     imgs["drift"] = _png(fig)
     summary["drift"] = drift
+    imgs["trends"] = _png(report_trends.plot(summary.get("trends") or [], drift))
     return imgs
 
 
 def _table(rows: dict, id_: str) -> str:
     body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows.items())
     return f'<table id="{id_}">{body}</table>'
+
+
+def _trends_table(rows: list[dict]) -> str:
+    head = "<tr><th>date</th><th>events</th><th>quarantine</th><th>events/token</th><th>active</th><th>gate</th>" \
+           "<th>next-day NDCG@10</th><th>HR@10</th></tr>"
+    cell = lambda v: "-" if v is None else html.escape(str(v))  # noqa: E731
+    body = "".join(
+        f"<tr><td>{r['date']}</td><td>{cell(r['events'])}</td><td>{cell(r['quarantine_rate'])}</td>"
+        f"<td>{cell(r['events_per_token'])}</td><td>{cell(r['profiles_active'])}</td>"
+        f"<td>{'-' if r['gate'] is None else ('passed' if r['gate'] else 'FAILED')}</td>"
+        f"<td>{cell((r['retrieval'] or {}).get('ndcg@10'))}</td><td>{cell((r['retrieval'] or {}).get('hr@10'))}</td></tr>"
+        for r in rows)
+    return f'<table id="trends">{head}{body}</table>'
+
+
+def _status_table(st: dict) -> str:
+    s, m = st.get("serving"), st.get("model")
+    rows = {"serving": f"{s['date']} ({s['publication']}, model {s['model_version']}, {s['action']} at {s['committed_at']})"
+            if s else "nothing published", "model": f"{m['version']} trained through {m['trained_through']} "
+            f"(validation NDCG@10 {m['valid_ndcg@10']})" if m else "none",
+            "stale": "; ".join(st.get("stale") or []) or "nothing stale"}
+    return _table(rows, "status")
 
 
 def render(paths: Paths, day: dt.date, summary: dict) -> Path:
@@ -105,6 +130,7 @@ def render(paths: Paths, day: dt.date, summary: dict) -> Path:
 th,td{{border:1px solid #ccc;padding:2px 8px;text-align:left}} .ok{{color:#2a7}} .bad{{color:#c33}}</style></head>
 <body><h1>fm_embeddings_daily — {day}</h1>
 <p id="gate" class="{'ok' if v['success'] else 'bad'}">Gate {gate}; model {html.escape(str(summary['online_probe']['model_version']))}</p>
+<h2>Status</h2>{_status_table(summary.get('status') or {})}
 <h2>Rows</h2>{_table(summary['rows'], 'rows')}
 <h2>Quarantine</h2>{_table(summary['quarantine_reasons'] or {'(none)': 0}, 'quarantine')}
 <h2>Validation</h2>{_table(suites, 'validation')}
@@ -113,6 +139,8 @@ th,td{{border:1px solid #ccc;padding:2px 8px;text-align:left}} .ok{{color:#2a7}}
 <h2>Step timings</h2><img alt="wall time per step" src="data:image/png;base64,{imgs['timings']}">
 <h2>Embedding norms per layer</h2><img alt="norm histograms" src="data:image/png;base64,{imgs['norms']}">
 <h2>Drift</h2><img alt="drift over time" src="data:image/png;base64,{imgs['drift']}">
+<h2>Trends</h2><img alt="trends over days" src="data:image/png;base64,{imgs['trends']}">
+{_trends_table(summary.get('trends') or [])}
 </body></html>"""
     out = partition(paths.reports, day) / "report.html"
     atomic_write_text(page, out)

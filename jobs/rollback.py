@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 
 from jobs.online_store import open_online
-from jobs.io import atomic_write_json, partition
+from jobs.io import atomic_write_json, partition, partition_dates
 from jobs.publication import (FEATURE_VIEWS, PublishOrderError, collect_garbage, commit, current, history, lock,
                               manifest, new_id, pub_dir, reconcile, root, write_manifest)
 from jobs.redact import redact
@@ -119,8 +119,7 @@ def alignment_reference(paths: Paths, day: dt.date) -> dt.date | None:
     """The latest profile partition before ``day`` with a manifest that no rollback undid: what a
     new day's vectors should be aligned to (never the bad day an operator rolled back)."""
     bad = rolled_back_dates(paths)
-    days = sorted((dt.date.fromisoformat(p.name[3:]) for p in paths.profile_embeddings.glob("dt=*")
-                   if p.is_dir() and (p / "_manifest.json").exists()), reverse=True)
+    days = partition_dates(paths.profile_embeddings, marker="_manifest.json")[::-1]
     return next((d for d in days if d < day and d.isoformat() not in bad
                  and partition(paths.profile_embeddings, d).exists()), None)
 

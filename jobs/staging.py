@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from jobs.embed import published_at
 from jobs.failpoints import failpoint
-from jobs.io import partition
+from jobs.io import partition, partition_dates
 from jobs.online_store import OnlineTables, _columns, max_value_bytes
 from jobs.publication import FEATURE_VIEWS, history
 from jobs.settings import Paths
@@ -60,8 +60,7 @@ def seed_table(paths: Paths, fv, day: dt.date, exclude: pa.Array, skip: set[dt.d
     (dates in ``skip`` left out)."""
     cutoff = published_at(day) - fv.ttl if fv.ttl else None
     key = fv.entity_columns[0].name
-    days = sorted((dt.date.fromisoformat(p.name[3:]) for p in source_root(paths, fv.name).glob("dt=*") if p.is_dir()),
-                  reverse=True)
+    days = partition_dates(source_root(paths, fv.name))[::-1]
     seen, parts = exclude, []
     for d in days:
         if d >= day or d in skip or (cutoff is not None and published_at(d) <= cutoff):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs import publication as pubs
+from jobs.io import partition_dates
 from jobs.settings import Paths, run_cli
 
 STEPS = ("tokenize", "embed", "validate", "publish", "index", "report")
@@ -26,28 +27,18 @@ class StatusConfig:
     json: bool = False                # machine-readable output (--json)
 
 
-def _read(path: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
 
 
-def _days(root: Path) -> list[dt.date]:
-    out = []
-    for p in root.glob("dt=*") if root.exists() else []:
-        try:
-            out.append(dt.date.fromisoformat(p.name[3:]))
-        except ValueError:
-            continue
-    return sorted(out)
-
-
 def model_status(paths: Paths) -> dict | None:
-    pointer = _read(paths.models / "CURRENT.json")
+    pointer = read_json(paths.models / "CURRENT.json")
     if not pointer:
         return None
-    meta = _read(paths.models / pointer["version"] / "config.json") or {}
+    meta = read_json(paths.models / pointer["version"] / "config.json") or {}
     trained = (meta.get("data_range") or {}).get("history_state")
     best = (meta.get("metrics") or {}).get("best") or {}
     return {"version": pointer["version"], "trained_through": trained, "parent": meta.get("parent"),
@@ -57,10 +48,10 @@ def model_status(paths: Paths) -> dict | None:
 def run_status(paths: Paths, day: dt.date) -> dict:
     """One date: each step's wall time and status, the gate verdict, the quarantine rate."""
     steps_dir = paths.reports / f"dt={day.isoformat()}" / "steps"
-    steps = {s: _read(steps_dir / f"{s}.json") for s in STEPS}
+    steps = {s: read_json(steps_dir / f"{s}.json") for s in STEPS}
     tok = steps.get("tokenize") or {}
     raw = tok.get("raw_events") or 0
-    gate = _read(paths.gx / "results" / f"dt={day.isoformat()}" / "summary.json")
+    gate = read_json(paths.gx / "results" / f"dt={day.isoformat()}" / "summary.json")
     return {"date": day.isoformat(),
             "steps": {s: (round(r["wall_s"], 1) if r and "wall_s" in r else None) for s, r in steps.items()},
             "gate": None if gate is None else ("passed" if gate.get("success") else "FAILED"),
@@ -69,7 +60,7 @@ def run_status(paths: Paths, day: dt.date) -> dict:
 
 
 def stale(paths: Paths, serving: dict | None, model: dict | None, max_model_days: int) -> list[str]:
-    raw, hist = _days(paths.raw), _days(paths.history)
+    raw, hist = partition_dates(paths.raw), partition_dates(paths.history)
     out = []
     if raw and (not hist or hist[-1] < raw[-1]):
         out.append(f"raw data up to {raw[-1]} but history only up to {hist[-1] if hist else 'nothing'}: "
@@ -87,7 +78,7 @@ def stale(paths: Paths, serving: dict | None, model: dict | None, max_model_days
 def run(cfg: StatusConfig, paths: Paths) -> dict:
     serving = pubs.current(paths)
     model = model_status(paths)
-    dates = sorted(set(_days(paths.reports)) | set(_days(paths.gx / "results")), reverse=True)[: cfg.runs]
+    dates = sorted(set(partition_dates(paths.reports)) | set(partition_dates(paths.gx / "results")), reverse=True)[: cfg.runs]
     return {"home": str(paths.home), "serving": serving and {k: serving.get(k) for k in
                                                               ("date", "publication", "model_version", "committed_at",
                                                                "action", "previous")},

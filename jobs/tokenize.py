@@ -48,7 +48,7 @@ from pyspark.sql import types as T
 from pyspark.sql.window import Window
 
 from fm import schema as S
-from jobs.io import atomic_write_table, partition, swap_dir, temp_sibling, latest_partition_before
+from jobs.io import atomic_write_table, latest_partition_before, partition, partition_dates, swap_dir, temp_sibling
 from jobs.settings import Paths, parse_date, run_cli
 from jobs.spark import get_spark
 from jobs.vocab import read_vocab
@@ -460,8 +460,7 @@ def _needs_full(paths: Paths, day: dt.date) -> bool:
 
 
 def _all_raw_days(paths: Paths, until: dt.date) -> list[dt.date]:
-    days = sorted(dt.date.fromisoformat(p.name[3:]) for p in paths.raw.glob("dt=*") if p.is_dir())
-    days = [d for d in days if d <= until]
+    days = partition_dates(paths.raw, until)
     if not days:
         raise FileNotFoundError(f"no raw partitions up to {until} under {paths.raw}")
     return days

@@ -230,8 +230,8 @@ def test_html_report_renders_in_headless_chromium(day_run, tmp_path):
                                     capture_output=True, text=True, timeout=120)
     dom = run("--dump-dom", html.as_uri()).stdout
     assert 'id="gate"' in dom and "Gate PASSED" in dom
-    assert dom.count("data:image/png;base64,") == 3
-    for table in ("rows", "quarantine", "validation", "index"):
+    assert dom.count("data:image/png;base64,") == 4
+    for table in ("status", "rows", "quarantine", "validation", "index", "trends"):
         assert f'id="{table}"' in dom
     assert "unparseable_ts" in dom and str(day_run["results"]["embed"]["profiles"]) in dom
     shot = tmp_path / "report.png"
