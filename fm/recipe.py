@@ -11,7 +11,10 @@ LayerNorm 0.1360, no history masking 0.1723, no content 0.1549), ID dropout 0.1 
 they are trained and served without costing next-title quality. Relative attention bias over event
 distance (``rel_bias="pos"``): validation NDCG@10 at 600 s CPU, seed 0, Intel: none 0.2031, time
 0.2122, pos+time 0.2156, **pos 0.2194** (``bench/results/sweep_rel_bias_{a,b}.md``; the code was
-committed as 19a05a7 right after those runs started, hence "+dirty"). ``bench/sweep.py`` re-checks any
+committed as 19a05a7 right after those runs started, hence "+dirty"). Around those defaults at 450 s
+(``bench/results/sweep_{c,d}.md``; the all-defaults run twice, 0.2178 and 0.2198, the noise between
+two runs of one config) every change lost: dropout 0.2 0.2142, batch 64 0.1877, lr 1e-3 0.1876,
+d_model 128 0.2144, 3 layers 0.2168, full softmax 0.1888 (3.5x slower per epoch). ``bench/sweep.py`` re-checks any
 axis through this very path, choosing on validation only (``fm.protocol.selecting`` makes reading
 test an error).
 
