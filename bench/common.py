@@ -54,3 +54,27 @@ def machine() -> dict:
 def emit(result: dict) -> None:
     """The last output line of every benchmark: one JSON object."""
     print(json.dumps(result, sort_keys=True, default=str), flush=True)
+
+
+def provenance(script: str, argv: list[str] | None) -> dict:
+    """What a results file names: commit (+dirty), the exact command, the machine and its load."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=here).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                    text=True, cwd=here).stdout.strip())
+    except OSError:
+        commit, dirty = "unknown", True
+    cpuinfo = Path("/proc/cpuinfo")
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                if line.startswith("model name")), "unknown") if cpuinfo.exists() else "unknown"
+    return {"commit": commit + ("+dirty" if dirty else ""),
+            "command": " ".join([".venv/bin/python", script, *(argv if argv is not None else sys.argv[1:])]),
+            "machine": f"{os.cpu_count()}-core CPU ({cpu}), "
+                       f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}, torch {torch.__version__}",
+            "loadavg_start": [round(x, 2) for x in os.getloadavg()]}

@@ -18,7 +18,8 @@ Surfaces: when the model has surface queries (``ModelConfig.surfaces``), the que
 t+j+1 is conditioned on that event's own canvas (for the next title: ``canvas`` shifted by one), so
 the model learns "what next on this canvas"; the canvas is never an input of the state itself.
 
-Targets: only tokens whose action is one of the model's ``target_actions`` are next-title targets
+Targets: only tokens whose action is one of the model's ``target_actions`` -- and, when the model has
+``target_canvases`` (a per-canvas specialist), whose canvas is one of them -- are next-title targets
 (impressions and pauses are context only); the side heads predict every next token.
 """
 from __future__ import annotations
@@ -92,7 +93,7 @@ class Objective(torch.nn.Module):
         m_ = self.model
         c = m_.cfg
         h = m_.encode(tokens)[-1]                                                     # (B, L, D)
-        is_target = valid & m_.target_action[tokens["action"]]
+        is_target = valid & m_.target_action[tokens["action"]] & m_.target_canvas[tokens["canvas"]]
         first = first_positions(tokens["title"], valid, c.n_titles) if self.mask_history else None
         neg = torch.multinomial(self.q, self.n_negatives, replacement=True) if self.n_negatives > 0 else None
         losses = {}

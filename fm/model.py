@@ -82,6 +82,10 @@ class ModelConfig:
     # logits: "pos" over log-bucketed distances in events, "time" over log2-bucketed time between
     # the two events (from the ``gap`` field), "pos_time" both. "none": plain causal attention.
     rel_bias: str = "none"
+    # Canvases whose next events are next-title targets (a specialist trained for one surface: only
+    # what happens next *on that canvas* is predicted; every event stays context). Empty: every
+    # canvas (the default; old checkpoints and configs load unchanged).
+    target_canvases: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.rel_bias not in REL_BIAS:
@@ -94,6 +98,10 @@ class ModelConfig:
         unknown = [s for s in self.surfaces if s not in S.CANVASES]
         if unknown or len(set(self.surfaces)) != len(self.surfaces):
             raise ValueError(f"surfaces: {list(self.surfaces)} must be distinct canvases of {list(S.CANVASES)}")
+        self.target_canvases = tuple(self.target_canvases)
+        unknown = [s for s in self.target_canvases if s not in S.CANVASES]
+        if unknown or len(set(self.target_canvases)) != len(self.target_canvases):
+            raise ValueError(f"target_canvases: {list(self.target_canvases)} must be distinct canvases of {list(S.CANVASES)}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -103,6 +111,9 @@ class ModelConfig:
             del d["surfaces"]
         if self.rel_bias == "none":
             del d["rel_bias"]
+        d["target_canvases"] = list(self.target_canvases)
+        if not self.target_canvases:   # likewise: the default writes the config it wrote before
+            del d["target_canvases"]
         return d
 
     @classmethod
@@ -110,6 +121,7 @@ class ModelConfig:
         d = dict(d)
         d["target_actions"] = tuple(d.get("target_actions", cls.target_actions))
         d["surfaces"] = tuple(d.get("surfaces", ()))
+        d["target_canvases"] = tuple(d.get("target_canvases", ()))
         return cls(**d)
 
 
@@ -260,6 +272,12 @@ class FoundationModel(nn.Module):
         for a in cfg.target_actions:
             target[S.vocab_index(S.ACTIONS)[a]] = True
         self.register_buffer("target_action", target, persistent=False)
+        canvases = getattr(cfg, "target_canvases", ())
+        on = torch.ones(cfg.field_sizes["canvas"], dtype=torch.bool) if not canvases else \
+            torch.zeros(cfg.field_sizes["canvas"], dtype=torch.bool)
+        for c in canvases:
+            on[S.vocab_index(S.CANVASES)[c]] = True
+        self.register_buffer("target_canvas", on, persistent=False)
 
     def _surface_query(self, cfg: ModelConfig) -> nn.Embedding | None:
         """The surface query table over the canvas vocabulary, zero-initialised so a fresh surface

@@ -27,7 +27,7 @@ import torch
 
 from fm.data import Batch, Sequences, length_bucketed
 from fm.evaluate import metrics_from_ranks, rank_of_target
-from fm.schema import N_SPECIAL
+from fm.schema import CANVASES, N_SPECIAL, vocab_index
 
 ScoreFn = Callable[[Batch], torch.Tensor]
 
@@ -81,6 +81,41 @@ def eval_set(seqs: Sequences, back: int, role: str = "test", target_actions: np.
     return EvalSet(rows, ends, seqs.values["title"][at].astype(np.int64), role)
 
 
+def eval_set_where(seqs: Sequences, keep: np.ndarray, back: int = 1, role: str = "test") -> EvalSet:
+    """Target = the ``back``-th last token of each row *among the tokens where* ``keep`` (flat bool
+    over all tokens) holds, e.g. the last play on the kids canvas; input = every event before it.
+    Rows with fewer such tokens, or whose target would have no input, have no target."""
+    keep = np.asarray(keep, bool)
+    row = np.repeat(np.arange(len(seqs)), seqs.lengths)                     # row of each token
+    c = np.cumsum(keep)                                                     # kept tokens up to each token
+    c_end = c[np.maximum(seqs.offsets[1:] - 1, 0)] if len(c) else np.zeros(len(seqs), np.int64)  # ... up to each row's end
+    at = np.flatnonzero(keep & (c_end[row] - c + 1 == back))               # back-th last kept token of its row
+    rows, ends = row[at], at - seqs.offsets[row[at]]
+    ok = ends >= 1
+    return EvalSet(rows[ok], ends[ok].astype(np.int64), seqs.values["title"][at[ok]].astype(np.int64), role)
+
+
+def canvas_eval_set(seqs: Sequences, canvas: int, back: int = 1, role: str = "test",
+                    target_actions: np.ndarray | None = None) -> EvalSet:
+    """Per-surface targets: each row's ``back``-th last event on canvas id ``canvas`` (whose action is
+    one of ``target_actions``, when given), predicted from everything before it. ``back=1`` is the
+    test target of a canvas, ``back=2`` its validation target (bench/surfaces.py)."""
+    keep = seqs.values["canvas"] == canvas
+    if target_actions is not None:
+        keep &= np.isin(seqs.values["action"], target_actions)
+    return eval_set_where(seqs, keep, back, role)
+
+
+def before_targets(seqs: Sequences, *sets: EvalSet) -> Sequences:
+    """Each row without its events from the first target of any of ``sets`` on: what a model may
+    train on when every target of those sets (and everything after them) stays unseen."""
+    cut = seqs.lengths.copy()
+    for es in sets:
+        np.minimum.at(cut, es.rows, es.ends)
+    pos = np.arange(int(seqs.offsets[-1])) - np.repeat(seqs.offsets[:-1], seqs.lengths)
+    return seqs.keep_tokens(pos < np.repeat(cut, seqs.lengths))
+
+
 def leave_one_out(seqs: Sequences) -> Split:
     return Split(seqs, truncate(seqs, 2), eval_set(seqs, 2, "valid"), eval_set(seqs, 1, "test"))
 
@@ -105,14 +140,21 @@ class SelectionReadTest(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------
-def fm_scores(model) -> ScoreFn:
-    """Score function of a :class:`fm.model.FoundationModel`: next-title logits at the last token."""
+def fm_scores(model, surface: str | None = None) -> ScoreFn:
+    """Score function of a :class:`fm.model.FoundationModel`: next-title logits at the last token;
+    with ``surface`` (a configured surface of the model) "what next on this canvas"."""
+    canvas = None
+    if surface is not None:
+        model.surface_vector(surface)                       # refuses a surface the model was not trained for
+        canvas = vocab_index(CANVASES)[surface]
+
     @torch.no_grad()
     def score(b: Batch) -> torch.Tensor:
         dev = next(model.parameters()).device
         h = model.encode({k: v.to(dev) for k, v in b.tokens.items()})[-1]
         last = h[torch.arange(len(b.rows), device=dev), b.lengths.to(dev) - 1]
-        return model.title_logits(last.unsqueeze(1), 0)[:, 0].cpu()
+        s = None if canvas is None else torch.full((len(b.rows), 1), canvas, device=dev)
+        return model.title_logits(last.unsqueeze(1), 0, s)[:, 0].cpu()
     return score
 
 
@@ -145,6 +187,17 @@ def evaluate(score_fn: ScoreFn, seqs: Sequences, es: EvalSet, max_len: int, batc
         return {"users": 0}
     ranks = rank_targets(score_fn, seqs, es, max_len, batch_size)
     return {**metrics_from_ranks(torch.as_tensor(ranks), ks), "users": int(len(es))}
+
+
+def per_task(score_of: Callable[[str], ScoreFn], seqs: Sequences, sets: dict[str, EvalSet], max_len: int,
+             ks: tuple[int, ...] = (10, 50)) -> dict[str, dict]:
+    """Several tasks' targets (``sets``: task -> EvalSet, e.g. one per canvas) ranked by one model,
+    asked per task with ``score_of(task)`` (the surface query of that canvas, or the plain query);
+    ``"mean"`` adds the unweighted mean over the tasks (what a multi-task selection maximises)."""
+    out = {name: evaluate(score_of(name), seqs, es, max_len, ks=ks) for name, es in sets.items()}
+    scored = [m for m in out.values() if m.get("users")]
+    out["mean"] = {k: float(np.mean([m[k] for m in scored])) for k in (scored[0] if scored else {}) if k != "users"}
+    return out
 
 
 def among(score_fn: ScoreFn, candidates: np.ndarray, n_titles: int) -> ScoreFn:

@@ -60,6 +60,8 @@ class Recipe:
     exposure_gate: bool = False        # ID part scaled by a learned gate of log(1 + interactions) (fm.model)
     surfaces: str = ""                 # "home,search,kids": canvas-conditioned queries (fm.model); "" = off
     rel_bias: str = "pos"              # relative attention bias: none | pos | time | pos_time (fm.model.RelativeBias)
+    target_canvases: str = ""          # "kids": only next events on these canvases are title targets (a
+                                       # per-canvas specialist, bench/surfaces.py); "" = every canvas
     w_mtp: float = 0.5
     w_action: float = 0.2
     w_duration: float = 0.2
@@ -90,6 +92,9 @@ class Recipe:
         unknown_surfaces = set(surface_names(self.surfaces)) - set(CANVASES)
         if unknown_surfaces:
             raise ValueError(f"surfaces: unknown canvas(es) {sorted(unknown_surfaces)}; valid: {list(CANVASES)}")
+        unknown_targets = set(surface_names(self.target_canvases)) - set(CANVASES)
+        if unknown_targets:
+            raise ValueError(f"target_canvases: unknown canvas(es) {sorted(unknown_targets)}; valid: {list(CANVASES)}")
         if self.content_encoder not in ENCODERS:
             raise ValueError(f"content_encoder={self.content_encoder!r}: expected one of {', '.join(ENCODERS)}")
 
@@ -113,6 +118,7 @@ def model_config(r: Recipe, n_titles: int, target_actions: tuple[str, ...], cont
                        use_content=r.use_content, emb_norm=r.emb_norm, title_bias=r.title_bias,
                        detach_heads=r.detach_heads, id_dropout=r.id_dropout, exposure_gate=r.exposure_gate,
                        surfaces=surface_names(r.surfaces), rel_bias=r.rel_bias,
+                       target_canvases=surface_names(r.target_canvases),
                        w_mtp=r.w_mtp,
                        w_action=r.w_action, w_duration=r.w_duration, w_device=r.w_device,
                        **({"target_actions": tuple(target_actions)} if target_actions else {}))
@@ -135,17 +141,26 @@ def target_ids(model: FoundationModel) -> np.ndarray:
 
 
 def validation_set(seqs: Sequences, back: int, actions: np.ndarray, n_users: int, seed: int,
-                   among: np.ndarray | None = None) -> P.EvalSet:
+                   among: np.ndarray | None = None, canvases: np.ndarray | None = None) -> P.EvalSet:
     """The validation targets: the ``back``-th event from the end of each row (when it is a target
-    action), for at most ``n_users`` rows drawn with ``seed`` (0: all), optionally only rows ``among``."""
+    action, and with ``canvases`` -- a specialist's target canvases -- on one of them), for at most
+    ``n_users`` rows drawn with ``seed`` (0: all), optionally only rows ``among``."""
     es = P.eval_set(seqs, back, "valid", actions)
     if among is not None:
         es = es.subset(np.isin(es.rows, among))
+    if canvases is not None:
+        es = es.subset(np.isin(seqs.values["canvas"][seqs.offsets[es.rows] + es.ends], canvases))
     if n_users and len(es) > n_users:
         keep = np.zeros(len(es), bool)
         keep[np.random.default_rng(seed + 7).choice(len(es), n_users, replace=False)] = True
         es = es.subset(keep)
     return es
+
+
+def target_canvas_ids(model: FoundationModel) -> np.ndarray | None:
+    """Canvas vocabulary ids of a specialist's target canvases (None: every canvas)."""
+    names = getattr(model.cfg, "target_canvases", ())
+    return np.array([vocab_index(CANVASES)[c] for c in names], np.int64) if names else None
 
 
 def fit_config(r: Recipe, desc: str = "train", checkpoint_every_s: float = 0.0) -> FitConfig:
@@ -173,18 +188,27 @@ def train(r: Recipe, model: FoundationModel, seqs: Sequences, leave_one_out: boo
     back = held_out_back(leave_one_out)
     rows = np.arange(len(seqs)) if among is None else np.asarray(among)
     train_seqs = P.truncate(seqs.take(rows), back)
-    counts = np.bincount(train_seqs.values["title"], minlength=model.cfg.n_titles)[: model.cfg.n_titles]
-    model.title.set_exposure(counts)
-    objective = Objective(model, counts, n_negatives=r.n_negatives, alpha=r.neg_alpha,
-                          mask_history=r.mask_history, exclude_titles=exclude_titles)
-    valid = validation_set(seqs, back, target_ids(model), r.valid_users, r.seed, among)
+    valid = validation_set(seqs, back, target_ids(model), r.valid_users, r.seed, among, target_canvas_ids(model))
     score = P.fm_scores(model)
 
     def validate() -> dict:
         with P.selecting():
             return P.evaluate(score, seqs, valid, model.cfg.max_len) if len(valid) else {"ndcg@10": 0.0, "users": 0}
 
-    result = fit(objective, train_seqs, model.cfg.max_len, fit_config(r, desc, checkpoint_every_s),
-                 validate=validate, state_dir=state_dir, resume=resume, interrupt_after=interrupt_after)
+    result = fit_model(r, model, train_seqs, validate, exclude_titles=exclude_titles, state_dir=state_dir,
+                       resume=resume, checkpoint_every_s=checkpoint_every_s, interrupt_after=interrupt_after, desc=desc)
     return result, valid
 
+
+def fit_model(r: Recipe, model: FoundationModel, train_seqs: Sequences, validate, select: str = "ndcg@10",
+              exclude_titles: np.ndarray | None = None, state_dir: Path | None = None, resume: bool = False,
+              checkpoint_every_s: float = 0.0, interrupt_after: int | None = None, desc: str = "train") -> FitResult:
+    """The recipe's objective and fit on exactly ``train_seqs``, keeping the checkpoint best on
+    ``validate()[select]``: what :func:`train` runs after choosing its held-out events, and what a
+    benchmark with another split (bench/surfaces.py: per-canvas targets) runs itself."""
+    counts = np.bincount(train_seqs.values["title"], minlength=model.cfg.n_titles)[: model.cfg.n_titles]
+    model.title.set_exposure(counts)
+    objective = Objective(model, counts, n_negatives=r.n_negatives, alpha=r.neg_alpha,
+                          mask_history=r.mask_history, exclude_titles=exclude_titles)
+    return fit(objective, train_seqs, model.cfg.max_len, fit_config(r, desc, checkpoint_every_s), validate=validate,
+               select=select, state_dir=state_dir, resume=resume, interrupt_after=interrupt_after)

@@ -70,6 +70,8 @@ def model_version(cfg: TrainJobConfig, day: dt.date) -> str:
         key.pop("surfaces", None)
     if key.get("rel_bias") == "none":  # likewise
         key.pop("rel_bias", None)
+    if not key.get("target_canvases"):  # likewise
+        key.pop("target_canvases", None)
     return f"fm-{day:%Y%m%d}-{cfg.init}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]}"
 
 
