@@ -65,6 +65,7 @@ from jobs import evaluate as ev  # noqa: E402
 from jobs import importers, tokenize  # noqa: E402
 from jobs import train as train_job  # noqa: E402
 from jobs.io import latest_partition_before, partition  # noqa: E402
+from jobs.locks import exclusive  # noqa: E402
 from jobs.settings import Paths, parse_overrides  # noqa: E402
 from jobs.vocab import read_vocab, title_ids_by_idx  # noqa: E402
 
@@ -124,8 +125,18 @@ QUICK_USERS = {"ml-1m": 300, "beauty": 1500}
 
 
 def prepare(dataset: str, args: argparse.Namespace) -> tuple[Paths, str]:
-    """Import and tokenize ``dataset`` with the product's jobs once; later parts reuse the history."""
+    """Import and tokenize ``dataset`` with the product's jobs once; later parts reuse the history.
+
+    Parts run as parallel processes (one per core) share the work home, so the first one prepares
+    it under an exclusive lock and the others wait for it instead of importing over it."""
     home = Paths(Path(args.work) / f"{dataset}{'-quick' if args.quick else ''}")
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    with exclusive(Path(args.work) / f".{home.home.name}.prepare.lock", f"bench work home {home.home}",
+                   "prepare", wait_s=7200.0):
+        return _prepare(dataset, home, args)
+
+
+def _prepare(dataset: str, home: Paths, args: argparse.Namespace) -> tuple[Paths, str]:
     if dataset == "taobao":
         return prepare_taobao(home, args)
     day = latest_partition_before(home.history, __import__("datetime").date.max) if home.history.exists() else None
