@@ -48,6 +48,7 @@ from pyspark.sql import types as T
 from pyspark.sql.window import Window
 
 from fm import schema as S
+from jobs.failpoints import failpoint
 from jobs.io import atomic_write_table, latest_partition_before, partition, partition_dates, swap_dir, temp_sibling
 from jobs.settings import Paths, parse_date, run_cli
 from jobs.spark import get_spark
@@ -339,10 +340,17 @@ def write_days(df: DataFrame, root: Path, days: list[dt.date], sort_by: tuple[st
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def _gc_history(paths: Paths) -> None:
+def _gc_history(paths: Paths, written: dt.date) -> None:
+    """Keep the newest ``KEEP_HISTORY_STATES`` states and the one just written.
+
+    Why the second: re-running (or backfilling) a date older than every kept state rebuilds it
+    from the raw days; counting only the newest states would delete that state at once, and the
+    date's embed would find no history. It goes at the next day's run, once its date is done."""
+    keep = partition(paths.history, written)
     states = sorted(paths.history.glob("dt=*"))
     for old in states[:-KEEP_HISTORY_STATES]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _read_back_tokens(spark: SparkSession, paths: Paths, days: list[dt.date], computed: DataFrame) -> DataFrame:
@@ -396,6 +404,7 @@ def run(cfg: TokenizeConfig, paths: Paths, spark: SparkSession | None = None) ->
     for d in days:
         vocab, added = grow_vocab(paths, d)
         new_titles += added
+    failpoint("tokenize.vocab_grown")                   # vocabulary appended and committed, no tokens written yet
     classified = classify(raw, title_lookup(spark, paths, vocab))
     bad = classified.filter(F.col("reason").isNotNull())
     deduped = dedupe(classified.filter(F.col("reason").isNull()))
@@ -414,9 +423,12 @@ def run(cfg: TokenizeConfig, paths: Paths, spark: SparkSession | None = None) ->
     else:
         write_days(tokens, paths.tokens, days, sort_by=("profile_id", "ts", "seq", "event_id"))
         write_days(quarantine, paths.quarantine, days)
+    failpoint("tokenize.tokens_committed")               # tokens and quarantine in place, history state not yet
     history = merge_history(old, _read_back_tokens(spark, paths, days, tokens), cfg.history_len)
     write_partition(history, partition(paths.history, day), sort_by=("profile_id",))
-    _gc_history(paths)
+    failpoint("tokenize.history_committed")              # the day's history state in place, old states not yet collected
+    _gc_history(paths, day)
+    failpoint("tokenize.history_gc_done")                # old history states collected, step record not yet written
 
     stats = {"date": day.isoformat(), "mode": "full" if full else "incremental", "days": len(days),
              **_counts(paths, day, days), "new_titles": new_titles, "vocab_titles": vocab.num_rows,

@@ -185,3 +185,28 @@ def test_history_states_chain_day_by_day_and_a_gap_names_the_missing_day(spark, 
     write_day(home, D5, [ev("k1", 1, "2026-11-05T09:00:00Z", "a", "play", 60.0)])    # D4: no raw at all
     assert not raw_partition(home, D4).exists()
     assert tokenize.run(tokenize.TokenizeConfig(date=D5.isoformat()), home, spark)["previous_state"] == D3.isoformat()
+
+
+def test_rerun_of_a_date_older_than_every_kept_state_rebuilds_it_and_keeps_it(spark, tmp_path):
+    """Five days tokenized keep the states of days 3-5; re-running day 1 (an Airflow clear, a
+    fix-and-rerun) rebuilds day 1 from the raw days, equal to the daily run's state, and the history
+    GC keeps it (it used to delete the state it had just written, so embed found no history) while
+    leaving the newer states untouched. The next daily run collects it. Day 2 is re-run: it has an
+    earlier raw day and no earlier state, so only a rebuild from every raw day keeps day 1's events."""
+    from jobs import generate
+    from jobs.settings import Paths
+    home = Paths(tmp_path / "w")
+    generate.run(generate.GenerateConfig(profiles=30, titles=20, days=6, new_titles_per_day=1, seed=3), home)
+    days = sorted(dt.date.fromisoformat(p.name[3:]) for p in home.raw.glob("dt=*"))
+    for d in days[:5]:
+        tokenize.run(tokenize.TokenizeConfig(date=d.isoformat(), history_len=20), home, spark)
+        if d == days[1]:
+            first = pq.read_table(partition(home.history, d)).sort_by("profile_id")
+    newer = {d: pq.read_table(partition(home.history, d)) for d in days[2:5]}
+    assert sorted(p.name for p in home.history.glob("dt=*")) == [f"dt={d}" for d in days[2:5]]
+    out = tokenize.run(tokenize.TokenizeConfig(date=days[1].isoformat(), history_len=20), home, spark)
+    assert out["mode"] == "full" and out["days"] == 2
+    assert pq.read_table(partition(home.history, days[1])).sort_by("profile_id").to_pylist() == first.to_pylist()
+    assert all(pq.read_table(partition(home.history, d)).equals(t) for d, t in newer.items())
+    tokenize.run(tokenize.TokenizeConfig(date=days[5].isoformat(), history_len=20), home, spark)
+    assert sorted(p.name for p in home.history.glob("dt=*")) == [f"dt={d}" for d in days[3:6]]
