@@ -47,6 +47,7 @@ from fm.extract import (LayerSpec, ProfileEncoder, default_layers, embed_batches
 from fm.model import FoundationModel
 from fm.schema import N_SPECIAL, profile_embedding_schema, title_embedding_schema
 from fm.fit import pick_device
+from jobs.failpoints import failpoint
 from jobs.io import atomic_write_json, partition, swap_dir, temp_sibling
 from jobs.settings import run_cli, Paths, parse_date
 from jobs.train import current_model_dir
@@ -434,7 +435,9 @@ def run(cfg: EmbedConfig, paths: Paths, spark=None) -> dict:
         atomic_write_json({**common, "alignment": title_align, "table": "title", "rows": len(tv), "new_titles": n_new,
                            "checksum": tcheck.hexdigest()}, title_tmp / "_manifest.json")
         swap_dir(prof_tmp, prof_final)
+        failpoint("embed.profiles_committed")          # profile table in place, title table not yet
         swap_dir(title_tmp, title_final)
+        failpoint("embed.committed")                   # both tables in place, step record not yet written
     except BaseException:
         shutil.rmtree(prof_tmp, ignore_errors=True)
         shutil.rmtree(title_tmp, ignore_errors=True)

@@ -33,6 +33,7 @@ from fm import schema as S
 from fm.data import data_root
 from jobs.catalogue_import import before_release, catalogue_from_table
 from jobs.io import atomic_write_json, atomic_write_table, fsync_tree
+from jobs.failpoints import failpoint
 from jobs.settings import Paths, parse_overrides
 
 
@@ -199,6 +200,7 @@ def write_raw(events: pd.DataFrame, paths: Paths, key: str) -> dict:
     first removes its previous files, so re-running an import is idempotent."""
     for old in paths.raw.glob(f"dt=*/part-{key}-*.parquet"):
         old.unlink()
+    failpoint("import.old_files_removed")               # this source's previous files gone, new ones not yet written
     events = events.sort_values("dt", kind="stable")          # one file per day: rows of a day are contiguous
     table = pa.Table.from_pandas(events, preserve_index=False)
     data = table.drop(["dt"]).cast(S.RAW_EVENT_SCHEMA).append_column("dt", table["dt"])
@@ -207,6 +209,7 @@ def write_raw(events: pd.DataFrame, paths: Paths, key: str) -> dict:
                        existing_data_behavior="overwrite_or_ignore", basename_template=f"part-{key}-{{i}}.parquet",
                        max_partitions=1_000_000)   # a long log spans years of daily partitions
     fsync_tree(paths.raw)
+    failpoint("import.raw_committed")                  # raw files written and fsynced, import not yet reported
     days = sorted(events["dt"].unique())
     return {"events": len(events), "days": len(days), "first_day": days[0], "last_day": days[-1],
             "profiles": int(events["profile_id"].nunique()), "titles": int(events["title_id"].nunique())}
@@ -272,6 +275,7 @@ def run(cfg: ImportConfig, paths: Paths) -> dict:
         return dry_run_report(events, cat, early, key)
     cat = merge_catalogue(paths, cat, keep_existing=not cfg.catalogue)
     atomic_write_table(cat, paths.catalogue)
+    failpoint("import.catalogue_committed")            # catalogue replaced, raw events not yet written
     meta = write_dataset_meta(paths, str(src), events["action"].dropna().unique(), cfg.target_actions)
     return {**write_raw(events, paths, key), "catalogue_titles": cat.num_rows, "target_actions": meta["target_actions"],
             "before_release": early}

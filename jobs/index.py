@@ -39,6 +39,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from jobs.io import atomic_write_json, atomic_write_table, partition, swap_dir, temp_sibling
+from jobs.failpoints import failpoint
 from jobs.settings import run_cli, Paths, parse_date
 
 INDEX_FILE, IDS_FILE, META_FILE = "titles.faiss", "title_ids.parquet", "index_meta.json"
@@ -179,6 +180,7 @@ def _vectors(table, column: str) -> np.ndarray:
 def _write(index: faiss.Index, path: Path) -> None:
     tmp = temp_sibling(path)
     faiss.write_index(to_cpu(index), str(tmp))
+    failpoint(f"index.write:{path.name}")        # index file written aside, not yet renamed (its folder is fsynced by swap_dir)
     os.replace(tmp, path)
 
 
@@ -252,7 +254,9 @@ def run(cfg: IndexConfig, paths: Paths) -> dict:
             m = pubs.manifest(paths, cur["publication"])
             m["index"] = result
             pubs.write_manifest(paths, cur["publication"], m)
+            failpoint("index.before_pointer")           # rebuilt indexes in place, pointer not yet moved to them
             pubs.settle(paths, record)
+            failpoint("index.pointer_moved")            # pointer names the new indexes, the old folder not yet removed
             old = paths.home / cur["index_dir"] if cur.get("index_dir") else None
             if old is not None and old != out and old.exists():
                 shutil.rmtree(old, ignore_errors=True)

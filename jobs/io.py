@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from fm.durable import commit_file as _commit, fsync_path, fsync_tree  # noqa: F401 (re-exported)
 from jobs.settings import DIR_MODE, FILE_MODE, Paths
+from jobs.failpoints import failpoint
 
 
 def partition(root: Path, day: dt.date) -> Path:
@@ -50,7 +51,9 @@ def atomic_write_table(table: pa.Table, path: Path) -> Path:
     tmp = temp_sibling(path)
     pq.write_table(table, tmp)
     os.chmod(tmp, FILE_MODE)
+    failpoint(f"io.before_rename:{path.name}")   # file written aside, not yet renamed into place
     _commit(tmp, path)
+    failpoint(f"io.renamed:{path.name}")         # renamed into place and fsynced
     return path
 
 
@@ -62,7 +65,9 @@ def atomic_write_text(text: str, path: Path) -> Path:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         os.fchmod(f.fileno(), FILE_MODE)          # the umask may have removed bits, never adds any back
         f.write(text)
+    failpoint(f"io.before_rename:{path.name}")   # file written aside, not yet renamed into place
     _commit(tmp, path)
+    failpoint(f"io.renamed:{path.name}")         # renamed into place and fsynced
     return path
 
 
@@ -83,8 +88,10 @@ def swap_dir(staging: Path, final: Path) -> None:
     if final.exists():
         old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
         os.replace(final, old)
+    failpoint(f"io.swap_dir.aside:{final.parent.name}/{final.name}")   # old copy aside, new one not yet in place
     os.replace(staging, final)
     fsync_path(final.parent)
+    failpoint(f"io.swap_dir.done:{final.parent.name}/{final.name}")    # new copy in place, old one not yet removed
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

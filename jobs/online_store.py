@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.embed import published_at
+from jobs.failpoints import failpoint
 
 LIVE_TABLE = "fmpipe_publication_live"
 POINTER_TABLE = "fmpipe_publication_pointer"     # the pointer record, written in the swap transaction
@@ -206,6 +207,7 @@ class OnlineTables(PublicationNames):
                 c.execute(f'ALTER TABLE "{table}" RENAME TO "{live}"')
                 c.execute(f"INSERT OR REPLACE INTO {LIVE_TABLE} VALUES (?, ?)", (fv_name, new_pub))
             c.execute(f"INSERT OR REPLACE INTO {POINTER_TABLE} VALUES (1, ?)", (json.dumps(record, sort_keys=True),))
+            failpoint("publish.swap.uncommitted")  # tables renamed and pointer stored inside the open transaction
             c.execute("COMMIT")
         except BaseException:
             c.execute("ROLLBACK")

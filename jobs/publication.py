@@ -207,6 +207,7 @@ def _append_history(paths: Paths, record: dict) -> None:
         os.fchmod(f.fileno(), FILE_MODE)
         f.write(("\n" if torn else "") + json.dumps(record, sort_keys=True) + "\n")
         f.flush()
+        failpoint("publish.journal.unsynced")      # history line in the page cache, not yet fsynced
         os.fsync(f.fileno())
     if created:
         fsync_path(f_path.parent)                 # the new file's name must survive power loss too
@@ -303,10 +304,13 @@ def settle(paths: Paths, record: dict) -> None:
     if m.get("status") != "committed" or not m.get("retained", True):
         m.update({"status": "committed", "retained": True})
         write_manifest(paths, record["publication"], m)
+    failpoint("publish.settle.manifest")           # manifest says committed, CURRENT.json not yet rewritten
     if _pointer_file(paths) != record:
         atomic_write_json(record, pointer_path(paths))
+    failpoint("publish.settle.pointer")            # CURRENT.json written, history line not yet appended
     if record.get("seq") not in {r.get("seq") for r in history(paths)}:
         _append_history(paths, record)
+    failpoint("publish.settle.journal")            # history line appended, published/ tree not yet synced
     from jobs.published import sync                  # the offline store follows every pointer move
     sync(paths)
 
@@ -323,6 +327,7 @@ def reconcile(paths: Paths, online: OnlineTables | None = None) -> str | None:
     if cur is None:
         return None
     repaired = cur["publication"] if _pointer_file(paths) != cur else None
+    failpoint("publish.reconcile")                 # recovery under way: files not yet settled from the store's record
     settle(paths, cur)
     if online is None or not online.atomic:
         return repaired
@@ -363,6 +368,7 @@ def collect_garbage(paths: Paths, online: OnlineTables, keep: int) -> dict:
     for table in online.tables(f"{online.project}__stage_"):
         online.drop(table)
         dropped.append(table)
+    failpoint("publish.gc.online_dropped")          # old online tables dropped, old publication folders not yet
     for d in root(paths).iterdir() if root(paths).exists() else []:
         if not d.is_dir() or d.name.startswith("."):
             continue

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from jobs import publication as pubs
 from jobs import feature_spec, staging, verdict
 from jobs.feast_store import apply_if_changed, get_store
+from jobs.failpoints import failpoint
 from jobs.online_store import open_online
 from jobs.io import partition
 from jobs.redact import redact_text
@@ -116,6 +117,7 @@ def run(cfg: PublishConfig, paths: Paths) -> dict:
                 out = pubs.pub_dir(paths, pub_id) / "index"
                 index_meta = build_publication_indexes(IndexConfig(date=day.isoformat()), paths, out)
                 index_dir = str(out.relative_to(paths.home))
+            failpoint("publish.index_built")        # online state staged and indexes written, nothing committed
             t3 = time.perf_counter()
             m = pubs.manifest(paths, pub_id)
             m.update({k: staged[k] for k in ("base", "rows", "carried", "seeded", "timings")})

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from jobs.io import atomic_write_json, fsync_path, partition, swap_dir, temp_sibling
 from jobs.settings import DIR_MODE, Paths
+from jobs.failpoints import failpoint
 
 VIEWS = ("profile", "title")
 
@@ -121,9 +122,11 @@ def sync(paths: Paths) -> dict:
     for d in added:
         for view in VIEWS:
             _place(paths, view, dt.date.fromisoformat(d))
+            failpoint("published.placed")           # one view's date linked into published/, the next not yet
     for d in sorted(set(removed) | stray):
         for view in VIEWS:
             _withdraw(paths, view, d)
+    failpoint("published.before_state")               # tree linked/withdrawn, STATE.json not yet rewritten
     if want != have:
         atomic_write_json(want, root(paths) / "STATE.json")
     return {"added": added, "removed": sorted(set(removed) | stray)}

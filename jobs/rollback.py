@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from jobs.online_store import open_online
 from jobs.io import atomic_write_json, partition, partition_dates
+from jobs.failpoints import failpoint
 from jobs.publication import (FEATURE_VIEWS, PublishOrderError, collect_garbage, commit, current, history, lock,
                               manifest, new_id, pub_dir, reconcile, root, write_manifest)
 from jobs.redact import redact
@@ -87,6 +88,7 @@ def release(paths: Paths) -> dict:
         held = pin(paths, current(paths))
         if held is None:
             return {"released": None, "action": "noop (no rollback pin in force)"}
+        failpoint("rollback.release")                    # pin release decided, PIN_RELEASED.json not yet written
         atomic_write_json({"seq": held["seq"], "publication": held["publication"], "date": held["date"],
                            "released_at": dt.datetime.now(dt.timezone.utc).isoformat()}, release_path(paths))
     return {"released": held["publication"], "date": held["date"], "seq": held["seq"], "action": "released"}
@@ -169,8 +171,10 @@ def rollback(cfg: RollbackConfig, paths: Paths) -> dict:
                 m.update({k: staged[k] for k in ("base", "rows", "carried", "seeded")}, index=meta)
                 write_manifest(paths, pub_id, m)
                 action, incoming, model_version = "rollback_rebuild", staged["staging"], meta["titles"]["model_version"]
+            failpoint("rollback.staged")                # target chosen (or rebuilt aside), nothing committed
             record = commit(paths, online, pub_id, day, incoming if online.atomic else {}, index_dir, model_version, action,
                             backwards_ok=True)            # a rollback is the explicit way back
+            failpoint("rollback.committed")             # rolled back and mirrored, garbage not yet collected
             gc = collect_garbage(paths, online, cfg.keep)
     finally:
         online.close()

@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 
 from fm import schema as S
 from jobs import verdict
+from jobs.failpoints import failpoint
 from jobs.io import atomic_write_json, partition
 from jobs.settings import REPO_ROOT, Paths, parse_date, run_cli
 from jobs.verdict import GateFailed  # noqa: F401 (re-exported: the gate's failure type)
@@ -492,6 +493,7 @@ def run(cfg: ValidateConfig, paths: Paths) -> dict:
     (:mod:`jobs.verdict`): the old verdict is removed first, the new one written atomically last."""
     day = parse_date(cfg.date)
     verdict.invalidate(paths, day)
+    failpoint("validate.invalidated")                 # old verdict removed, suites not yet run
     checked = verdict.inputs(paths, day)
     builders = [lambda: tokens_check(paths, day, thresholds("tokens", cfg.thresholds)),
                 *embedding_checks(paths, day, cfg.thresholds)]
@@ -508,6 +510,7 @@ def run(cfg: ValidateConfig, paths: Paths) -> dict:
     verdict.require_unchanged(checked, paths, day)
     bound = verdict.bind(out, checked)
     atomic_write_json(bound, verdict.summary_path(paths, day))
+    failpoint("validate.verdict_written")             # verdict committed, step record not yet written
     out["inputs_sha256"] = bound["inputs_sha256"]
     if not out["success"]:
         raise GateFailed(describe_failures(summaries))
