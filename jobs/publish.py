@@ -129,6 +129,8 @@ def run(cfg: PublishConfig, paths: Paths) -> dict:
             gc = pubs.collect_garbage(paths, online, cfg.keep)
     finally:
         online.close()
+    from jobs.sql import refresh_catalogue
+    catalogue = refresh_catalogue(paths)
     write_s = sum(v["write_s"] for v in staged["timings"].values())
     prof = staged["timings"]["profile_embeddings"]
     online_s = (t2 - t1) + (t4 - t3)
@@ -143,7 +145,7 @@ def run(cfg: PublishConfig, paths: Paths) -> dict:
                       for k, v in (index_meta or {}).items()},
             "dropped": gc["dropped"],
             "registry": redact_text(str(store.config.registry_config)), "online_store": store.config.online_store.type,
-            "atomic_swap": online.atomic}
+            "atomic_swap": online.atomic, **catalogue}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -178,9 +178,10 @@ def rollback(cfg: RollbackConfig, paths: Paths) -> dict:
             gc = collect_garbage(paths, online, cfg.keep)
     finally:
         online.close()
+    from jobs.sql import refresh_catalogue
     return {"rolled_back_to": pub_id, "date": day.isoformat(), "action": action, "seq": record["seq"],
             "previous": record["previous"], "index_dir": index_dir, "rollback_s": round(time.perf_counter() - t0, 3),
-            "dropped": gc["dropped"]}
+            "dropped": gc["dropped"], **refresh_catalogue(paths)}
 
 
 def main(argv: list[str] | None = None) -> dict:

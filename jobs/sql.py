@@ -235,8 +235,7 @@ def write_catalogue(paths: Paths, out: Path | None = None) -> Path:
     Views over the Parquet and JSON files by absolute path: ``tokens`` and the other partitioned
     tables glob their ``dt=*`` folders, so new days appear without rewriting the file; the published
     embedding days, the model and gate files, the publications and the lookups are fixed when the
-    file is written, so rewrite it after each publish, rollback or training (the pipeline's last
-    step). The SQL of each view is DuckDB's own rendering of the relation (``sql_query``), so
+    file is written, so publish, rollback and training rewrite it (:func:`refresh_catalogue`). The SQL of each view is DuckDB's own rendering of the relation (``sql_query``), so
     paths are quoted by DuckDB, not by us. Written aside and renamed: a reader that has the old file
     open keeps it, a new reader sees the new one, and a crash leaves the old file whole.
     The file is not locked down: whoever may read it may read the tables it points at anyway."""
@@ -262,6 +261,24 @@ def write_catalogue(paths: Paths, out: Path | None = None) -> Path:
     os.chmod(tmp, FILE_MODE)
     commit_file(tmp, out)
     return out
+
+
+def refresh_catalogue(paths: Paths) -> dict:
+    """Rewrite the analysts' catalogue file after a serving move (publish, rollback, promotion),
+    if one was ever made with ``fmpipe sql --catalogue``: its published days, publications and
+    models are fixed when written, so without this a BI tool would keep showing yesterday's
+    serving state. Why a failure is only reported: the serving move has committed and must not be
+    undone by a convenience file; the old file stays whole (written aside) and the next move or
+    ``fmpipe sql --catalogue`` rewrites it."""
+    out = catalogue_path(paths)
+    if not out.exists():
+        return {"catalogue": None}
+    try:
+        write_catalogue(paths, out)
+    except (OSError, duckdb.Error, ValueError) as e:
+        return {"catalogue": str(out), "catalogue_error": f"not rewritten ({type(e).__name__}: {e}); "
+                f"run `fmpipe sql --catalogue` to retry"}
+    return {"catalogue": str(out)}
 
 
 def _identifier(name: str) -> str:

@@ -226,8 +226,10 @@ def run(cfg: TrainJobConfig, paths: Paths) -> dict:
     if decision["promote"]:
         atomic_write_json({"version": version, "promoted_at": dt.datetime.now(dt.timezone.utc).isoformat()},
                           paths.models / "CURRENT.json")
+    from jobs.sql import refresh_catalogue
     return {"model_version": version, "path": str(out), "n_params": model.n_params(), "promoted": decision["promote"],
-            "gate": decision, "valid": result.best, **{k: v for k, v in metrics.items() if k != "history"}}
+            "gate": decision, "valid": result.best, **{k: v for k, v in metrics.items() if k != "history"},
+            **refresh_catalogue(paths)}
 
 
 def main(argv: list[str] | None = None) -> dict:

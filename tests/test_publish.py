@@ -474,3 +474,25 @@ def test_a_torn_history_line_and_an_empty_current_json_recover_from_the_commit_r
         rb.release(paths)
         run_publish(paths, D2)
     assert live_state(paths) == d2_state and pubs.current(paths)["date"] == D2.isoformat()
+
+
+def test_the_analysts_catalogue_file_follows_publish_and_rollback(tmp_path, monkeypatch):
+    """Once an analyst has made the DuckDB catalogue file, every serving move rewrites it, so a BI
+    tool never shows a day that is no longer (or not yet) served; without the file nothing is written."""
+    import duckdb
+    from jobs import sql
+    monkeypatch.setenv("FMPIPE_HOME", str(tmp_path / "var"))
+    paths = Paths.from_env()
+    write_day(paths, D1, range(0, 20), "m1", 1)
+    write_day(paths, D2, range(10, 30), "m2", 2)
+    assert run_publish(paths, D1)["catalogue"] is None and not sql.catalogue_path(paths).exists()
+    sql.write_catalogue(paths)
+
+    def served() -> list[str]:
+        with duckdb.connect(str(sql.catalogue_path(paths)), read_only=True) as con:
+            return sorted(r[0] for r in con.execute("SELECT DISTINCT CAST(dt AS VARCHAR) FROM profile_embeddings").fetchall())
+    assert served() == [D1.isoformat()]
+    assert run_publish(paths, D2)["catalogue"] == str(sql.catalogue_path(paths))
+    assert served() == [D1.isoformat(), D2.isoformat()]
+    assert rb.rollback(rb.RollbackConfig(to=D1.isoformat()), paths)["catalogue"] == str(sql.catalogue_path(paths))
+    assert served() == [D1.isoformat()]
