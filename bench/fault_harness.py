@@ -14,7 +14,7 @@
   count as durable: SQLite fsyncs them itself from C (``synchronous=FULL``), which the Python hook
   cannot see. Deletions (``unlink``/``rmtree``) are taken as durable: lenient, said in the report.
 * ENOSPC: with ``FMPIPE_ENOSPC=<substring>:<n>`` the hook raises ``OSError(28)`` at the n-th fsync
-  of a path containing the substring (a full disk surfaces at the flush of delayed allocation; the
+  of a path whose part under FMPIPE_HOME contains the substring (a full disk surfaces at the flush of delayed allocation; the
   writes themselves come from C++ and the JVM, which the hook cannot reach).
 """
 from __future__ import annotations
@@ -53,7 +53,8 @@ if _LOG:
             path, st = "?", None
         if _ENOSPC:
             sub, n = _ENOSPC.rsplit(":", 1)
-            if sub in path:
+            home = os.path.realpath(os.environ.get("FMPIPE_HOME", "/")) + "/"
+            if sub in (path[len(home):] if path.startswith(home) else path):      # matched inside the home only
                 _hits[0] += 1
                 if _hits[0] == int(n):
                     _log("enospc", path)

@@ -49,7 +49,7 @@ def read_once(store, paths, entities: list[int], features: list[str], cache: dic
     h = hashlib.blake2b(digest_size=12)
     for f in sorted(got):
         for v in got[f]:
-            h.update(repr(None if v is None else np.round(np.asarray(v, np.float32), 5).tolist()).encode())
+            h.update(repr(v if v is None or isinstance(v, (str, int)) else np.round(np.asarray(v, np.float32), 5).tolist()).encode())
     h.update(ids.tobytes())
     return {"publication": cur["publication"], "seq": cur["seq"], "date": cur["date"], "fp": h.hexdigest()}
 

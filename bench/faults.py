@@ -121,6 +121,7 @@ QUICK = ("kill9@tokenize.history_committed", "kill9@publish.swap.uncommitted", "
 class World:
     root: Path
     base: Paths
+    validated: Paths
     reference: Paths
     yesterday: dt.date
     day: dt.date
@@ -148,7 +149,11 @@ def setup(root: Path) -> World:
     ref = use(Paths(root / "reference"))
     shutil.copytree(base.home, ref.home)
     pipeline.run_all(today.isoformat())
-    w = World(root, base, ref, yesterday, today, served_y, served(ref), table_rows(ref))
+    validated = use(Paths(root / "validated"))               # today checked, tokenized, embedded, validated
+    shutil.copytree(base.home, validated.home)
+    for step in ("check_raw", "tokenize", "embed", "validate"):
+        getattr(pipeline, step)(today.isoformat())
+    w = World(root, base, validated, ref, yesterday, today, served_y, served(ref), table_rows(ref))
     use(base)
     return w
 
@@ -165,7 +170,8 @@ def run_fault(name: str, w: World) -> k.Outcome:
             o.compare = None
             fn(w, o)
         else:
-            shutil.copytree(w.base.home, paths.home)
+            src = w.validated if getattr(fn, "base", "base") == "validated" else w.base
+            shutil.copytree(src.home, paths.home)
             use(paths)
             fn(w, paths, o)
             if o.compare is not None:

@@ -34,6 +34,7 @@ from fm.data import data_root
 from jobs.catalogue_import import before_release, catalogue_from_table
 from jobs.io import atomic_write_json, atomic_write_table, fsync_tree
 from jobs.failpoints import failpoint
+from jobs.locks import shared_lock
 from jobs.settings import Paths, parse_overrides
 
 
@@ -61,16 +62,30 @@ class ImportConfig:
     before_release: str = "quarantine"   # events before a title's release: quarantine | accept (move the release back)
     dry_run: bool = False                # check everything, print what would be written, write nothing
     delimiter: str = ","
+    catalogue_delimiter: str = ""        # the catalogue CSV's separator (empty: the log's delimiter)
     target_actions: str = ""             # actions that count as interactions (next-title targets), comma-separated;
                                          # default: every imported action except impression / pause / search
 
 
-def read_any(path: Path, delimiter: str = ",") -> pa.Table:
+SEPARATORS = {",": "','", ";": "';'", "\t": "tab", "|": "'|'"}
+
+
+def read_any(path: Path, delimiter: str = ",", option: str = "delimiter") -> pa.Table:
+    """A CSV or Parquet table. A CSV that parses into one column whose name holds another common
+    separator was read with the wrong one: say which option to set, instead of reporting every
+    mapped column as missing."""
     if not path.exists():
         raise FileNotFoundError(f"source {path} does not exist")
     if path.suffix == ".parquet" or path.is_dir():
         return pq.read_table(path)
-    return pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter))
+    table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter))
+    if table.num_columns == 1:
+        other = [sep for sep in SEPARATORS if sep != delimiter and sep in table.column_names[0]]
+        if other:
+            raise ImportError_(f"{path}: read with {option}={delimiter!r} it has one column "
+                               f"{table.column_names[0]!r}; it looks {SEPARATORS[other[0]]}-separated: "
+                               f"set {option}={other[0]!r}")
+    return table
 
 
 def _column(table: pa.Table, name: str, role: str, where: str) -> pd.Series:
@@ -265,7 +280,8 @@ def run(cfg: ImportConfig, paths: Paths) -> dict:
     key = source_key(src)
     events = events_from_table(read_any(src, cfg.delimiter), cfg, key)
     if cfg.catalogue:
-        cat = catalogue_from_table(read_any(Path(cfg.catalogue), cfg.delimiter), cfg.catalogue_map, cfg.catalogue,
+        cat = catalogue_from_table(read_any(Path(cfg.catalogue), cfg.catalogue_delimiter or cfg.delimiter,
+                                            "catalogue_delimiter"), cfg.catalogue_map, cfg.catalogue,
                                    cfg.genres_sep, cfg.date_format)
         check_unique_titles(cat, cfg.catalogue)
     else:
@@ -273,11 +289,15 @@ def run(cfg: ImportConfig, paths: Paths) -> dict:
     cat, early = before_release(cat, events, cfg.before_release)
     if cfg.dry_run:
         return dry_run_report(events, cat, early, key)
-    cat = merge_catalogue(paths, cat, keep_existing=not cfg.catalogue)
-    atomic_write_table(cat, paths.catalogue)
-    failpoint("import.catalogue_committed")            # catalogue replaced, raw events not yet written
-    meta = write_dataset_meta(paths, str(src), events["action"].dropna().unique(), cfg.target_actions)
-    return {**write_raw(events, paths, key), "catalogue_titles": cat.num_rows, "target_actions": meta["target_actions"],
+    # one import writes at a time: the catalogue is read, merged and replaced, so two overlapping
+    # imports would each drop the titles the other added (the last rename wins)
+    with shared_lock(paths, "state-import", "import"):
+        cat = merge_catalogue(paths, cat, keep_existing=not cfg.catalogue)
+        atomic_write_table(cat, paths.catalogue)
+        failpoint("import.catalogue_committed")            # catalogue replaced, raw events not yet written
+        meta = write_dataset_meta(paths, str(src), events["action"].dropna().unique(), cfg.target_actions)
+        written = write_raw(events, paths, key)
+    return {**written, "catalogue_titles": cat.num_rows, "target_actions": meta["target_actions"],
             "before_release": early}
 
 

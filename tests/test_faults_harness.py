@@ -75,3 +75,14 @@ def test_an_import_killed_at_its_catalogue_commit_is_restored_by_the_reimport(tm
     assert o.checks and all(o.checks.values()), (o.checks, o.detail)
     assert o.rows_lost == 0
     assert os.listdir(tmp_path)
+
+
+def test_overlapping_imports_keep_every_title(tmp_path):
+    """Found by the fault suite: the second import's catalogue titles were lost when the first import's
+    merged catalogue, read before the second wrote, was renamed into place after it."""
+    from bench.fault_imports import overlapping_imports
+    from bench.fault_kinds import Outcome
+    o = Outcome("overlapping_imports", "")
+    overlapping_imports(SimpleNamespace(root=tmp_path), o)
+    assert o.checks and all(o.checks.values()), (o.checks, o.detail)
+    assert o.rows_lost == 0
