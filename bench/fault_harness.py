@@ -97,8 +97,9 @@ def start(paths, code: str, point: str | None = None, hooked: bool = False, enos
     marker, err = root / f"{tag}.reached", root / f"{tag}.stderr"
     env = {**os.environ, "FMPIPE_HOME": str(paths.home), **(env_extra or {})}
     env.pop("FMPIPE_FAILPOINT", None)
-    if point:
-        env.update(FMPIPE_FAILPOINT=point, FMPIPE_FAILPOINT_MARKER=str(marker))
+    if point:                                   # "name#n": the n-th time the point is reached
+        name, _, nth = point.partition("#")
+        env.update(FMPIPE_FAILPOINT=name, FMPIPE_FAILPOINT_MARKER=str(marker), FMPIPE_FAILPOINT_SKIP=str(int(nth or 1) - 1))
     log = None
     if hooked or enospc:
         log = root / f"{tag}.fsync.log"

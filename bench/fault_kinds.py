@@ -5,7 +5,8 @@ Every fault gets a fresh copy of the world (yesterday published, today's raw dat
 when the cause is gone; the driver then compares every table with the undisturbed reference
 (:mod:`bench.fault_tables`). Kinds:
 
-* ``kill9@<failpoint>``: kill -9 at a failpoint (:mod:`jobs.failpoints`); while broken, consumers
+* ``kill9@<failpoint>[#n]``: kill -9 at a failpoint (:mod:`jobs.failpoints`; ``#2``: its second hit, e.g.
+  the commit's settle after the recovery's at the start of publish); while broken, consumers
   must be served yesterday's or today's publication whole, whichever the commit point implies.
 * ``power_loss@<failpoint>``: the same, then every write not fsynced is dropped
   (:func:`bench.fault_harness.drop_unsynced`).

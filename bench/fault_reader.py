@@ -133,7 +133,7 @@ def run(w, home_paths, reads: int, min_ops: int, log) -> dict:
         ops.append("rollback")
         settle_fp()
         release(paths)
-        point = ("publish.staged_view", "publish.swapped", "publish.swap.uncommitted", "publish.settle.pointer")[cycle % 4]
+        point = ("publish.staged_view", "publish.swapped", "publish.swap.uncommitted", "publish.settle.pointer#2")[cycle % 4]
         r = run_step(paths, code, point=point)
         ops.append(f"kill9@{point}" if r.reached else f"failed_to_reach@{point}")
         settle_fp()

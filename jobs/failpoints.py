@@ -13,9 +13,16 @@ import time
 from pathlib import Path
 
 
+_HITS: dict[str, int] = {}
+
+
 def failpoint(name: str) -> None:
-    """Block here (after signalling through the marker file) when ``FMPIPE_FAILPOINT`` names this point."""
+    """Block here (after signalling through the marker file) when ``FMPIPE_FAILPOINT`` names this point;
+    ``FMPIPE_FAILPOINT_SKIP=n`` lets the first n hits pass (a point reached on recovery and on commit)."""
     if os.environ.get("FMPIPE_FAILPOINT") != name:
+        return
+    _HITS[name] = _HITS.get(name, 0) + 1
+    if _HITS[name] <= int(os.environ.get("FMPIPE_FAILPOINT_SKIP", "0")):
         return
     marker = os.environ.get("FMPIPE_FAILPOINT_MARKER")
     if marker:
