@@ -177,6 +177,31 @@ def rank_targets(score_fn: ScoreFn, seqs: Sequences, es: EvalSet, max_len: int, 
     return ranks
 
 
+@torch.no_grad()
+def top_titles(score_fn: ScoreFn, seqs: Sequences, es: EvalSet, max_len: int, n: int,
+               batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """The ``n`` best titles of every target of ``es`` and their scores, ``(len(es), n)`` each, best
+    first, among exactly the titles :func:`rank_targets` ranks (PAD/OOV and the input history
+    removed, the target kept): the candidate pool a re-ranker (``fm.diversity``) reorders, so its
+    lists are scored under this protocol. Refused inside :func:`selecting` for test targets."""
+    if _SELECTING[0] and es.role != "valid":
+        raise SelectionReadTest("a selection read the test targets' lists: choose on Split.valid only")
+    titles = seqs.values["title"]
+    top = np.zeros((len(es), n), np.int64)
+    val = np.zeros((len(es), n), np.float32)
+    for sel in length_bucketed(np.minimum(es.ends, max_len), batch_size):
+        rows, ends = es.rows[sel], es.ends[sel]
+        scores = score_fn(seqs.batch(rows, max_len, ends=ends)).float().clone()
+        scores[:, :N_SPECIAL] = float("-inf")
+        for i, (r, e) in enumerate(zip(rows, ends)):
+            seen = np.unique(titles[seqs.offsets[r]: seqs.offsets[r] + e])
+            seen = seen[(seen >= N_SPECIAL) & (seen != es.targets[sel][i])]
+            scores[i, torch.as_tensor(seen, dtype=torch.long)] = float("-inf")
+        v, t = scores.topk(min(n, scores.shape[1]), dim=1)
+        top[sel, : t.shape[1]], val[sel, : t.shape[1]] = t.numpy(), v.numpy()
+    return top, val
+
+
 def evaluate(score_fn: ScoreFn, seqs: Sequences, es: EvalSet, max_len: int, batch_size: int = 256,
              ks: tuple[int, ...] = (10, 50)) -> dict[str, float]:
     """HR@k / NDCG@k averaged over the users of ``es``, full ranking, history removed."""

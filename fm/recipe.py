@@ -179,7 +179,7 @@ def held_out_back(leave_one_out: bool) -> int:
 def train(r: Recipe, model: FoundationModel, seqs: Sequences, leave_one_out: bool,
           among: np.ndarray | None = None, exclude_titles: np.ndarray | None = None,
           state_dir: Path | None = None, resume: bool = False, checkpoint_every_s: float = 0.0,
-          interrupt_after: int | None = None, desc: str = "train") -> tuple[FitResult, P.EvalSet]:
+          interrupt_after: int | None = None, desc: str = "train", wrap=None) -> tuple[FitResult, P.EvalSet]:
     """Train ``model`` in place on ``seqs`` (rows ``among``, default all) without each row's last
     ``held_out_back`` events; validate on the first of those; keep the best checkpoint.
 
@@ -196,19 +196,26 @@ def train(r: Recipe, model: FoundationModel, seqs: Sequences, leave_one_out: boo
             return P.evaluate(score, seqs, valid, model.cfg.max_len) if len(valid) else {"ndcg@10": 0.0, "users": 0}
 
     result = fit_model(r, model, train_seqs, validate, exclude_titles=exclude_titles, state_dir=state_dir,
-                       resume=resume, checkpoint_every_s=checkpoint_every_s, interrupt_after=interrupt_after, desc=desc)
+                       resume=resume, checkpoint_every_s=checkpoint_every_s, interrupt_after=interrupt_after, desc=desc,
+                       wrap=wrap)
     return result, valid
 
 
 def fit_model(r: Recipe, model: FoundationModel, train_seqs: Sequences, validate, select: str = "ndcg@10",
               exclude_titles: np.ndarray | None = None, state_dir: Path | None = None, resume: bool = False,
-              checkpoint_every_s: float = 0.0, interrupt_after: int | None = None, desc: str = "train") -> FitResult:
+              checkpoint_every_s: float = 0.0, interrupt_after: int | None = None, desc: str = "train",
+              wrap=None) -> FitResult:
     """The recipe's objective and fit on exactly ``train_seqs``, keeping the checkpoint best on
     ``validate()[select]``: what :func:`train` runs after choosing its held-out events, and what a
-    benchmark with another split (bench/surfaces.py: per-canvas targets) runs itself."""
+    benchmark with another split (bench/surfaces.py: per-canvas targets) runs itself.
+
+    ``wrap(objective) -> nn.Module``: a loss built around the recipe's objective of ``model`` (the
+    distillation loss of ``fm.distill`` adds the teacher's targets to it); None: the objective itself."""
     counts = np.bincount(train_seqs.values["title"], minlength=model.cfg.n_titles)[: model.cfg.n_titles]
     model.title.set_exposure(counts)
     objective = Objective(model, counts, n_negatives=r.n_negatives, alpha=r.neg_alpha,
                           mask_history=r.mask_history, exclude_titles=exclude_titles)
+    if wrap is not None:
+        objective = wrap(objective)
     return fit(objective, train_seqs, model.cfg.max_len, fit_config(r, desc, checkpoint_every_s), validate=validate,
                select=select, state_dir=state_dir, resume=resume, interrupt_after=interrupt_after)
