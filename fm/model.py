@@ -314,15 +314,20 @@ class FoundationModel(nn.Module):
             x = self.emb_norm(x)
         return self.drop(x)
 
-    def encode(self, tokens: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Hidden states after every block, each (B, L, D); the last one is final-LayerNorm'd."""
-        x, states = self.embed(tokens), []
-        biases = self.rel_bias(tokens["gap"]) if self.rel_bias is not None else [None] * len(self.blocks)
+    def encode(self, tokens: dict[str, torch.Tensor], prefix: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Hidden states after every block, each (B, L, D); the last one is final-LayerNorm'd.
+        ``prefix`` (P, D): soft prompt tokens (``fm.prompts``) placed before the events, attended to
+        by every event, and cut from the returned states."""
+        x, states, gap = self.embed(tokens), [], tokens["gap"]
+        if prefix is not None:
+            x = torch.cat([prefix.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)            # (B, P+L, D)
+            gap = F.pad(gap, (prefix.shape[0], 0), value=S.PAD)                              # (B, P+L)
+        biases = self.rel_bias(gap) if self.rel_bias is not None else [None] * len(self.blocks)
         for block, bias in zip(self.blocks, biases):
             x = block(x, bias)
             states.append(x)
         states[-1] = self.ln_f(x)
-        return states
+        return states if prefix is None else [s[:, prefix.shape[0]:] for s in states]
 
     def title_logits(self, h: torch.Tensor, j: int, surface: torch.Tensor | None = None) -> torch.Tensor:
         """Scores of every title as the (j+1)-th next title: (B, L, D) -> (B, L, V); ``surface``:

@@ -10,7 +10,8 @@ COMMANDS = {
     "index": "jobs.index", "report": "jobs.report", "demo": "jobs.demo", "retrieve": "jobs.retrieve",
     "sql": "jobs.sql", "import": "jobs.importers", "rollback": "jobs.rollback",
     "backfill": "jobs.pipeline", "export": "jobs.export",
-    "status": "jobs.status", "distill": "jobs.distill",
+    "status": "jobs.status", "distill": "jobs.distill", "finetune-task": "jobs.finetune_task",
+    "prompt-tune": "jobs.prompt_tune",
 }
 LOCKED = 75          # EX_TEMPFAIL: another run holds the lock; retry later
 FAILED = 1           # an expected failure (bad input, missing data, failed gate): the message says what to fix
