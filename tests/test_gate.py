@@ -269,3 +269,14 @@ def test_a_model_change_uses_static_norm_bounds_but_still_checks_drift(home):
     assert res["success"], res
     mutate_profiles(home, lambda m: -m)                            # a flipped space is still caught
     _fails(home, r"emb_layer2_last__prev_cos")
+
+
+def test_duplicate_flags_compare_exact_bits_per_length_without_a_row_loop():
+    """Exact float bits: -0.0 is not 0.0, equal NaN bits repeat, nulls never count, vectors of
+    another length never match, and a sliced array starts its own count."""
+    from jobs.validate import duplicate_flags
+    nan = float("nan")
+    a = pa.array([[1.0, 2.0], None, [1.0, 2.0], [0.0, -0.0], [0.0, 0.0], [1.0], [1.0, 2.0], [], [], [nan, 1.0],
+                  [nan, 1.0], None], pa.list_(pa.float32()))
+    assert duplicate_flags(a).tolist() == [0, 0, 1, 0, 0, 0, 1, 0, 1, 0, 1, 0]
+    assert duplicate_flags(a.slice(2)).tolist() == [0, 0, 0, 0, 1, 0, 1, 0, 1, 0]
