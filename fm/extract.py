@@ -112,12 +112,17 @@ class ProfileEncoder(nn.Module):
     last-position state plus that surface's query vector (:meth:`FoundationModel.query`), so a
     dot product with a title vector is the model's "next on this canvas" score. Shares the
     blocks' parameters with ``model``; the fused embedding table is a snapshot, so build the
-    encoder after ``grow_titles``.
+    encoder after ``grow_titles``. ``prompt`` (P, D): a task's soft prompt (``fm.prompts``) placed
+    before every row's events, the model's weights unchanged (the vectors of that task's view).
     """
 
-    def __init__(self, model: FoundationModel, specs: tuple[LayerSpec, ...], surfaces: tuple[str, ...] = ()):
+    def __init__(self, model: FoundationModel, specs: tuple[LayerSpec, ...], surfaces: tuple[str, ...] = (),
+                 prompt: torch.Tensor | None = None):
         super().__init__()
         cfg = model.cfg
+        # soft prompt tokens (fm.prompts) placed before the events, as FoundationModel.encode(prefix=...)
+        self.register_buffer("prompt", torch.zeros(0, cfg.d_model) if prompt is None else prompt.detach().clone(),
+                             persistent=False)
         check_layers(specs, cfg.n_layers)
         self.specs = tuple(specs)
         self.names = [s.name for s in specs] + [surface_column(s) for s in surfaces]
@@ -179,13 +184,19 @@ class ProfileEncoder(nn.Module):
         x = F.embedding_bag(idx, self.table, mode="sum").view(B, L, self.d_model).add_(self.pos[:L])
         if self.emb_norm is not None:
             x = self.emb_norm(x)
+        n_prompt, gap = self.prompt.shape[0], tokens[:, :, self.gap_field]
+        if n_prompt:
+            x = torch.cat([self.prompt.to(x.dtype).expand(B, -1, -1), x], dim=1)               # (B, P+L, D)
+            gap = F.pad(gap, (n_prompt, 0), value=PAD)
         states: list[torch.Tensor] = []
-        biases = self.rel_bias(tokens[:, :, self.gap_field]) if self.rel_bias is not None else [None] * len(self.blocks)
+        biases = self.rel_bias(gap) if self.rel_bias is not None else [None] * len(self.blocks)
         for blk, bias in zip(self.blocks, biases):
             x = self._block(blk, x, bias)
             states.append(x)
         if self.ln_f is not None:
             states[-1] = self.ln_f(states[-1])
+        if n_prompt:
+            states = [h[:, n_prompt:] for h in states]                                        # (B, L, D) each
         rows = torch.arange(B, device=tokens.device)
         valid = (torch.arange(L, device=tokens.device).unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(1)  # (B,1,L)
         out = []
@@ -275,14 +286,14 @@ def profile_embeddings(model: FoundationModel, seqs: Sequences, specs: tuple[Lay
 
 @torch.inference_mode()
 def reference_embeddings(model: FoundationModel, seqs: Sequences, specs: tuple[LayerSpec, ...],
-                         batch_size: int = 64) -> dict[str, np.ndarray]:
+                         batch_size: int = 64, prompt: torch.Tensor | None = None) -> dict[str, np.ndarray]:
     """The plain eager path (``model.encode`` + :func:`pool`), row order: what the fast path must equal."""
     check_layers(specs, model.cfg.n_layers)
     model.eval()
     out = {s.name: np.empty((len(seqs), model.cfg.d_model), np.float32) for s in specs}
     for rows in length_bucketed(seqs.lengths, batch_size):
         b = seqs.batch(rows, model.cfg.max_len)
-        vecs = pool(model.encode(b.tokens), b.valid, b.lengths, specs)
+        vecs = pool(model.encode(b.tokens, prefix=prompt), b.valid, b.lengths, specs)
         for k, v in vecs.items():
             out[k][rows] = v.float().numpy()
     return out

@@ -134,3 +134,19 @@ def test_task_jobs_refuse_bad_input_in_one_line(home, tmp_path, capsys):
         finetune_task.read_labels(str(bad))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         finetune_task.read_labels(str(tmp_path / "missing.parquet"))
+
+
+def test_the_inference_encoder_with_a_prompt_equals_encode_with_the_prefix():
+    from fm.extract import LayerSpec, ProfileEncoder, encode_sequences, reference_embeddings
+    fm = tiny(rel_bias="pos")
+    seqs = random_task(n=12)
+    specs = (LayerSpec(1, "last"), LayerSpec(2, "last"), LayerSpec(2, "mean"))
+    prompt = torch.randn(3, fm.cfg.d_model)
+    want = reference_embeddings(fm, seqs, specs, prompt=prompt)
+    got = encode_sequences(ProfileEncoder(fm, specs, prompt=prompt), seqs)
+    plain = encode_sequences(ProfileEncoder(fm, specs), seqs)
+    for s in specs:
+        torch.testing.assert_close(torch.from_numpy(got[s.name]), torch.from_numpy(want[s.name]), rtol=1e-4, atol=1e-5)
+        assert not np.allclose(got[s.name], plain[s.name])
+    torch.testing.assert_close(torch.from_numpy(plain["emb_layer2_last"]),
+                               torch.from_numpy(reference_embeddings(fm, seqs, specs)["emb_layer2_last"]), rtol=1e-4, atol=1e-5)
