@@ -274,7 +274,7 @@ def test_a_model_change_uses_static_norm_bounds_but_still_checks_drift(home):
 def test_duplicate_flags_compare_exact_bits_per_length_without_a_row_loop():
     """Exact float bits: -0.0 is not 0.0, equal NaN bits repeat, nulls never count, vectors of
     another length never match, and a sliced array starts its own count."""
-    from jobs.validate import duplicate_flags
+    from jobs.vector_stats import duplicate_flags
     nan = float("nan")
     a = pa.array([[1.0, 2.0], None, [1.0, 2.0], [0.0, -0.0], [0.0, 0.0], [1.0], [1.0, 2.0], [], [], [nan, 1.0],
                   [nan, 1.0], None], pa.list_(pa.float32()))
