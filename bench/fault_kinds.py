@@ -188,8 +188,16 @@ def rerun_old_date(w, paths, o: Outcome) -> None:
 def backfill_over(w, paths, o: Outcome) -> None:
     """Today published, then a backfill over yesterday..today: republished forward, same result."""
     from jobs import pipeline
+    from jobs.publication import PublishOrderError
     run_day(w.day)
-    pipeline.backfill(w.yesterday.isoformat(), w.day.isoformat())
+    try:
+        pipeline.backfill(w.yesterday.isoformat(), w.day.isoformat())
+        o.checks["republished_or_refused_clearly"] = True
+    except PublishOrderError as e:                      # yesterday's content changed: the documented way forward
+        o.checks["republished_or_refused_clearly"] = "publish.force=true" in str(e)
+        o.detail = f"plain backfill refused ({str(e)[:90]}...); ran the forced backfill the message names"
+        expect_whole(w, paths, "today", o, "after_refusal")
+        pipeline.backfill(w.yesterday.isoformat(), w.day.isoformat(), {"publish": {"force": "true"}})
     expect_whole(w, paths, "today", o, "after_backfill")
 
 

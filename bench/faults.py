@@ -24,7 +24,8 @@ and crashes happen (:mod:`bench.fault_reader`). Redis kinds run only where ``red
     .venv/bin/python bench/faults.py --only kill9@publish.swapped,torn_journal --reads 0
 
 Last output line: one JSON object with faults_tried, faults_survived, rows_lost, reader_reads,
-reader_mixed_reads; a Markdown table is written to bench/results/faults.md (--quick: faults_quick.md).
+reader_mixed_reads; a Markdown table is written to bench/results/faults.md (--quick: faults_quick.md,
+--only: faults_only.md).
 """
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ POWER = [("tokenize.history_committed", "tokenize", Y), ("embed.committed", "emb
 ENOSPC = [("vocab/", "tokenize", Y), ("tokens/", "tokenize", Y), ("quarantine/", "tokenize", Y), ("history/", "tokenize", Y),
           ("embeddings/profile", "embed", Y), ("embeddings/title", "embed", Y), ("gx/results", "validate", Y),
           ("publications/", "publish", Y), ("CURRENT.json", "publish", T), ("history.jsonl", "publish", T),
-          ("published/", "publish", T), ("reports/dt={D}/steps/publish", "publish", T)]
+          ("published/", "publish", T), ("reports/dt={D}/steps/.publish.json", "publish", T)]
 
 
 def _world(fn):
@@ -193,7 +194,7 @@ def run_fault(name: str, w: World) -> k.Outcome:
     return o
 
 
-def write_table(outcomes: list[k.Outcome], reader: dict, prov: dict, wall_s: float, quick: bool) -> None:
+def write_table(outcomes: list[k.Outcome], reader: dict, prov: dict, wall_s: float, name: str) -> None:
     lines = ["# Fault suite results", "", f"Commit: {prov['commit']}  ", f"Command: `{prov['command']}`  ",
              f"Machine: {prov['machine']}  ", f"Load (1/5/15 min) at start: {prov['loadavg_start']}, at end: "
              f"{[round(x, 2) for x in os.getloadavg()]}  ", f"Wall time: {wall_s:.0f} s", "",
@@ -212,15 +213,16 @@ def write_table(outcomes: list[k.Outcome], reader: dict, prov: dict, wall_s: flo
         lines.append(f"| {o.name} | {o.expectation} | {'skipped' if o.skipped else 'yes' if o.survived else 'NO'} | {lost} | "
                      f"{checks} | {o.detail.replace('|', '/')[:300]} |")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / ("faults_quick.md" if quick else "faults.md")).write_text("\n".join(lines) + "\n")
+    (RESULTS / name).write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default="", help="comma-separated fault names (see FAULTS)")
-    ap.add_argument("--reads", type=int, default=None, help="reader phase reads (default 10000, --quick 1000, 0: none)")
-    ap.add_argument("--ops", type=int, default=20, help="publishes, rollbacks and crashes during the reader phase")
+    ap.add_argument("--reads", type=int, default=None, help="reader phase reads (default 10000, --quick 500, 0: none)")
+    ap.add_argument("--ops", type=int, default=None, help="publishes, rollbacks and crashes during the reader phase "
+                                                          "(default 20, --quick 6)")
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args(argv)
     if args.list:
@@ -230,7 +232,9 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = [n for n in names if n not in FAULTS]
     if unknown:
         raise SystemExit(f"unknown fault(s) {unknown}; see --list")
-    reads = args.reads if args.reads is not None else (1000 if args.quick else 10_000)
+    out_name = "faults_only.md" if args.only else "faults_quick.md" if args.quick else "faults.md"
+    reads = args.reads if args.reads is not None else (500 if args.quick else 10_000)
+    ops = args.ops if args.ops is not None else (6 if args.quick else 20)
     prov = provenance("bench/faults.py", argv)
     t0 = time.perf_counter()
     root = Path(tempfile.mkdtemp(prefix="bench-faults-"))
@@ -239,17 +243,17 @@ def main(argv: list[str] | None = None) -> dict:
         w = setup(root)
         if reads:                                 # first: its home is the reference, which no fault touches
             from bench import fault_reader
-            reader = fault_reader.run(w, w.reference, reads, args.ops, lambda m: print(m, flush=True))
+            reader = fault_reader.run(w, w.reference, reads, ops, lambda m: print(m, flush=True))
             print({kk: v for kk, v in reader.items() if kk != "reader_ops"}, flush=True)
         for name in names:
             outcomes.append(run_fault(name, w))
             o = outcomes[-1]
             print(f"{name:<40} survived={o.survived} skipped={o.skipped} rows_lost={o.rows_lost} {o.checks} {o.detail}", flush=True)
-            write_table(outcomes, reader, prov, time.perf_counter() - t0, args.quick)     # partial results as it goes
+            write_table(outcomes, reader, prov, time.perf_counter() - t0, out_name)     # partial results as it goes
     finally:
         shutil.rmtree(root, ignore_errors=True)
     wall = time.perf_counter() - t0
-    write_table(outcomes, reader, prov, wall, args.quick)
+    write_table(outcomes, reader, prov, wall, out_name)
     tried = [o for o in outcomes if not o.skipped]
     result = {"faults_tried": len(tried), "faults_survived": sum(o.survived for o in tried),
               "faults_skipped": [o.name for o in outcomes if o.skipped], "rows_lost": sum(o.rows_lost for o in outcomes),
