@@ -44,7 +44,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from fm.checkpoint import CheckpointError
     from fm.content import EncoderUnavailable
     from jobs.publication import PublishOrderError
-    from jobs.tokenize import HistoryGapError
+    from jobs.history import HistoryGapError
     from jobs.validate import GateFailed
     return (ValueError, LookupError, OSError, CheckpointError, EncoderUnavailable, GateFailed, HistoryGapError,
             PublishOrderError)

@@ -9,6 +9,7 @@ import pytest
 
 from fm import schema as S
 from jobs import tokenize
+from jobs.history import HistoryGapError
 from jobs.io import atomic_write_table, partition, raw_partition
 
 D1, D2 = dt.date(2026, 11, 1), dt.date(2026, 11, 2)
@@ -168,7 +169,7 @@ def test_history_states_chain_day_by_day_and_a_gap_names_the_missing_day(spark, 
     write_day(home, D3, [ev("h1", 2, "2026-11-03T09:00:00Z", "a", "play", 60.0)])
     tokenize.run(tokenize.TokenizeConfig(date=D1.isoformat()), home, spark)
     vocab = pq.read_table(home.title_vocab)
-    with pytest.raises(tokenize.HistoryGapError) as err:
+    with pytest.raises(HistoryGapError) as err:
         tokenize.run(tokenize.TokenizeConfig(date=D3.isoformat()), home, spark)
     msg = str(err.value)
     assert "cannot tokenize 2026-11-03 incrementally: the history state of 2026-11-02 is missing" in msg
