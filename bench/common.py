@@ -78,3 +78,15 @@ def provenance(script: str, argv: list[str] | None) -> dict:
             "machine": f"{os.cpu_count()}-core CPU ({cpu}), "
                        f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}, torch {torch.__version__}",
             "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
+
+
+def write_results(out, stem: str, lines: list[str], rec: dict):
+    """``<out>/<stem>.md`` (``lines`` plus the run's provenance from :func:`provenance`) and
+    ``<stem>.json`` (the whole record): every results file names commit, command, machine and load."""
+    from pathlib import Path
+    lines = [*lines, "## Run", "", f"commit `{rec['commit']}`, `{rec['command']}`, {rec['machine']}, load "
+             f"{rec['loadavg_start']} → {rec['loadavg_end']}, wall {rec['wall_s']:.0f} s", ""]
+    path = Path(out) / f"{stem}.md"
+    path.write_text("\n".join(lines) + "\n")
+    (Path(out) / f"{stem}.json").write_text(json.dumps(rec, indent=1, default=str))
+    return path

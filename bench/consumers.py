@@ -64,7 +64,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import emit, provenance  # noqa: E402
+from bench.common import emit, provenance, write_results  # noqa: E402
 from bench.surfaces import content, prepare_generated  # noqa: E402
 from fm import protocol as P  # noqa: E402
 from fm.data import Sequences  # noqa: E402
@@ -363,12 +363,7 @@ def write_report(rec: dict, args) -> Path:
                       f"**{k['prompt_param_share']:.2%}** of its trainable parameters (goal: within 3% with <= 1%). "
                       "Read with the standard errors: differences smaller than about two of them are noise, and "
                       "`probe` (a linear head on the frozen FM's vector) is the floor both adaptations must beat.", ""]
-    lines += ["## Run", "", f"commit `{rec['commit']}`, `{rec['command']}`, {rec['machine']}, load "
-              f"{rec['loadavg_start']} → {rec['loadavg_end']}, wall {rec['wall_s']:.0f} s", ""]
-    path = out / f"consumers{suffix}.md"
-    path.write_text("\n".join(lines) + "\n")
-    (out / f"consumers{suffix}.json").write_text(json.dumps(rec, indent=1, default=str))
-    return path
+    return write_results(out, f"consumers{suffix}", lines, rec)
 
 
 def main(argv=None) -> dict:

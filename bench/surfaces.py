@@ -62,7 +62,7 @@ import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import emit, provenance  # noqa: E402
+from bench.common import emit, provenance, write_results  # noqa: E402
 from fm import protocol as P  # noqa: E402
 from fm.content import content_matrix, fit_encoder  # noqa: E402
 from fm.data import Sequences, data_root  # noqa: E402
@@ -310,12 +310,7 @@ def write_report(rec: dict, args) -> Path:
                          "`view` = next page view (pv), `cart_buy` = next cart or buy. The FM trains on every "
                          "interaction and has no per-task query (one plain query for both tasks); the specialists "
                          "`target_actions=play` / `target_actions=add_to_list,complete`.")
-    lines += ["## Run", "", f"commit `{rec['commit']}`, `{rec['command']}`, {rec['machine']}, load "
-              f"{rec['loadavg_start']} → {rec['loadavg_end']}, wall {rec['wall_s']:.0f} s", ""]
-    path = out / f"surfaces{suffix}.md"
-    path.write_text("\n".join(lines) + "\n")
-    (out / f"surfaces{suffix}.json").write_text(json.dumps(rec, indent=1, default=str))
-    return path
+    return write_results(out, f"surfaces{suffix}", lines, rec)
 
 
 def main(argv=None) -> dict:

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -19,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fm.content import Encoder, EncoderUnavailable, load_encoder
-from fm.durable import fsync_path, fsync_tree
+from fm.durable import commit_dir
 from fm.model import FoundationModel, ModelConfig
 from fm.schema import SCHEMA_VERSION
 
@@ -37,18 +34,13 @@ def vocab_fingerprint(title_ids: list[str]) -> str:
 
 def save(model: FoundationModel, encoder: Encoder, directory: Path, meta: dict) -> Path:
     """Write the checkpoint aside, then rename it into place."""
-    tmp = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS))
-    encoder.save(tmp)
     full = {"model_config": model.cfg.to_dict(), "schema_version": SCHEMA_VERSION, **meta}
-    (tmp / META).write_text(json.dumps(full, indent=2, sort_keys=True, default=str))
-    fsync_tree(tmp)
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
-    fsync_path(directory.parent)
-    return directory
+
+    def fill(tmp: Path) -> None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS))
+        encoder.save(tmp)
+        (tmp / META).write_text(json.dumps(full, indent=2, sort_keys=True, default=str))
+    return commit_dir(directory, fill)
 
 
 def read_meta(directory: Path) -> dict:

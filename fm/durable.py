@@ -7,7 +7,10 @@ pipeline's atomic writes on these; ``fm`` uses them directly (it must not import
 from __future__ import annotations
 
 import os
+import shutil
+import uuid
 from pathlib import Path
+from typing import Callable
 
 
 def fsync_path(path: Path) -> None:
@@ -32,3 +35,17 @@ def commit_file(tmp: Path, path: Path) -> None:
     fsync_path(tmp)
     os.replace(tmp, path)
     fsync_path(path.parent)
+
+
+def commit_dir(directory: Path, fill: Callable[[Path], None]) -> Path:
+    """Build a directory aside (``fill`` writes into the fresh folder it is given), flush it whole,
+    then rename it over ``directory``: a reader or a crash sees the old folder or the new, never half."""
+    tmp = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    fill(tmp)
+    fsync_tree(tmp)
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+    fsync_path(directory.parent)
+    return directory

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 import warnings
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from fm.extract import LayerSpec, ProfileEncoder
+from fm.durable import commit_dir
 from fm.model import FoundationModel
 from fm.schema import N_SPECIAL, PAD, TOKEN_FIELDS
 
@@ -77,31 +76,27 @@ def export_encoder(model: FoundationModel, specs: tuple[LayerSpec, ...], directo
         p.requires_grad_(False)
     tokens, lengths = example_inputs(model, batch=3, length=min(8, model.cfg.max_len))
     directory = Path(directory)
-    tmp = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
-    graph = tmp / FORMATS[fmt]
-    with torch.no_grad():
-        if fmt == "export":
-            batch = torch.export.Dim("batch", min=1, max=1 << 20)
-            seq = torch.export.Dim("seq", min=1, max=model.cfg.max_len)
-            ep = torch.export.export(module, (tokens, lengths),
-                                     dynamic_shapes={"tokens": {0: batch, 1: seq}, "lengths": {0: batch}})
-            torch.export.save(ep, str(graph))
-        else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")          # torch.jit is deprecated, still works
-                torch.jit.trace(module, (tokens, lengths), check_trace=False).save(str(graph))
-    side = {"format": fmt, "file": graph.name, "sha256": hashlib.sha256(graph.read_bytes()).hexdigest(),
-            "inputs": {"tokens": "int64 (batch, seq, fields), right-padded with 0 (PAD)", "lengths": "int64 (batch,)"},
-            "fields": list(TOKEN_FIELDS), "columns": [s.name for s in specs], "dim": model.cfg.d_model,
-            "max_len": model.cfg.max_len, "n_titles": model.cfg.n_titles, "rotated": any(r is not None for r in rot),
-            "torch": torch.__version__, **(meta or {})}
-    (tmp / SIDECAR).write_text(json.dumps(side, indent=2, sort_keys=True, default=str))
-    if directory.exists():
-        import shutil
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
-    return directory
+
+    def fill(tmp: Path) -> None:
+        graph = tmp / FORMATS[fmt]
+        with torch.no_grad():
+            if fmt == "export":
+                batch = torch.export.Dim("batch", min=1, max=1 << 20)
+                seq = torch.export.Dim("seq", min=1, max=model.cfg.max_len)
+                ep = torch.export.export(module, (tokens, lengths),
+                                         dynamic_shapes={"tokens": {0: batch, 1: seq}, "lengths": {0: batch}})
+                torch.export.save(ep, str(graph))
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")          # torch.jit is deprecated, still works
+                    torch.jit.trace(module, (tokens, lengths), check_trace=False).save(str(graph))
+        side = {"format": fmt, "file": graph.name, "sha256": hashlib.sha256(graph.read_bytes()).hexdigest(),
+                "inputs": {"tokens": "int64 (batch, seq, fields), right-padded with 0 (PAD)", "lengths": "int64 (batch,)"},
+                "fields": list(TOKEN_FIELDS), "columns": [s.name for s in specs], "dim": model.cfg.d_model,
+                "max_len": model.cfg.max_len, "n_titles": model.cfg.n_titles, "rotated": any(r is not None for r in rot),
+                "torch": torch.__version__, **(meta or {})}
+        (tmp / SIDECAR).write_text(json.dumps(side, indent=2, sort_keys=True, default=str))
+    return commit_dir(directory, fill)
 
 
 class LoadedEncoder:

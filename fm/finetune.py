@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import uuid
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,7 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from fm.data import Sequences, length_bucketed
-from fm.durable import fsync_path, fsync_tree
+from fm.durable import commit_dir
 from fm.fit import FitResult, fit
 from fm.model import FoundationModel
 from fm.recipe import Recipe, fit_config
@@ -143,13 +140,7 @@ def fit_task(model: nn.Module, train: Sequences, valid: Sequences, r: Recipe, de
 
 def write_artefact(directory: Path, tensors: dict[str, torch.Tensor], meta: dict, weights: str, meta_file: str) -> Path:
     """A task's or prompt's artefact (safetensors + JSON sidecar), written aside, then renamed into place."""
-    tmp = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / weights))
-    (tmp / meta_file).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
-    fsync_tree(tmp)
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
-    fsync_path(directory.parent)
-    return directory
+    def fill(tmp: Path) -> None:
+        save_file(tensors, str(tmp / weights))
+        (tmp / meta_file).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+    return commit_dir(directory, fill)
