@@ -7,7 +7,7 @@
 
 One axis at a time around the current defaults (coordinate search): every value of an axis is
 trained by the product's own path (``jobs.train.run`` with ``leave_one_out=true``, the rest at the
-defaults) on ML-1M, and scored by its **validation** NDCG@10 (the second-last event of each user,
+defaults) on ML-1M (or ``--dataset beauty``), and scored by its **validation** NDCG@10 (the second-last event of each user,
 the checkpoint-selection target). The whole sweep runs inside ``fm.protocol.selecting()``, so any
 read of the test targets raises: the choice never sees test. Writes ``<out>/sweep[_quick].md`` /
 ``.json`` (every run, the value validation prefers per axis, and whether it differs from the
@@ -42,7 +42,7 @@ AXES: dict[str, list] = {
     "lr": [1e-3, 3e-3, 1e-2],
     "batch_size": [16, 64],
     "n_negatives": [0, 128, 512],
-    "dropout": [0.1, 0.2],
+    "dropout": [0.1, 0.2, 0.3, 0.5],
     "d_model": [64, 128],
     "n_layers": [1, 2, 3],
     "mtp_k": [1, 2],
@@ -65,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--clock", choices=("wall", "cpu"), default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", default=str(data_root()))
+    ap.add_argument("--dataset", choices=("ml-1m", "beauty"), default="ml-1m",
+                    help="which imported dataset the runs train on (bench/quality.py prepares it)")
     ap.add_argument("--work", default=str(Path(_HERE) / ".work"))
     ap.add_argument("--out", default=str(Path(_HERE) / "results"))
     ap.add_argument("--name", default="sweep", help="results file stem (several partial sweeps side by side)")
@@ -120,7 +122,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     prov = provenance(argv)
     prov["command"] = prov["command"].replace("bench/quality.py", "bench/sweep.py")
-    home, day = prepare("ml-1m", args)
+    home, day = prepare(args.dataset, args)
     defaults = Recipe()
     runs, chosen = [], {}
     t0 = time.perf_counter()
@@ -142,7 +144,7 @@ def main(argv=None) -> dict:
             chosen[axis] = {"best": best, "default": getattr(defaults, axis), "valid_ndcg@10": scores,
                             "default_is_best": best == getattr(defaults, axis)}
     res = {**prov, "wall_s": round(time.perf_counter() - t0, 1), "loadavg_end": [round(x, 2) for x in os.getloadavg()],
-           "budget_s": args.budget_s, "clock": args.clock, "seed": args.seed, "runs": runs, "chosen": chosen}
+           "dataset": args.dataset, "budget_s": args.budget_s, "clock": args.clock, "seed": args.seed, "runs": runs, "chosen": chosen}
     write(res, args)
     emit({"chosen": {k: v["best"] for k, v in chosen.items()},
           "defaults_are_best": all(v["default_is_best"] for v in chosen.values())})
@@ -157,7 +159,7 @@ def write(res: dict, args) -> None:
     lines = [f"# Recipe sweep on validation{' (quick smoke run — not a result)' if args.quick else ''}", "",
              f"- command: `{res['command']}`; commit `{res['commit']}`", f"- machine: {res['machine']}; load "
              f"{res['loadavg_start']} → {res['loadavg_end']}; wall {res['wall_s']:.0f} s",
-             f"- each run: `fmpipe train leave_one_out=true` on ML-1M, budget {args.budget_s:.0f} s ({args.clock}), "
+             f"- each run: `fmpipe train leave_one_out=true` on {args.dataset}, budget {args.budget_s:.0f} s ({args.clock}), "
              f"seed {args.seed}, one setting changed from the defaults; score = validation NDCG@10 (test never read)", "",
              "| axis | value | valid NDCG@10 | valid HR@10 | train s (CPU) | epochs |", "|---|---|---:|---:|---:|---:|"]
     for r in res["runs"]:

@@ -81,7 +81,9 @@ class Recipe:
     n_evals: int = 8
     patience: int = 0
     window_mode: str = "tokens"
-    valid_users: int = 2000            # validation targets drawn from this many profiles (0: all)
+    valid_users: int = 20_000          # validation targets drawn from this many profiles (0: all). NDCG@10's
+                                       # standard error is up to about 0.3/sqrt(n): 0.007 at 2000 profiles, as large
+                                       # as the differences checkpoints and sweeps choose between; 0.002 here
     seed: int = 0
     device: str = "auto"
 
