@@ -5,7 +5,9 @@ by row group) through the current model in token-budgeted, length-bucketed batch
 Parquet row group per chunk of profiles, so memory stays flat in the number of profiles. Two
 engines give the same table (up to float rounding): ``engine=local`` (this process, all cores) and
 ``engine=spark`` (``mapInArrow``; every task loads the checkpoint once, see :mod:`jobs.embed_spark`).
-Every vocabulary title is embedded too, including titles new today (content-only vectors).
+Every vocabulary title that exists on day D is embedded too, including titles new today
+(content-only vectors); titles the catalogue releases later are not, so re-running an old date
+after later ones writes the same title table as before (:func:`jobs.vocab.known_on`).
 
 When the model version differs from the previous publication's, the new space is rotated onto the
 published one (orthogonal low-rank alignment, :mod:`fm.align`; ``align=true``): dot products
@@ -51,7 +53,7 @@ from jobs.failpoints import failpoint
 from jobs.io import atomic_write_json, partition, swap_dir, temp_sibling
 from jobs.settings import run_cli, Paths, parse_date
 from jobs.train import current_model_dir
-from jobs.vocab import read_vocab, title_ids_by_idx
+from jobs.vocab import known_on, read_vocab, title_ids_by_idx
 
 ROW_GROUP = 8192
 ALIGNMENT_FILE = "_alignment.npz"
@@ -357,10 +359,12 @@ def write_profiles_local(encoder: ProfileEncoder, source: Path, day: dt.date, ou
     return check.rows, check.hexdigest()
 
 
-def _title_table(ids: list, tv: np.ndarray, n_trained: int, stamp: dt.datetime, version: str) -> pa.Table:
+def _title_table(title_ids: list, idx: np.ndarray, tv: np.ndarray, n_trained: int, stamp: dt.datetime,
+                 version: str) -> pa.Table:
+    """One row per title (vocabulary ids ``idx``); ``is_new``: never seen in training (content-only)."""
     return pa.table({
-        "title_id": ids[N_SPECIAL:], "event_timestamp": [stamp] * len(tv), "model_version": [version] * len(tv),
-        "is_new": np.arange(N_SPECIAL, N_SPECIAL + len(tv)) >= n_trained,
+        "title_id": title_ids, "event_timestamp": [stamp] * len(tv), "model_version": [version] * len(tv),
+        "is_new": idx >= n_trained,
         "title_embedding": vector_array(tv),
     }, schema=title_embedding_schema())
 
@@ -381,8 +385,9 @@ def run(cfg: EmbedConfig, paths: Paths, spark=None) -> dict:
         raise FileNotFoundError(f"history state for {day} missing: {source} (run tokenize for {day} first)")
     stamp = published_at(day)
 
-    tv = title_embeddings(model)[N_SPECIAL:]
-    title_ids = ids[N_SPECIAL:]
+    known = np.flatnonzero(known_on(paths, ids[N_SPECIAL:], day))     # not titles released after the day
+    tv = title_embeddings(model)[N_SPECIAL:][known]
+    title_ids = [ids[N_SPECIAL + i] for i in known]
     rotations, alignment = plan_alignment(paths, day, cfg, version, model, specs, tv, title_ids, device)
     col_rot = {c: rotations[g] for g, cols in layer_groups(specs).items() if g in rotations for c in cols}
     title_group = f"layer{model.cfg.n_layers}"
@@ -410,7 +415,7 @@ def run(cfg: EmbedConfig, paths: Paths, spark=None) -> dict:
         if n == 0:
             raise ValueError(f"no profiles active on {day} in {source}: nothing to embed")
 
-        titles = _title_table(ids, tv, n_trained, stamp, version)
+        titles = _title_table(title_ids, known + N_SPECIAL, tv, n_trained, stamp, version)
         pq.write_table(titles, title_tmp / "part-0.parquet")
         tcheck = Checksum("title_id", ["title_embedding"])
         tcheck.update(titles)

@@ -48,6 +48,7 @@ from jobs.failpoints import failpoint
 from jobs.io import atomic_write_json, partition
 from jobs.vector_stats import cosine_to_reference, vector_columns, with_vector_stats
 from jobs.settings import REPO_ROOT, Paths, parse_date, run_cli
+from jobs.vocab import known_on, read_vocab, released_titles, title_ids_by_idx
 from jobs.verdict import GateFailed  # noqa: F401 (re-exported: the gate's failure type)
 
 SUITES_DIR = REPO_ROOT / "expectations"
@@ -214,7 +215,6 @@ def tokens_check(paths: Paths, day: dt.date, t: dict) -> Check:
     part = partition(paths.tokens, day)
     if not part.exists():
         raise FileNotFoundError(f"tokens: partition {part} missing (run tokenize for {day} first)")
-    from jobs.vocab import read_vocab
     vocab = read_vocab(paths)
     max_title = int(pc.max(vocab["idx"]).as_py()) if vocab.num_rows else S.N_SPECIAL - 1
     active = active_profiles(paths, day)
@@ -224,15 +224,6 @@ def tokens_check(paths: Paths, day: dt.date, t: dict) -> Check:
     df = pq.read_table(part).to_pandas()
     return Check("tokens", df, {"per_token_field": list(S.TOKEN_FIELDS)}, params,
                  {"vocab_titles": vocab.num_rows})
-
-
-def released_titles(paths: Paths, day: dt.date) -> list[str]:
-    """Catalogue titles released by ``day`` (unknown release date: always): each needs an embedding."""
-    if not paths.catalogue.exists():
-        raise FileNotFoundError(f"title coverage: catalogue {paths.catalogue} missing")
-    cat = pq.read_table(paths.catalogue, columns=["title_id", "release_date"])
-    released = pc.or_kleene(pc.is_null(cat["release_date"]), pc.less_equal(cat["release_date"], pa.scalar(day, pa.date32())))
-    return sorted(cat.filter(released)["title_id"].to_pylist())
 
 
 def embedding_check(suite: str, key: str, table: pa.Table, params: dict, t: dict,
@@ -294,7 +285,7 @@ def embedding_checks(paths: Paths, day: dt.date, overrides: tuple[str, ...]) -> 
             if suite == "profile_embeddings":
                 params["expected_rows"] = active_profiles(paths, day)
             else:
-                params["expected_rows"] = pq.read_metadata(paths.title_vocab).num_rows
+                params["expected_rows"] = int(known_on(paths, title_ids_by_idx(read_vocab(paths))[S.N_SPECIAL:], day).sum())
                 params["catalogue_titles"] = released_titles(paths, day)
             ref_part = partition(root, ref[0]) if ref else None
             ref_arg = (ref[0], ref[1], pq.read_table(ref_part)) if ref_part is not None and ref_part.exists() else None
