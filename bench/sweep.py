@@ -34,7 +34,8 @@ from bench.common import emit  # noqa: E402
 from bench.quality import prepare, provenance  # noqa: E402
 from fm import protocol as P  # noqa: E402
 from fm.data import data_root  # noqa: E402
-from fm.recipe import Recipe  # noqa: E402
+from fm.recipe import RECIPE_FIELDS, Recipe  # noqa: E402
+from jobs import evaluate as evaluate_job  # noqa: E402
 from jobs import train as train_job  # noqa: E402
 from jobs.settings import parse_overrides  # noqa: E402
 
@@ -71,6 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default=str(Path(_HERE) / "results"))
     ap.add_argument("--name", default="sweep", help="results file stem (several partial sweeps side by side)")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--merge", default="", help="comma-separated partial sweep names (results files) to merge "
+                    "into --name, every run re-scored on all validation targets; trains nothing")
+    ap.add_argument("--add", action="append", default=[], metavar="AXIS:VALUE",
+                    help="with --merge: also score the earlier product run with these settings (found by its config)")
     a = ap.parse_args(argv)
     a.budget_s = a.budget_s if a.budget_s is not None else (15.0 if a.quick else 300.0)
     a.axes = [x for x in a.axes.split(",") if x] or (["lr", "mtp_k"] if a.quick else list(AXES))
@@ -114,12 +119,75 @@ def train_valid(args, day: str, home, over: dict) -> dict:
                                                      "seed": args.seed, "checkpoint_every_s": 0, **over})
     out = train_job.run(cfg, home)
     return {"valid_ndcg@10": out["valid"]["ndcg@10"], "valid_hr@10": out["valid"]["hr@10"],
-            "train_cpu_s": out["train_cpu_s"], "steps": out["steps"], "epochs": out["epochs"]}
+            "train_cpu_s": out["train_cpu_s"], "steps": out["steps"], "epochs": out["epochs"], "model_path": out["path"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Merging partial sweeps (one process per value) and re-scoring them on every validation target
+# ---------------------------------------------------------------------------------------------
+def find_model(home, run: dict, res: dict) -> Path:
+    """The model a run trained: its recorded path, or (runs recorded before paths were) the one
+    model under ``home/models`` whose training settings are the defaults with ``axis=value``, the
+    sweep's budget, clock and seed (``valid_users`` aside: it only decides which targets validate)."""
+    if run.get("model_path"):
+        return Path(run["model_path"])
+    want = {**{k: getattr(Recipe(), k) for k in RECIPE_FIELDS}, run["axis"]: run["value"], "time_budget_s": res["budget_s"],
+            "clock": res["clock"], "seed": res["seed"]}
+    want = {k: (list(v) if isinstance(v, tuple) else v) for k, v in want.items() if k != "valid_users"}
+    hits = [d for d in sorted(Path(home.models).glob("*/config.json"))
+            if all(json.loads(d.read_text())["train_config"].get(k) == v for k, v in want.items())]
+    if len(hits) != 1:
+        raise SystemExit(f"{run['axis']}={run['value']}: expected one matching model under {home.models}, found {len(hits)}")
+    return hits[0].parent
+
+
+def rescore(home, run: dict, res: dict) -> dict:
+    """Validation figures of a run's model on *every* profile's validation target (``fmpipe evaluate
+    split=valid``), inside ``selecting()``: the choice still never reads test."""
+    with P.selecting():
+        out = evaluate_job.run(evaluate_job.EvalConfig(model=str(find_model(home, run, res)), split="valid"), home)
+    m = out["metrics"]
+    return {**run, "valid_ndcg@10": m["ndcg@10"], "valid_hr@10": m["hr@10"], "valid_users": m["users"],
+            "train_valid_ndcg@10": run["valid_ndcg@10"]}
+
+
+def merge(args) -> dict:
+    """``--merge a,b,c``: one sweep from partial ones (same dataset, budget, clock, seed), every run
+    re-scored on all validation targets; ``--add axis:value`` also scores an earlier product run
+    with those settings (e.g. the all-defaults run of ``bench/quality.py``) found by its config."""
+    parts = [json.loads((Path(args.out) / f"{n}.json").read_text()) for n in args.merge.split(",")]
+    res = {k: parts[0][k] for k in ("dataset", "budget_s", "clock", "seed")}
+    if any({k: p.get(k) for k in res} != res for p in parts):
+        raise SystemExit("--merge: the partial sweeps differ in dataset, budget, clock or seed")
+    runs = [r for p in parts for r in p["runs"]]
+    for entry in args.add:
+        axis, _, value = entry.partition(":")
+        runs.append({"axis": axis, "value": {str(v): v for v in AXES[axis]}[value], "valid_ndcg@10": float("nan"),
+                     "valid_hr@10": float("nan"), "train_cpu_s": res["budget_s"], "steps": None, "epochs": float("nan"),
+                     "note": "the earlier product run of bench/quality.py"})
+    home, _ = prepare(res["dataset"], args)
+    runs = [rescore(home, r, res) for r in runs]
+    chosen = {}
+    for axis in dict.fromkeys(r["axis"] for r in runs):
+        scores = {r["value"]: r["valid_ndcg@10"] for r in runs if r["axis"] == axis}
+        best = max(scores, key=scores.get)
+        chosen[axis] = {"best": best, "default": getattr(Recipe(), axis), "valid_ndcg@10": scores,
+                        "default_is_best": best == getattr(Recipe(), axis)}
+    out = {**provenance(None), "merged": args.merge.split(","), **res, "rescored": "every validation target",
+           "runs": runs, "chosen": chosen, "wall_s": 0.0, "loadavg_end": [round(x, 2) for x in os.getloadavg()]}
+    out["command"] = out["command"].replace("bench/quality.py", "bench/sweep.py")
+    args.budget_s, args.clock, args.seed, args.dataset = res["budget_s"], res["clock"], res["seed"], res["dataset"]
+    write(out, args)
+    emit({"chosen": {k: v["best"] for k, v in chosen.items()},
+          "defaults_are_best": all(v["default_is_best"] for v in chosen.values())})
+    return out
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.merge:
+        return merge(args)
     prov = provenance(argv)
     prov["command"] = prov["command"].replace("bench/quality.py", "bench/sweep.py")
     home, day = prepare(args.dataset, args)
@@ -160,12 +228,18 @@ def write(res: dict, args) -> None:
              f"- command: `{res['command']}`; commit `{res['commit']}`", f"- machine: {res['machine']}; load "
              f"{res['loadavg_start']} → {res['loadavg_end']}; wall {res['wall_s']:.0f} s",
              f"- each run: `fmpipe train leave_one_out=true` on {args.dataset}, budget {args.budget_s:.0f} s ({args.clock}), "
-             f"seed {args.seed}, one setting changed from the defaults; score = validation NDCG@10 (test never read)", "",
-             "| axis | value | valid NDCG@10 | valid HR@10 | train s (CPU) | epochs |", "|---|---|---:|---:|---:|---:|"]
+             f"seed {args.seed}, one setting changed from the defaults; score = validation NDCG@10 (test never read)"]
+    if res.get("merged"):
+        lines.append(f"- merged from {', '.join(res['merged'])} (their commits and commands are in those files); "
+                     f"every model re-scored on {res['rescored']} (`fmpipe evaluate split=valid`); "
+                     "'train-time' = the figure on the sample of validation targets the run chose its checkpoint on")
+    lines += ["", "| axis | value | valid NDCG@10 | valid HR@10 | train-time valid NDCG@10 | train s (CPU) | epochs |",
+              "|---|---|---:|---:|---:|---:|---:|"]
     for r in res["runs"]:
         mark = " **(best)**" if res["chosen"][r["axis"]]["best"] == r["value"] else ""
-        lines.append(f"| {r['axis']} | {r['value']}{mark} | {r['valid_ndcg@10']:.4f} | {r['valid_hr@10']:.4f} | "
-                     f"{r['train_cpu_s']:.0f} | {r['epochs']:.1f} |")
+        note = f" ({r['note']})" if r.get("note") else ""
+        lines.append(f"| {r['axis']} | {r['value']}{mark}{note} | {r['valid_ndcg@10']:.4f} | {r['valid_hr@10']:.4f} | "
+                     f"{r.get('train_valid_ndcg@10', r['valid_ndcg@10']):.4f} | {r['train_cpu_s']:.0f} | {r['epochs']:.1f} |")
     lines += ["", "| axis | default | validation prefers |", "|---|---|---|"]
     lines += [f"| {a} | {c['default']} | {c['best']}{'' if c['default_is_best'] else ' (differs)'} |"
               for a, c in res["chosen"].items()]

@@ -12,7 +12,7 @@ import torch
 
 from fm.data import Sequences, length_bucketed
 from fm.model import FoundationModel, regress_cold_titles, serve_cold_titles
-from fm.schema import N_SPECIAL
+from fm.schema import ACTIONS, DEVICES, N_SPECIAL
 
 
 def rank_of_target(scores: torch.Tensor, targets: torch.Tensor, exclude: list[np.ndarray] | None = None) -> torch.Tensor:
@@ -42,25 +42,50 @@ def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...] = (10, 50)) -> d
 @torch.no_grad()
 def head_accuracy(model: FoundationModel, seqs: Sequences, rows: np.ndarray, ends: np.ndarray,
                   heads: tuple[str, ...] = ("action", "duration", "device"), batch_size: int = 256) -> dict[str, dict]:
-    """Accuracy of the next-event heads at the given positions: the state after ``[0, ends[i])`` of row
-    ``rows[i]`` predicts the fields of token ``ends[i]``. ``majority`` is the accuracy of always
-    answering the most frequent value at these positions, so a head that learned nothing is visible."""
+    """Accuracy and AUC of the next-event heads at the given positions: the state after
+    ``[0, ends[i])`` of row ``rows[i]`` predicts the fields of token ``ends[i]``.
+
+    ``majority`` is the accuracy of always answering the most frequent value at these positions, so
+    a head that learned nothing is visible. Accuracy alone hides a head that ranks well but never
+    out-votes the majority (a purchase after 85% page views): ``auc`` gives, per value present at
+    these positions, the one-vs-rest ROC AUC of the head's probability for it (0.5: no signal), and
+    ``macro_auc`` their mean. Keys are vocabulary names where the schema has them (actions, devices)."""
     heads = tuple(f for f in heads if f in model.heads)
-    hits = {f: 0 for f in heads}
+    probs: dict[str, list[np.ndarray]] = {f: [] for f in heads}
+    order = []
     model.eval()
     for sel in length_bucketed(np.minimum(ends, model.cfg.max_len), batch_size):
         b = seqs.batch(rows[sel], model.cfg.max_len, ends=ends[sel])
         h = model.encode(b.tokens)[-1]
         last = h[torch.arange(len(sel)), b.lengths - 1]                                        # (B, D)
-        at = seqs.offsets[rows[sel]] + ends[sel]
+        order.append(sel)
         for f in heads:
-            pred = model.head(f, last).argmax(-1).numpy()
-            hits[f] += int((pred == seqs.values[f][at]).sum())
+            probs[f].append(torch.softmax(model.head(f, last).float(), -1).numpy())
+    order = np.concatenate(order) if order else np.zeros(0, np.int64)
     out = {}
     for f in heads:
-        truth = seqs.values[f][seqs.offsets[rows] + ends]
+        truth = seqs.values[f][seqs.offsets[rows] + ends][order]
+        p = np.concatenate(probs[f]) if probs[f] else np.zeros((0, 1), np.float32)
         majority = np.bincount(truth).max() / len(truth) if len(truth) else 0.0
-        out[f] = {"accuracy": hits[f] / max(len(rows), 1), "majority": float(majority), "n": len(rows)}
+        aucs = one_vs_rest_auc(p, truth, FIELD_NAMES.get(f))
+        out[f] = {"accuracy": float((p.argmax(-1) == truth).mean()) if len(truth) else 0.0, "majority": float(majority),
+                  "n": len(rows), "auc": aucs, "macro_auc": float(np.mean(list(aucs.values()))) if aucs else None}
+    return out
+
+
+FIELD_NAMES = {"action": ACTIONS, "device": DEVICES}
+
+
+def one_vs_rest_auc(scores: np.ndarray, truth: np.ndarray, names: tuple[str, ...] | None = None) -> dict[str, float]:
+    """ROC AUC of ``scores[:, v]`` for ``truth == v``, for every value ``v`` with both positives and
+    negatives among ``truth`` (keyed by ``names[v - N_SPECIAL]`` when given, else by the id)."""
+    from sklearn.metrics import roc_auc_score
+    out = {}
+    for v in np.unique(truth):
+        y = truth == v
+        if 0 < y.sum() < len(y) and v < scores.shape[1]:
+            key = names[v - N_SPECIAL] if names and N_SPECIAL <= v < N_SPECIAL + len(names) else str(int(v))
+            out[key] = float(roc_auc_score(y, scores[:, v]))
     return out
 
 

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from fm import checkpoint
+from fm import protocol as P
 from fm import schema as S
 from fm.data import Sequences
-from fm.evaluate import content_only, head_accuracy, regressed
+from fm.evaluate import content_only, head_accuracy, one_vs_rest_auc, regressed
 from fm.model import FoundationModel, ModelConfig
 from jobs import cli, evaluate, train
 from jobs.io import atomic_write_table, partition
@@ -156,7 +157,13 @@ def test_head_accuracy_and_content_only_on_hand_computed_cases():
     seqs = Sequences(np.array([1, 2]), np.array([0, 4, 7]), vals)
     # targets: row 0 token 3 (play), row 0 token 1 (complete), row 1 token 2 (= flat 6, play)
     acc = head_accuracy(m, seqs, np.array([0, 0, 1]), np.array([3, 1, 2]), heads=("action",))
-    assert acc["action"] == {"accuracy": pytest.approx(2 / 3), "majority": pytest.approx(2 / 3), "n": 3}
+    assert {k: acc["action"][k] for k in ("accuracy", "majority", "n")} == {
+        "accuracy": pytest.approx(2 / 3), "majority": pytest.approx(2 / 3), "n": 3}
+    assert acc["action"]["auc"] == {"play": 0.5, "complete": 0.5} and acc["action"]["macro_auc"] == 0.5  # no signal
+    scores = np.zeros((4, S.N_SPECIAL + 3))                   # value 3 ranked perfectly, value 2 backwards
+    scores[:, 3], scores[:, 2] = [0.9, 0.8, 0.1, 0.2], [0.9, 0.8, 0.1, 0.2]
+    aucs = one_vs_rest_auc(scores, np.array([3, 3, 2, 2]), S.ACTIONS)
+    assert aucs == {S.ACTIONS[1]: 1.0, S.ACTIONS[0]: 0.0}
     m.title.content.copy_(torch.randn(6, 4))
     c = content_only(m, np.array([3]))
     assert torch.allclose(c.title.table()[3], c.title.proj(c.title.content[3]))
@@ -193,3 +200,16 @@ def test_evaluate_reads_the_movielens_file_in_protocol_order(home, tmp_path):
     assert out["data"]["titles_ranked"] == 4 and out["metrics"]["users"] == 2     # "60" was never rated
     # user 3: history {20, 10} removed, target 30 among {30, 40}; user 7: history {10, 30, 20} removed, 40 alone
     assert out["metrics"]["hr@10"] == 1.0 and out["data"]["users"] == 2
+
+
+def test_count_baseline_answers_each_users_most_frequent_action_and_ranks_by_its_share():
+    from bench.quality import count_baseline
+    play, buy = S.vocab_index(S.ACTIONS)["play"], S.vocab_index(S.ACTIONS)["complete"]
+    vals = {f: np.full(8, S.N_SPECIAL, np.int32) for f in S.TOKEN_FIELDS}
+    # user 0 mostly buys and buys next; user 1 only plays and plays next; user 2 mostly plays, then buys
+    vals["action"] = np.array([buy, buy, buy, play, play, play, play, buy], np.int32)
+    seqs = Sequences(np.array([1, 2, 3]), np.array([0, 3, 5, 8]), vals)
+    es = P.EvalSet(np.array([0, 1, 2]), np.array([2, 1, 2]), np.zeros(3, np.int64), "test")
+    got = count_baseline(seqs, es)
+    assert got["accuracy"] == pytest.approx(2 / 3)                    # user 2's buy is missed
+    assert got["auc"] == {"complete": 0.75, "play": 0.75}              # shares 1, 0, 0 for buy vs truths buy, play, buy
