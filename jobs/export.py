@@ -22,7 +22,7 @@ import torch
 
 from fm.export import FORMATS, export_encoder
 from fm.extract import LayerSpec, default_layers
-from jobs import embed
+from jobs import alignment, embed
 from jobs.io import partition
 from jobs.settings import Paths, parse_date, run_cli
 from jobs.train import current_model_dir
@@ -66,12 +66,12 @@ def _specs(layers: list[str]) -> tuple[LayerSpec, ...]:
 
 def _rotations(paths: Paths, day: dt.date, specs: tuple[LayerSpec, ...]) -> dict[str, np.ndarray]:
     """The publication's alignment, per output column (all columns of a layer share one rotation)."""
-    path = partition(paths.profile_embeddings, day) / embed.ALIGNMENT_FILE
+    path = partition(paths.profile_embeddings, day) / alignment.ALIGNMENT_FILE
     if not path.exists():
         return {}
     with np.load(path) as z:
         groups = {g: z[g] for g in z.files}
-    return {c: groups[g] for g, cols in embed.layer_groups(specs).items() if g in groups for c in cols}
+    return {c: groups[g] for g, cols in alignment.layer_groups(specs).items() if g in groups for c in cols}
 
 
 def run(cfg: ExportConfig, paths: Paths) -> dict:

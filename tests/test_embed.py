@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from fm import align, checkpoint
-from fm.extract import (LayerSpec, ProfileEncoder, batch_ids, encode_sequences, parse_layers,
+from fm.extract import (LayerSpec, ProfileEncoder, batch_ids, default_layers, encode_sequences, parse_layers,
                         reference_embeddings, title_embeddings)
 from fm.model import content_map
 from fm.schema import N_SPECIAL, TITLE_VOCAB_SCHEMA
-from jobs import embed
+from jobs import alignment, checksum, embed
 from jobs.io import partition
 from jobs.settings import Paths
 from jobs.train import current_model_dir
@@ -47,7 +47,7 @@ def shift_history(paths: Paths, day: dt.date, to: dt.date) -> None:
 
 
 def vectors(table: pa.Table, col: str) -> np.ndarray:
-    return embed.list_matrix(table[col])
+    return checksum.list_matrix(table[col])
 
 
 def leftovers(paths: Paths) -> list[str]:
@@ -85,7 +85,7 @@ def test_fast_path_equals_eager_for_any_layer_selection(world, home):
         parse_layers("3:last", 2)
     with pytest.raises(ValueError, match="bad layer spec"):
         parse_layers("2:max", 2)
-    assert parse_layers("", 2) == embed.default_layers(2)
+    assert parse_layers("", 2) == default_layers(2)
 
     r = run(paths, day, layers="1:mean,2:last")
     t = pq.read_table(partition(paths.profile_embeddings, day)).sort_by("profile_id")
@@ -103,7 +103,7 @@ def test_mixed_precision_path_matches_float32(world, home):
     paths, day = clone_world(world, home)
     model, *_ = world_model(paths)
     seqs = embed.active_profiles(paths, day)
-    enc = ProfileEncoder(model, embed.default_layers(model.cfg.n_layers))
+    enc = ProfileEncoder(model, default_layers(model.cfg.n_layers))
     tokens, lengths = batch_ids(seqs, np.arange(min(32, len(seqs))), model.cfg.max_len)
     with torch.inference_mode():
         full = enc(tokens, lengths)
@@ -129,18 +129,18 @@ def test_streaming_chunks_and_order_independent_checksum(world, home):
         np.testing.assert_allclose(vectors(two, col), vectors(one, col), atol=2e-5, rtol=1e-4)
 
     cols = man1["layers"]
-    c = embed.Checksum("profile_id", cols)
+    c = checksum.Checksum("profile_id", cols)
     c.update(one)
     shuffled = one.take(np.random.default_rng(0).permutation(one.num_rows))
-    c2 = embed.Checksum("profile_id", cols)
+    c2 = checksum.Checksum("profile_id", cols)
     for b in shuffled.to_batches(max_chunksize=7):
         c2.update(b)
     assert c.hexdigest() == c2.hexdigest() == man1["checksum"]
-    assert embed.table_checksum(part, "profile_id", cols) == (two.num_rows, man2["checksum"])
+    assert checksum.table_checksum(part, "profile_id", cols) == (two.num_rows, man2["checksum"])
     v = vectors(one, cols[0]).copy()
     v[3, 5] = np.nextafter(v[3, 5], np.float32(np.inf))            # one ulp in one value
     bumped = one.set_column(one.schema.get_field_index(cols[0]), cols[0], embed.vector_array(v))
-    c3 = embed.Checksum("profile_id", cols)
+    c3 = checksum.Checksum("profile_id", cols)
     c3.update(bumped)
     assert c3.hexdigest() != c.hexdigest()
 
@@ -267,7 +267,7 @@ def test_retrained_model_is_aligned_onto_the_published_space(world, home):
     rep = al["groups"]["layer2"]["report"]
     assert rep["cos_after"] > rep["cos_before"] + 0.05 and rep["drift_reduction"] > 0.05
     assert al["groups"]["layer2"]["titles"] and rep["n_fit_titles"] > 0 and "layer1" in al["groups"]
-    rot = np.load(part / embed.ALIGNMENT_FILE)
+    rot = np.load(part / alignment.ALIGNMENT_FILE)
     assert align.is_orthogonal(rot["layer2"]) and align.is_orthogonal(rot["layer1"])
 
     pub = pq.read_table(part).sort_by("profile_id")
@@ -286,7 +286,7 @@ def test_retrained_model_is_aligned_onto_the_published_space(world, home):
 
     third = run(paths, d3)                                             # same model: the same rotation, carried
     assert third["alignment"] == "carried"
-    rot3 = np.load(partition(paths.profile_embeddings, d3) / embed.ALIGNMENT_FILE)
+    rot3 = np.load(partition(paths.profile_embeddings, d3) / alignment.ALIGNMENT_FILE)
     assert np.array_equal(rot3["layer2"], rot["layer2"])
     man3 = json.loads((partition(paths.profile_embeddings, d3) / "_manifest.json").read_text())
     assert man3["space"] == first["model_version"] and man3["alignment"]["fitted"]["date"] == d2.isoformat()
@@ -301,7 +301,7 @@ def test_exported_encoder_equals_eager(world, home, tmp_path, fmt):
     paths, day = clone_world(world, home)
     model, meta, *_ = world_model(paths)
     seqs = embed.active_profiles(paths, day)
-    specs = embed.default_layers(model.cfg.n_layers)
+    specs = default_layers(model.cfg.n_layers)
     rot = {"emb_layer2_last": np.linalg.qr(np.random.default_rng(1).normal(size=(32, 32)))[0].astype(np.float32)}
     out = export_encoder(model, specs, tmp_path / "enc", fmt=fmt, meta={"model_version": meta["model_version"]},
                          rotations=rot)

@@ -21,7 +21,7 @@ from fm.losses import Objective
 from fm.model import FoundationModel, ModelConfig, init_weights
 from fm.recipe import Recipe, model_config
 from fm.schema import ACTION_STRENGTH, ACTIONS, CANVASES, DEVICES, N_SPECIAL, NO_DURATION, OOV, TOKEN_FIELDS, vocab_index
-from jobs import embed, generate, retrieve
+from jobs import checksum, embed, generate, retrieve
 from jobs.io import partition
 from jobs.settings import Paths
 from jobs.train import current_model_dir
@@ -214,13 +214,13 @@ def test_embed_publishes_one_vector_per_surface(world, home, one_thread):
     t = pq.read_table(pdir)
     ids = embed.title_ids_by_idx(embed.read_vocab(home))
     model, _, _ = embed.load_model(home, embed.EmbedConfig(model_version=version), ids, torch.device("cpu"))
-    last = embed.list_matrix(t["emb_layer2_last"])
+    last = checksum.list_matrix(t["emb_layer2_last"])
     for s in ("home", "kids"):
         want = last + model.surface_vector(s).detach().numpy()
-        np.testing.assert_allclose(embed.list_matrix(t[f"emb_surface_{s}"]), want, rtol=1e-5, atol=1e-5)
-    assert not np.allclose(embed.list_matrix(t["emb_surface_home"]), embed.list_matrix(t["emb_surface_kids"]))
+        np.testing.assert_allclose(checksum.list_matrix(t[f"emb_surface_{s}"]), want, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(checksum.list_matrix(t["emb_surface_home"]), checksum.list_matrix(t["emb_surface_kids"]))
     cols = [*out["layers"], "emb_surface_home", "emb_surface_kids"]
-    assert embed.table_checksum(pdir, "profile_id", cols) == (manifest["rows"], manifest["checksum"])
+    assert checksum.table_checksum(pdir, "profile_id", cols) == (manifest["rows"], manifest["checksum"])
 
 
 def test_local_and_spark_engines_publish_the_same_surface_vectors(world, home, spark, tmp_path, one_thread):
@@ -233,7 +233,7 @@ def test_local_and_spark_engines_publish_the_same_surface_vectors(world, home, s
     st = pq.read_table(partition(other.profile_embeddings, day)).sort_by("profile_id")
     assert remote["surfaces"] == local["surfaces"]
     for c in ("emb_surface_home", "emb_surface_kids"):
-        np.testing.assert_allclose(embed.list_matrix(st[c]), embed.list_matrix(lt[c]), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(checksum.list_matrix(st[c]), checksum.list_matrix(lt[c]), rtol=1e-5, atol=1e-5)
 
 
 class _Store:
@@ -268,12 +268,12 @@ def test_retrieve_uses_the_surface_vector_and_names_the_available_ones(world, ho
     embed.run(embed.EmbedConfig(date=day.isoformat(), model_version=version), home)
     t = pq.read_table(partition(home.profile_embeddings, day))
     tt = pq.read_table(partition(home.title_embeddings, day))
-    titles, tids = embed.list_matrix(tt["title_embedding"]), tt["title_id"].to_pylist()
+    titles, tids = checksum.list_matrix(tt["title_embedding"]), tt["title_id"].to_pylist()
     pid = int(t["profile_id"][0].as_py())
     store, index = _Store(t), _Index(day, version, titles, tids)
     got = retrieve.retrieve(home, pid, k=5, exclude_finished=False, store=store, index=index, surface="kids")
     assert "profile_embeddings:emb_surface_kids" in store.asked and got["surface"] == "kids"
-    q = embed.list_matrix(t["emb_surface_kids"])[0]
+    q = checksum.list_matrix(t["emb_surface_kids"])[0]
     assert [x["title_id"] for x in got["titles"]] == [tids[i] for i in np.argsort(-(titles @ q))[:5]]
     plain = retrieve.retrieve(home, pid, k=5, exclude_finished=False, store=store, index=index)
     assert "surface" not in plain and "feature" not in plain
