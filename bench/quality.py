@@ -25,6 +25,9 @@ What each part runs (every part is the product's code, with the product's defaul
   and a count baseline (the user's most frequent action so far), and next-title NDCG@10 with the
   side heads on (detached, the default), off, and sharing the state.
 * ``ablate:KEY=VALUE``: the product path with one recipe setting changed.
+* ``sasrec:dropout=X`` / ``beauty_sasrec:dropout=X``: the baseline with another dropout (the README
+  fixes 0.2; SASRec's authors used 0.5 on sparse data). The merged report's SASRec for a dataset is
+  the variant with the best *validation* NDCG@10, so the baseline gets the same choice the FM gets.
 
 Each part writes ``<out>/quality/<part>-seed<K>.json`` (commit, command, machine, load); the merge
 step gathers them into ``quality.md`` / ``quality.json`` (mean and standard deviation over seeds)
@@ -114,8 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.seeds = [a.seed] if a.seed is not None else [int(s) for s in a.seeds.split(",") if s]
     a.parts = ["cold_start"] if a.cold_start_only else [p for p in a.only.split(",") if p] or list(PARTS)
     for p in a.parts:
-        if p not in PARTS and not p.startswith("ablate:"):
-            ap.error(f"unknown part {p!r}; valid: {', '.join(PARTS)}, ablate:KEY=VALUE")
+        if p not in PARTS and not p.startswith(("ablate:", "sasrec:dropout=", "beauty_sasrec:dropout=")):
+            ap.error(f"unknown part {p!r}; valid: {', '.join(PARTS)}, ablate:KEY=VALUE, [beauty_]sasrec:dropout=X")
     return a
 
 
@@ -228,14 +231,16 @@ def product(dataset: str, args, seed: int, overrides: dict | None = None) -> dic
             "cold_start": e.get("cold_start"), "recipe": {k: v for k, v in cfg.__dict__.items()}}
 
 
-def sasrec(dataset: str, args, seed: int, converged: bool = False) -> dict:
-    """Our SASRec on the product's history table: same fit loop, same validation targets, same budget."""
+def sasrec(dataset: str, args, seed: int, converged: bool = False, dropout: float | None = None) -> dict:
+    """Our SASRec on the product's history table: same fit loop, same validation targets, same budget
+    (``dropout``: instead of the README's 0.2)."""
     home, day = prepare(dataset, args)
     hist = Sequences.read(partition(home.history, __import__("datetime").date.fromisoformat(day)))
     n_titles = len(title_ids_by_idx(read_vocab(home)))
     max_len = SASREC_MAX_LEN[dataset]
     torch.manual_seed(seed)
-    model = SASRec(SASRecConfig(n_titles, max_len=max_len, **SASREC["model"]))
+    spec = {**SASREC["model"], **({"dropout": dropout} if dropout is not None else {})}
+    model = SASRec(SASRecConfig(n_titles, max_len=max_len, **spec))
     back = held_out_back(True)
     train_seqs = P.truncate(hist, back)
     model.set_popularity(np.bincount(train_seqs.values["title"], minlength=n_titles)[:n_titles])
@@ -256,7 +261,7 @@ def sasrec(dataset: str, args, seed: int, converged: bool = False) -> dict:
     test = P.evaluate(P.among(model.scores, cand, n_titles), seqs, P.eval_set(seqs, 1), max_len)
     return {**{k: test[k] for k in METRICS}, "users": test["users"], "train_s": r.train_s, "train_cpu_s": r.train_cpu_s,
             "steps": r.steps, "epochs": r.epochs, "stopped_by": r.stopped_by, "valid_ndcg@10": r.best.get("ndcg@10"),
-            "n_params": model.n_params(), "config": {**SASREC, "max_len": max_len, **({"lr": cfg.lr} if converged else {})}}
+            "n_params": model.n_params(), "config": {**SASREC, "model": spec, "max_len": max_len, **({"lr": cfg.lr} if converged else {})}}
 
 
 def popularity(dataset: str, args, seed: int) -> dict:
@@ -289,6 +294,9 @@ def run_part(part: str, args, seed: int) -> dict:
         if args.rescore:                     # score the models a former run saved, without training
             prev = json.loads(part_file(args, part, seed).read_text())["result"]["models"]
         return cold_start.run(args, seed, prepare, eval_data, prev)
+    if part.startswith(("sasrec:", "beauty_sasrec:")):
+        base, _, value = part.partition(":dropout=")
+        return sasrec("beauty" if base == "beauty_sasrec" else "ml-1m", args, seed, dropout=float(value))
     key, _, value = part[len("ablate:"):].partition("=")
     return product("ml-1m", args, seed, {key: value})
 
@@ -341,6 +349,12 @@ def stats(rows: list[dict], key: str) -> tuple[float, float]:
     return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
 
 
+def best_variant(summary: dict, base: str) -> str:
+    """``base`` or its ``base:dropout=X`` variant with the best mean validation NDCG@10 (test unread)."""
+    names = [p for p in summary if p == base or p.startswith(base + ":")]
+    return max(names, key=lambda p: summary[p].get("valid_ndcg@10", -1.0)) if names else base
+
+
 def merge(args) -> dict:
     """Every part file -> per part: mean/sd of the metrics over seeds; the issue's summary keys."""
     folder = Path(args.out) / f"quality{'_quick' if args.quick else ''}"
@@ -354,7 +368,7 @@ def merge(args) -> dict:
     for part, recs in parts.items():
         rows = [r["result"] for r in recs]
         s = {"seeds": len(rows), "budget": ", ".join(sorted({_budget(r) for r in recs}))}
-        for k in (*METRICS, "train_s", "train_cpu_s", "epochs"):
+        for k in (*METRICS, "valid_ndcg@10", "train_s", "train_cpu_s", "epochs"):
             mean, sd = stats(rows, k)
             if not math.isnan(mean):
                 s[k], s[f"{k}_sd"] = round(mean, 4), round(sd, 4)
@@ -362,8 +376,10 @@ def merge(args) -> dict:
     res = {"parts": summary, **({"cold_start": cold} if cold else {})}
     pick = lambda p: {k: summary[p][k] for k in summary[p] if k.startswith(("ndcg@10", "hr@10", "seeds", "train"))} \
         if p in summary else None  # noqa: E731
-    res["product"], res["sasrec"], res["sasrec_converged"] = pick("product"), pick("sasrec"), pick("sasrec_converged")
-    res["beauty"] = {"fm": pick("beauty_fm"), "sasrec": pick("beauty_sasrec")}
+    res["product"], res["sasrec"], res["sasrec_converged"] = pick("product"), pick(best_variant(summary, "sasrec")), \
+        pick("sasrec_converged")
+    res["beauty"] = {"fm": pick("beauty_fm"), "sasrec": pick(best_variant(summary, "beauty_sasrec"))}
+    res["sasrec_variants_chosen"] = {b: best_variant(summary, b) for b in ("sasrec", "beauty_sasrec")}
     if res["product"] and res["sasrec_converged"]:
         res["ratio_vs_converged_sasrec"] = round(res["product"]["ndcg@10"] / res["sasrec_converged"]["ndcg@10"], 3)
     if res["product"] and res["sasrec"]:
