@@ -155,6 +155,7 @@ def merge(args) -> dict:
     """``--merge a,b,c``: one sweep from partial ones (same dataset, budget, clock, seed), every run
     re-scored on all validation targets; ``--add axis:value`` also scores an earlier product run
     with those settings (e.g. the all-defaults run of ``bench/quality.py``) found by its config."""
+    t0 = time.perf_counter()
     parts = [json.loads((Path(args.out) / f"{n}.json").read_text()) for n in args.merge.split(",")]
     res = {k: parts[0][k] for k in ("dataset", "budget_s", "clock", "seed")}
     if any({k: p.get(k) for k in res} != res for p in parts):
@@ -174,7 +175,7 @@ def merge(args) -> dict:
         chosen[axis] = {"best": best, "default": getattr(Recipe(), axis), "valid_ndcg@10": scores,
                         "default_is_best": best == getattr(Recipe(), axis)}
     out = {**provenance(None), "merged": args.merge.split(","), **res, "rescored": "every validation target",
-           "runs": runs, "chosen": chosen, "wall_s": 0.0, "loadavg_end": [round(x, 2) for x in os.getloadavg()]}
+           "runs": runs, "chosen": chosen, "wall_s": round(time.perf_counter() - t0, 1), "loadavg_end": [round(x, 2) for x in os.getloadavg()]}
     out["command"] = out["command"].replace("bench/quality.py", "bench/sweep.py")
     args.budget_s, args.clock, args.seed, args.dataset = res["budget_s"], res["clock"], res["seed"], res["dataset"]
     write(out, args)
