@@ -111,6 +111,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--work", default=str(Path(_HERE) / ".work"), help="scratch FMPIPE_HOMEs (tokenized once, reused)")
     ap.add_argument("--out", default=str(Path(_HERE) / "results"), help="results folder")
     ap.add_argument("--merge", action="store_true", help="only merge the part files into quality.md")
+    ap.add_argument("--trained", default="", metavar="MODEL_DIR",
+                    help="product parts: evaluate this model, which the product path trained with the part's exact "
+                         "settings (e.g. the sweep run validation chose), instead of training again")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     a = ap.parse_args(argv)
     a.budget_s = a.budget_s if a.budget_s is not None else (30.0 if a.quick else 1800.0)
@@ -212,13 +215,28 @@ def eval_data(dataset: str, home: Paths, day: str, args) -> tuple[Sequences, np.
 # ---------------------------------------------------------------------------------------------
 # Parts
 # ---------------------------------------------------------------------------------------------
+def trained(model_dir: str, cfg) -> dict:
+    """``--trained DIR``: what ``train_job.run`` returned for a model the product path already trained
+    (e.g. the sweep run validation chose), read back from its checkpoint, so it is evaluated without
+    training it again. Refused unless it was trained with exactly this part's settings (``valid_users``
+    aside: it only samples which validation targets pick the checkpoint)."""
+    meta = json.loads((Path(model_dir) / "config.json").read_text())
+    want = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items() if k != "valid_users"}
+    diff = {k: (meta["train_config"].get(k), v) for k, v in want.items() if meta["train_config"].get(k) != v}
+    if diff:
+        raise SystemExit(f"--trained {model_dir}: trained with other settings than this part's (theirs, ours): {diff}")
+    m = meta["metrics"]
+    return {"path": model_dir, "model_version": meta["model_version"], "n_params": meta["n_params"], "valid": m["best"],
+            **{k: m[k] for k in ("train_s", "train_cpu_s", "steps", "epochs", "stopped_by")}}
+
+
 def product(dataset: str, args, seed: int, overrides: dict | None = None) -> dict:
     """``fmpipe train leave_one_out=true`` with the defaults, then ``fmpipe evaluate``."""
     home, day = prepare(dataset, args)
     cfg = parse_overrides(train_job.TrainJobConfig, {"date": day, "leave_one_out": True, "promote": "never",
                                                      "time_budget_s": args.budget_s, "clock": args.clock,
                                                      "seed": seed, "checkpoint_every_s": 0, **(overrides or {})})
-    out = train_job.run(cfg, home)
+    out = trained(args.trained, cfg) if args.trained else train_job.run(cfg, home)
     data = {"data": "movielens", "path": str(Path(args.data) / "ml-1m")} if dataset == "ml-1m" else {"data": "history"}
     if args.quick and dataset == "ml-1m":
         data["users"] = f"1-{QUICK_USERS[dataset]}"
