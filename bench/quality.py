@@ -236,7 +236,7 @@ def product(dataset: str, args, seed: int, overrides: dict | None = None) -> dic
     cfg = parse_overrides(train_job.TrainJobConfig, {"date": day, "leave_one_out": True, "promote": "never",
                                                      "time_budget_s": args.budget_s, "clock": args.clock,
                                                      "seed": seed, "checkpoint_every_s": 0, **(overrides or {})})
-    out = trained(args.trained, cfg) if args.trained else train_job.run(cfg, home)
+    out = trained(args.trained, cfg) if getattr(args, "trained", "") else train_job.run(cfg, home)
     data = {"data": "movielens", "path": str(Path(args.data) / "ml-1m")} if dataset == "ml-1m" else {"data": "history"}
     if args.quick and dataset == "ml-1m":
         data["users"] = f"1-{QUICK_USERS[dataset]}"
