@@ -73,6 +73,19 @@ def world(spark, tmp_path_factory) -> dict:
     return {"paths": paths, "root": root, "days": days}
 
 
+def two_days_left(root: Path, spark, spec: dict) -> tuple[Paths, list[str]]:
+    """A fresh home under ``root`` from ``generate`` with ``spec``: history tokenized and a tiny model
+    trained through the third-last day, so the last two days are left for a test to run. Returns the
+    paths and every generated day. (Callers set FMPIPE_HOME to ``paths.home``.)"""
+    from jobs import generate, tokenize, train
+    paths = Paths((root / "var").resolve())
+    generate.run(generate.GenerateConfig(**spec), paths)
+    days = sorted(p.name[3:] for p in paths.raw.glob("dt=*"))
+    tokenize.run(tokenize.TokenizeConfig(date=days[-3], full=True), paths, spark)
+    train.run(train.TrainJobConfig(date=days[-3], time_budget_s=5, max_epochs=2, d_model=16, max_len=32), paths)
+    return paths, days
+
+
 @pytest.fixture(scope="session")
 def airflow_db():
     """Migrate the scratch Airflow metadata DB once (the real `airflow db migrate`)."""

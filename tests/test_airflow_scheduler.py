@@ -35,9 +35,9 @@ from pathlib import Path
 
 import pytest
 
-from jobs import generate, publication, tokenize, train
+from jobs import publication
 from jobs.io import partition
-from jobs.settings import Paths
+from conftest import two_days_left
 
 REPO = Path(__file__).resolve().parents[1]
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))
@@ -141,12 +141,8 @@ def _task_log_tails(af_home: Path, failed: list[tuple]) -> str:
 @pytest.fixture
 def scheduled_world(tmp_path, spark, monkeypatch):
     """History tokenized and a tiny model trained through the third-last day: two days left to run."""
-    paths = Paths((tmp_path / "var").resolve())
-    monkeypatch.setenv("FMPIPE_HOME", str(paths.home))
-    generate.run(generate.GenerateConfig(**WORLD), paths)
-    days = sorted(p.name[3:] for p in paths.raw.glob("dt=*"))
-    tokenize.run(tokenize.TokenizeConfig(date=days[-3], full=True), paths, spark)
-    train.run(train.TrainJobConfig(date=days[-3], time_budget_s=5, max_epochs=2, d_model=16, max_len=32), paths)
+    monkeypatch.setenv("FMPIPE_HOME", str((tmp_path / "var").resolve()))
+    paths, days = two_days_left(tmp_path, spark, WORLD)
     return paths, days[-2:]
 
 

@@ -8,9 +8,9 @@ import hashlib
 
 import pyarrow.parquet as pq
 
-from jobs import generate, pipeline, publication, tokenize, train
+from jobs import pipeline, publication
 from jobs.io import partition
-from jobs.settings import Paths
+from conftest import two_days_left
 
 WORLD = {"profiles": 80, "titles": 60, "days": 4, "new_titles_per_day": 4, "malformed_per_day": 0,
          "start": "2026-11-01", "seed": 11}
@@ -24,12 +24,8 @@ def _digest(root) -> str:
 
 
 def test_rerunning_yesterday_after_today_is_a_noop(tmp_path, monkeypatch, spark, one_thread, live_state):
-    paths = Paths((tmp_path / "var").resolve())
-    monkeypatch.setenv("FMPIPE_HOME", str(paths.home))
-    generate.run(generate.GenerateConfig(**WORLD), paths)
-    days = sorted(p.name[3:] for p in paths.raw.glob("dt=*"))
-    tokenize.run(tokenize.TokenizeConfig(date=days[-3], full=True), paths, spark)
-    train.run(train.TrainJobConfig(date=days[-3], time_budget_s=5, max_epochs=2, d_model=16, max_len=32), paths)
+    monkeypatch.setenv("FMPIPE_HOME", str((tmp_path / "var").resolve()))
+    paths, days = two_days_left(tmp_path, spark, WORLD)
     yesterday, today = days[-2], days[-1]
     pipeline.run_all(yesterday)
     y = dt.date.fromisoformat(yesterday)
