@@ -34,6 +34,10 @@ if not _LAYERS or len(_LAYERS) != len(_SPEC.get("layers", [])):
                      f"not {_SPEC.get('layers')}: re-run `fmpipe publish`")
 # per-surface profile vectors of a model trained with surfaces=... ("what next on this canvas")
 _SURFACES = {k: v for k, v in (_SPEC.get("surfaces") or {}).items() if re.match(r"^emb_surface_[a-z0-9_]+$", v)}
+# side heads' class probabilities and soft prompts' views / task probabilities (fm.prompts)
+_HEADS = {k: v for k, v in (_SPEC.get("heads") or {}).items() if re.match(r"^head_[a-z0-9_]+$", v.get("column", ""))}
+_PROMPTS = {k: v for k, v in (_SPEC.get("prompts") or {}).items()
+            if re.match(r"^emb_prompt_[a-z0-9_]+$", v.get("column", "")) and re.match(r"^head_prompt_[a-z0-9_]+$", v.get("score", ""))}
 _DEPTH = max(int(_LAYER_RE.match(n).group(1)) for n in _LAYERS)
 _DEEPEST = sorted((n for n in _LAYERS if n.startswith(f"emb_layer{_DEPTH}_")), key=lambda n: not n.endswith("_last"))
 
@@ -74,6 +78,16 @@ profile_embeddings = FeatureView(
     + [Field(name=col, dtype=Array(Float32),
              description=f"Last-layer state plus the '{s}' surface query: what next on the {s} canvas; dot with "
                          f"title_embedding ranks titles for that surface.") for s, col in sorted(_SURFACES.items())]
+    + [Field(name=h["column"], dtype=Array(Float32),
+             description=f"Probabilities of the profile's next {name} predicted by the model's {name} head, in "
+                         f"this class order: {', '.join(h.get('classes') or []) or 'see the manifest'}.")
+       for name, h in sorted(_HEADS.items())]
+    + [f for name, p in sorted(_PROMPTS.items()) for f in (
+        Field(name=p["column"], dtype=Array(Float32),
+              description=f"Last-layer state under the '{name}' soft prompt: the '{name}' task's view of the "
+                          f"profile; dot with title_embedding ranks titles for it."),
+        Field(name=p["score"], dtype=Array(Float32),
+              description=f"The '{name}' task's probabilities [no, yes] from its prompt and readout."))]
     + [Field(name="model_version", dtype=String, description="Checkpoint that produced the vectors.")],
     source=profile_embeddings_source,
     online=True,
@@ -101,6 +115,13 @@ ranker_v1 = FeatureService(
     features=[profile_embeddings[_DEEPEST + ["model_version"]],
               title_embeddings[["title_embedding"]]],
     description="Inputs of the downstream ranker, version 1.",
+)
+ranker_v2 = FeatureService(
+    name="ranker_v2",
+    features=[profile_embeddings[_DEEPEST + [h["column"] for _, h in sorted(_HEADS.items())] + ["model_version"]],
+              title_embeddings[["title_embedding"]]],
+    description="Version 1 plus the side heads' next-action / duration / device probabilities (when published), "
+                "so a ranker uses the model's predictions without running it.",
 )
 retrieval_v1 = FeatureService(
     name="retrieval_v1",

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from fm.data import Sequences, length_bucketed
 from fm.model import FoundationModel
-from fm.schema import PAD, TOKEN_FIELDS
+from fm.schema import HEAD_CLASSES, N_SPECIAL, PAD, TOKEN_FIELDS
 
 DEFAULT_BATCH_TOKENS = 8192
 DEFAULT_CHUNK_PROFILES = 4096
@@ -67,6 +67,37 @@ class LayerSpec:
 def surface_column(surface: str) -> str:
     """The profile table column of one surface's vector ('kids' -> 'emb_surface_kids')."""
     return f"emb_surface_{surface}"
+
+
+def head_column(head: str) -> str:
+    """The profile table column of one side head's probabilities ('action' -> 'head_action')."""
+    return f"head_{head}"
+
+
+def trained_heads(cfg) -> tuple[str, ...]:
+    """The side heads a model was trained with (loss weight > 0): the only ones worth publishing,
+    since an untrained head's outputs are its random initialisation."""
+    weights = {"action": cfg.w_action, "duration": cfg.w_duration, "device": cfg.w_device}
+    return tuple(h for h in HEAD_CLASSES if weights[h] > 0)
+
+
+def parse_heads(text: str, cfg) -> tuple[str, ...]:
+    """'auto' -> :func:`trained_heads`; 'none' or '' -> none; else a comma list of trained heads."""
+    text = text.strip()
+    if text in ("", "none"):
+        return ()
+    if text == "auto":
+        return trained_heads(cfg)
+    heads = tuple(dict.fromkeys(h.strip() for h in text.split(",") if h.strip()))
+    unknown = [h for h in heads if h not in HEAD_CLASSES]
+    if unknown:
+        raise ValueError(f"heads={text!r}: unknown head(s) {unknown}; the heads are {', '.join(HEAD_CLASSES)} "
+                         f"(or 'auto', 'none')")
+    untrained = [h for h in heads if h not in trained_heads(cfg)]
+    if untrained:
+        raise ValueError(f"heads={text!r}: {untrained} were not trained by this model (loss weight 0): their "
+                         f"outputs would be random; trained heads: {list(trained_heads(cfg)) or 'none'}")
+    return heads
 
 
 def default_layers(n_layers: int) -> tuple[LayerSpec, ...]:
@@ -110,14 +141,16 @@ class ProfileEncoder(nn.Module):
     order, right-padded with PAD; ``lengths`` (B,) real tokens per row (>= 1). Returns a tuple of
     (B, D) tensors in ``specs`` order, then one per ``surfaces`` entry: the last layer's
     last-position state plus that surface's query vector (:meth:`FoundationModel.query`), so a
-    dot product with a title vector is the model's "next on this canvas" score. Shares the
+    dot product with a title vector is the model's "next on this canvas" score, then one per
+    ``heads`` entry: that side head's class probabilities at the last event (softmax over the real
+    classes, :data:`fm.schema.HEAD_CLASSES` order; ``dims`` gives each output's width). Shares the
     blocks' parameters with ``model``; the fused embedding table is a snapshot, so build the
     encoder after ``grow_titles``. ``prompt`` (P, D): a task's soft prompt (``fm.prompts``) placed
     before every row's events, the model's weights unchanged (the vectors of that task's view).
     """
 
     def __init__(self, model: FoundationModel, specs: tuple[LayerSpec, ...], surfaces: tuple[str, ...] = (),
-                 prompt: torch.Tensor | None = None):
+                 prompt: torch.Tensor | None = None, heads: tuple[str, ...] = ()):
         super().__init__()
         cfg = model.cfg
         # soft prompt tokens (fm.prompts) placed before the events, as FoundationModel.encode(prefix=...)
@@ -125,7 +158,9 @@ class ProfileEncoder(nn.Module):
                              persistent=False)
         check_layers(specs, cfg.n_layers)
         self.specs = tuple(specs)
-        self.names = [s.name for s in specs] + [surface_column(s) for s in surfaces]
+        self.names = [s.name for s in specs] + [surface_column(s) for s in surfaces] + [head_column(h) for h in heads]
+        self.dims = [cfg.d_model] * (len(specs) + len(surfaces)) + [len(HEAD_CLASSES[h]) for h in heads]
+        self.heads = nn.ModuleList(model.heads[h] for h in heads)       # shared with the model, not copied
         with torch.no_grad():
             sq = [model.surface_vector(s).detach() for s in surfaces]
         self.register_buffer("surface_queries", torch.stack(sq).clone() if sq else torch.zeros(0, cfg.d_model),
@@ -138,7 +173,7 @@ class ProfileEncoder(nn.Module):
         self.register_buffer("offsets", torch.tensor(np.cumsum([0] + sizes[:-1]), dtype=torch.long))
         self.register_buffer("pos", model.pos.weight.detach().clone())
         self.emb_norm = model.emb_norm                      # the embedding LayerNorm, when the model has one
-        self.depth = cfg.n_layers if surfaces else max(s.layer for s in specs)
+        self.depth = cfg.n_layers if surfaces or heads else max(s.layer for s in specs)
         self.blocks = nn.ModuleList(list(model.blocks)[: self.depth])
         self.ln_f = model.ln_f if self.depth == cfg.n_layers else None
         self.n_layers = cfg.n_layers
@@ -207,10 +242,11 @@ class ProfileEncoder(nn.Module):
             else:                                               # masked mean as one batched GEMV
                 w = valid.to(h.dtype) / lengths.clamp(min=1).view(B, 1, 1).to(h.dtype)
                 out.append(torch.bmm(w, h).squeeze(1))
-        if self.surface_queries.shape[0] > 0:
-            last = states[-1][rows, lengths - 1]
-            for i in range(self.surface_queries.shape[0]):
-                out.append(last + self.surface_queries[i].to(last.dtype))
+        last = states[-1][rows, lengths - 1]
+        for i in range(self.surface_queries.shape[0]):
+            out.append(last + self.surface_queries[i].to(last.dtype))
+        for head in self.heads:                                 # real classes only: PAD/OOV are never targets
+            out.append(torch.softmax(head(last).float()[:, N_SPECIAL:], dim=-1).to(last.dtype))
         return tuple(out)
 
 
@@ -252,8 +288,8 @@ def encode_sequences(encoder: ProfileEncoder, seqs: Sequences, *, batch_tokens: 
                      max_batch: int = 1024, device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
     """Vectors of every row of ``seqs`` in row order: {column: (N, D) float32}."""
     device = torch.device(device)
-    n, D = len(seqs), encoder.d_model
-    out = {name: np.empty((n, D), np.float32) for name in encoder.names}
+    n = len(seqs)
+    out = {name: np.empty((n, d), np.float32) for name, d in zip(encoder.names, encoder.dims)}
     if n == 0:
         return out
     stacked = np.stack([seqs.values[f] for f in TOKEN_FIELDS], axis=1)
@@ -373,6 +409,46 @@ def history_files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*.parquet") if not p.name.startswith((".", "_")))
 
 
+def day_row_groups(pf: pq.ParquetFile, day=None) -> list[int]:
+    """Row groups of one history file that may hold rows with ``last_dt == day`` (every row group
+    when ``day`` is None): those whose ``last_dt`` statistics include the day, or have none."""
+    groups = list(range(pf.num_row_groups))
+    if day is None:
+        return groups
+    col = pf.schema_arrow.get_field_index("last_dt")
+    keep = []
+    for g in groups:
+        st = pf.metadata.row_group(g).column(col).statistics
+        if st is None or not st.has_min_max or st.min <= day <= st.max:
+            keep.append(g)
+    return keep
+
+
+def history_scan(path: Path, day=None, columns: tuple[str, ...] = ("profile_id", *TOKEN_FIELDS)) -> dict:
+    """What :func:`iter_history` reads of a history partition for ``day``, from the footers only:
+    row groups and compressed bytes (of the columns read) kept vs in the files, and the rows kept."""
+    want = list(dict.fromkeys([*columns, *(["last_dt"] if day is not None else [])]))
+    out = {"files": 0, "row_groups": 0, "row_groups_read": 0, "bytes": 0, "bytes_read": 0, "rows": 0, "rows_read": 0}
+    for f in history_files(path):
+        pf = pq.ParquetFile(f)
+        md = pf.metadata
+        leaves = {i for i in range(md.num_columns)
+                  if md.schema.column(i).path.split(".")[0] in want}     # a list column's leaf is "title.list.element"
+        kept = set(day_row_groups(pf, day))
+        out["files"] += 1
+        for g in range(md.num_row_groups):
+            rg = md.row_group(g)
+            size = sum(rg.column(i).total_compressed_size for i in leaves)
+            out["row_groups"] += 1
+            out["bytes"] += size
+            out["rows"] += rg.num_rows
+            if g in kept:
+                out["row_groups_read"] += 1
+                out["bytes_read"] += size
+                out["rows_read"] += rg.num_rows
+    return out
+
+
 def iter_history(path: Path, day=None, ids: np.ndarray | None = None, batch_rows: int = 1024,
                  columns: tuple[str, ...] = ("profile_id", *TOKEN_FIELDS)) -> Iterator[pa.RecordBatch]:
     """Stream a history partition row group by row group: rows with ``last_dt == day`` (if given)
@@ -383,15 +459,7 @@ def iter_history(path: Path, day=None, ids: np.ndarray | None = None, batch_rows
     id_set = pa.array(np.asarray(ids, np.int64)) if ids is not None else None
     for f in history_files(path):
         pf = pq.ParquetFile(f)
-        groups = list(range(pf.num_row_groups))
-        if day is not None:
-            col = pf.schema_arrow.get_field_index("last_dt")
-            keep = []
-            for g in groups:
-                st = pf.metadata.row_group(g).column(col).statistics
-                if st is None or not st.has_min_max or st.min <= day <= st.max:
-                    keep.append(g)
-            groups = keep
+        groups = day_row_groups(pf, day)
         if not groups:
             continue
         for b in pf.iter_batches(batch_size=batch_rows, row_groups=groups, columns=want):

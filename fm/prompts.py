@@ -11,6 +11,11 @@ after proves it -- so any number of prompts share one model and swap at inferenc
 Artefacts are tiny: ``prompt.safetensors`` (``prompt``, ``readout.weight``, ``readout.bias``) and
 ``prompt.json`` (task, base model version and its weights checksum, metrics) in
 ``models/<version>/prompts/<name>/``; :func:`load_prompt` refuses one made for another model.
+
+At inference :class:`PromptViews` swaps them in (``fmpipe embed prompts=<name>,...``): per prompt
+the profile's last-layer state under that prompt (``emb_prompt_<name>``, a query vector in the
+title space) and the task's probability (``head_prompt_<name>``: [p(no), p(yes)]), next to the
+plain columns, from one checkpoint.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
+from fm.extract import LayerSpec, ProfileEncoder
 from fm.finetune import last_state, write_artefact
 from fm.model import FoundationModel
 
@@ -89,3 +95,72 @@ def load_prompt(fm: FoundationModel, directory: Path, model_version: str | None 
         task.readout.weight.copy_(state["readout.weight"])
         task.readout.bias.copy_(state["readout.bias"])
     return task.eval(), meta
+
+
+def prompt_column(name: str) -> str:
+    """The profile table column of a prompt's view ('buy' -> 'emb_prompt_buy')."""
+    return f"emb_prompt_{name}"
+
+
+def prompt_score_column(name: str) -> str:
+    """The profile table column of a prompt task's probabilities [p(no), p(yes)]."""
+    return f"head_prompt_{name}"
+
+
+class PromptViews(nn.Module):
+    """An inference encoder (``names``/``dims``/``forward`` like :class:`fm.extract.ProfileEncoder`)
+    that returns ``base``'s outputs, then per prompt its view and its task probabilities.
+
+    Why one module: embed streams every profile once through whatever encoder it is given, so the
+    prompted views ride the same batches (one extra forward pass per prompt; the FM's weights are
+    shared, never copied or written)."""
+
+    def __init__(self, base: ProfileEncoder, model: FoundationModel, prompts: dict[str, dict[str, torch.Tensor]]):
+        super().__init__()
+        self.base = base
+        last = (LayerSpec(model.cfg.n_layers, "last"),)
+        self.views = nn.ModuleList(ProfileEncoder(model, last, prompt=st["prompt"]) for st in prompts.values())
+        self.readouts = nn.ModuleList()
+        for st in prompts.values():
+            ro = nn.Linear(model.cfg.d_model, 1)
+            with torch.no_grad():
+                ro.weight.copy_(st["readout.weight"])
+                ro.bias.copy_(st["readout.bias"])
+            self.readouts.append(ro)
+        self.names = list(base.names) + [c for n in prompts for c in (prompt_column(n), prompt_score_column(n))]
+        self.dims = list(base.dims) + [d for _ in prompts for d in (model.cfg.d_model, 2)]
+        self.d_model, self.max_len = base.d_model, base.max_len
+        self.eval()
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = list(self.base(tokens, lengths))
+        for view, ro in zip(self.views, self.readouts):
+            h = view(tokens, lengths)[0]
+            p = torch.sigmoid(ro(h).float())
+            out += [h, torch.cat([1 - p, p], dim=-1).to(h.dtype)]
+        return tuple(out)
+
+
+def prompt_states(fm: FoundationModel, model_dir: Path, names: tuple[str, ...],
+                  model_version: str | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """``{name: trained_state}`` of the prompts ``names`` under ``model_dir/prompts`` (plain tensors:
+    what a Spark task is shipped), each checked by :func:`load_prompt`."""
+    out = {}
+    for name in names:
+        where = model_dir / "prompts" / name
+        if not (where / META).exists():
+            have = sorted(p.name for p in (model_dir / "prompts").glob("*") if (p / META).exists())
+            raise FileNotFoundError(f"prompt {name!r}: none under {where}; this model has {have or 'no prompts'} "
+                                    f"(train one with `fmpipe prompt-tune task={name} labels=...`)")
+        task, _ = load_prompt(fm, where, model_version)
+        out[name] = task.trained_state()
+    return out
+
+
+def inference_encoder(model: FoundationModel, specs: tuple[LayerSpec, ...], surfaces: tuple[str, ...] = (),
+                      heads: tuple[str, ...] = (),
+                      prompts: dict[str, dict[str, torch.Tensor]] | None = None) -> ProfileEncoder | PromptViews:
+    """The encoder embed runs (both engines): the plain :class:`ProfileEncoder`, wrapped in
+    :class:`PromptViews` when prompts are asked for."""
+    base = ProfileEncoder(model, specs, surfaces, heads=heads)
+    return PromptViews(base, model, prompts) if prompts else base

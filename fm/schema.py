@@ -44,6 +44,12 @@ N_ROW = N_SPECIAL + 8                   # row position buckets: 0,1,2,3,4-5,6-9,
 N_HOUR = N_SPECIAL + 24
 N_DOW = N_SPECIAL + 7
 NO_DURATION = N_SPECIAL                 # the event carried no duration (impressions, clicks)
+DURATION_LABELS: tuple[str, ...] = (
+    ("none",) + tuple(f"{10 * i}-{10 * (i + 1)}%" for i in range(DURATION_FRACTION_BUCKETS))
+    + tuple(f"2^{i}s" for i in range(DURATION_LOG_BUCKETS)))        # ids NO_DURATION .. N_DURATION-1
+# The side heads' classes in id order after PAD/OOV: what a published ``head_<name>`` probability
+# vector's positions mean (fm.extract.ProfileEncoder, feature_repo/definitions.py).
+HEAD_CLASSES: dict[str, tuple[str, ...]] = {"action": ACTIONS, "duration": DURATION_LABELS, "device": DEVICES}
 
 
 def vocab_index(values: tuple[str, ...]) -> dict[str, int]:

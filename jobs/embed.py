@@ -36,10 +36,11 @@ from fm import checkpoint
 from fm.checkpoint import CheckpointError
 from fm.content import content_matrix
 from fm.data import Sequences
-from fm.extract import (ProfileEncoder, embed_batches, history_files, iter_history, parse_layers, surface_column,
-                        title_embeddings, vector_array)
+from fm.extract import (ProfileEncoder, embed_batches, head_column, history_files, iter_history, parse_heads,
+                        parse_layers, title_embeddings, vector_array)
 from fm.model import FoundationModel
-from fm.schema import N_SPECIAL, profile_embedding_schema, title_embedding_schema
+from fm.prompts import PromptViews, inference_encoder, prompt_column, prompt_score_column, prompt_states
+from fm.schema import HEAD_CLASSES, N_SPECIAL, profile_embedding_schema, title_embedding_schema
 from fm.fit import pick_device
 from jobs.alignment import ALIGNMENT_FILE, layer_groups, plan_alignment, surface_manifest, surface_rotations
 from jobs.checksum import CHECKSUM_ALGO, Checksum, table_checksum
@@ -52,10 +53,14 @@ from jobs.vocab import known_on, read_vocab, title_ids_by_idx
 @dataclass(frozen=True)
 class EmbedConfig:
     """Which date, which model, which layers, which engine. ``layers`` like '1:last,2:last,2:mean'
-    ('' = default)."""
+    ('' = default). ``heads``: side heads whose probabilities are published ('auto' = every head the
+    model was trained with, 'none', or e.g. 'action,device'). ``prompts``: soft prompts of the model
+    (``fmpipe prompt-tune``) whose views and task probabilities are published, e.g. 'buy,kids'."""
     date: str = ""
     model_version: str = ""
     layers: str = ""
+    heads: str = "auto"
+    prompts: str = ""
     engine: str = "local"                # local | spark
     batch_size: int = 256                # at most this many profiles per forward batch ...
     batch_tokens: int = 8192             # ... and at most this many padded tokens
@@ -136,7 +141,23 @@ def _with_stamp(batch: pa.RecordBatch, schema: pa.Schema, stamp: dt.datetime, ve
                                       schema=schema)
 
 
-def write_profiles_local(encoder: ProfileEncoder, source: Path, day: dt.date, out: Path, stamp: dt.datetime,
+def outputs_manifest(heads: tuple[str, ...], prompts: tuple[str, ...]) -> dict:
+    """The manifest's description of the non-layer outputs: which column holds which head's
+    probabilities over which classes, and which columns each prompt wrote."""
+    out: dict = {}
+    if heads:
+        out["heads"] = {h: {"column": head_column(h), "classes": list(HEAD_CLASSES[h])} for h in heads}
+    if prompts:
+        out["prompts"] = {n: {"column": prompt_column(n), "score": prompt_score_column(n), "classes": ["no", "yes"]}
+                          for n in prompts}
+    return out
+
+
+def parse_prompts(text: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+
+
+def write_profiles_local(encoder: ProfileEncoder | PromptViews, source: Path, day: dt.date, out: Path, stamp: dt.datetime,
                          version: str, cfg: EmbedConfig, device: torch.device,
                          rotations: dict[str, np.ndarray]) -> tuple[int, str]:
     """Stream history row groups in, one Parquet row group per chunk out; (rows, checksum)."""
@@ -172,6 +193,8 @@ def run(cfg: EmbedConfig, paths: Paths, spark=None) -> dict:
     model, meta, n_trained = load_model(paths, cfg, ids, device)        # CheckpointError: nothing written
     version = meta["model_version"]
     specs = parse_layers(cfg.layers, model.cfg.n_layers)
+    heads, prompt_names = parse_heads(cfg.heads, model.cfg), parse_prompts(cfg.prompts)
+    prompts = prompt_states(model, checkpoint_dir(paths, cfg), prompt_names, version)   # refused before writing
     source = partition(paths.history, day)
     if not source.exists() or not history_files(source):
         raise FileNotFoundError(f"history state for {day} missing: {source} (run tokenize for {day} first)")
@@ -185,7 +208,10 @@ def run(cfg: EmbedConfig, paths: Paths, spark=None) -> dict:
     title_group = f"layer{model.cfg.n_layers}"
     surfaces = tuple(model.cfg.surfaces)
     col_rot.update(surface_rotations(surfaces, rotations.get(title_group)))
-    names = [s.name for s in specs] + [surface_column(x) for x in surfaces]
+    if title_group in rotations:                    # a prompt's view is scored against titles, like a surface's
+        col_rot.update({prompt_column(n): rotations[title_group] for n in prompt_names})
+    encoder = inference_encoder(model, specs, surfaces, heads, prompts).to(device)
+    names, dims = list(encoder.names), dict(zip(encoder.names, encoder.dims))
     if title_group in rotations:
         tv = tv @ rotations[title_group]
 
@@ -195,14 +221,14 @@ def run(cfg: EmbedConfig, paths: Paths, spark=None) -> dict:
         title_tmp.mkdir(parents=True)
         if cfg.engine == "local":
             prof_tmp.mkdir(parents=True)
-            encoder = ProfileEncoder(model, specs, surfaces).to(device)
             n, checksum = write_profiles_local(encoder, source, day, prof_tmp, stamp, version, cfg, device, col_rot)
         else:
             from jobs.embed_spark import write_profiles_spark
             new_content = model.title.content[n_trained:].detach().cpu().numpy()
             write_profiles_spark(spark, source=source, day=day, ckpt=checkpoint_dir(paths, cfg), version=version,
                                  new_content=new_content, specs=specs, rotations=col_rot, out=prof_tmp,
-                                 stamp=stamp, cfg=cfg, surfaces=surfaces)
+                                 stamp=stamp, cfg=cfg, names=names, surfaces=surfaces, heads=heads,
+                                 prompts={k: {t: v.numpy() for t, v in st.items()} for k, st in prompts.items()})
             n, checksum = table_checksum(prof_tmp, "profile_id", names)
         if n == 0:
             raise ValueError(f"no profiles active on {day} in {source}: nothing to embed")
@@ -223,8 +249,8 @@ def run(cfg: EmbedConfig, paths: Paths, spark=None) -> dict:
                   "source": str(source), "checksum_algo": CHECKSUM_ALGO,
                   "alignment": {**alignment, **align_file}, "space": alignment.get("space", version)}
         atomic_write_json({**common, "table": "profile", "layers": [s.name for s in specs],
-                           "dims": {c: model.cfg.d_model for c in names}, **surface_manifest(surfaces),
-                           "rows": n, "checksum": checksum,
+                           "dims": dims, **surface_manifest(surfaces), **outputs_manifest(heads, prompt_names),
+                           "rows": n, "checksum": checksum, "checksum_columns": names,
                            "engine": cfg.engine, "model_config": model.cfg.to_dict()}, prof_tmp / "_manifest.json")
         title_align = {k: v for k, v in common["alignment"].items() if k != "groups"}
         if title_group in alignment.get("groups", {}):
@@ -242,6 +268,7 @@ def run(cfg: EmbedConfig, paths: Paths, spark=None) -> dict:
     elapsed = time.perf_counter() - t0
     return {"date": day.isoformat(), "model_version": version, "profiles": n, "titles": len(tv),
             "new_titles": n_new, "layers": [s.name for s in specs], **surface_manifest(surfaces),
+            **outputs_manifest(heads, prompt_names),
             "dim": model.cfg.d_model,
             "device": str(device), "engine": cfg.engine, "alignment": alignment.get("mode"),
             "seconds": round(elapsed, 3), "profiles_per_s": round(n / elapsed, 1) if elapsed > 0 else None}

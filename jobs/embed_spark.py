@@ -29,7 +29,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from fm.extract import LayerSpec, surface_column
+from fm.extract import LayerSpec
 
 ARROW_BATCH_ROWS = 1024
 
@@ -56,11 +56,13 @@ def _resolve(name: str) -> str:
 def _embed_partition(batches: Iterator[pa.RecordBatch], *, ckpt: str, version: str, new_content: np.ndarray | None,
                      specs: tuple[LayerSpec, ...], rotations: dict[str, np.ndarray], threads: int,
                      chunk_profiles: int, batch_tokens: int, max_batch: int,
-                     surfaces: tuple[str, ...] = ()) -> Iterator[pa.RecordBatch]:
+                     surfaces: tuple[str, ...] = (), heads: tuple[str, ...] = (),
+                     prompts: dict[str, dict[str, np.ndarray]] | None = None) -> Iterator[pa.RecordBatch]:
     """One Spark task: load the model once, then stream this partition's record batches through it."""
     import torch
 
-    from fm.extract import ProfileEncoder, embed_batches
+    from fm.extract import embed_batches
+    from fm.prompts import inference_encoder
     from jobs.embed import load_for_inference
 
     first = next(batches, None)
@@ -68,14 +70,16 @@ def _embed_partition(batches: Iterator[pa.RecordBatch], *, ckpt: str, version: s
         return
     torch.set_num_threads(max(1, threads))
     model = load_for_inference(_resolve(ckpt), version, new_content)
-    encoder = ProfileEncoder(model, specs, surfaces)
+    states = {n: {k: torch.from_numpy(v) for k, v in st.items()} for n, st in (prompts or {}).items()}
+    encoder = inference_encoder(model, specs, surfaces, heads, states)
     yield from embed_batches(encoder, itertools.chain([first], batches), chunk_profiles=chunk_profiles,
                              batch_tokens=batch_tokens, max_batch=max_batch, rotations=rotations)
 
 
 def write_profiles_spark(spark, *, source: Path, day: dt.date, ckpt: Path, version: str, new_content: np.ndarray,
                          specs: tuple[LayerSpec, ...], rotations: dict[str, np.ndarray], out: Path,
-                         stamp: dt.datetime, cfg, surfaces: tuple[str, ...] = ()) -> None:
+                         stamp: dt.datetime, cfg, names: list[str], surfaces: tuple[str, ...] = (),
+                         heads: tuple[str, ...] = (), prompts: dict[str, dict[str, np.ndarray]] | None = None) -> None:
     """Embed the day's active profiles with Spark and write Parquet files into ``out`` (must not exist)."""
     from pyspark.sql import functions as F
     from pyspark.sql.types import ArrayType, FloatType, LongType, StructField, StructType
@@ -89,7 +93,6 @@ def write_profiles_spark(spark, *, source: Path, day: dt.date, ckpt: Path, versi
           .select("profile_id", *TOKEN_FIELDS))
     if cfg.spark_partitions > 0:
         df = df.repartition(cfg.spark_partitions)
-    names = [s.name for s in specs] + [surface_column(x) for x in surfaces]
     out_schema = StructType([StructField("profile_id", LongType(), False)]
                             + [StructField(n, ArrayType(FloatType()), True) for n in names])
     shipped, staged = ship_checkpoint(spark, ckpt)
@@ -97,7 +100,7 @@ def write_profiles_spark(spark, *, source: Path, day: dt.date, ckpt: Path, versi
                            new_content=new_content if len(new_content) else None, specs=tuple(specs),
                            rotations=dict(rotations), threads=cfg.spark_threads,
                            chunk_profiles=cfg.chunk_profiles, batch_tokens=cfg.batch_tokens, max_batch=cfg.batch_size,
-                           surfaces=tuple(surfaces))
+                           surfaces=tuple(surfaces), heads=tuple(heads), prompts=dict(prompts or {}))
     emb = df.mapInArrow(fn, out_schema)
     emb = (emb.select(F.col("profile_id"),
                       F.lit(stamp).cast("timestamp").alias("event_timestamp"),

@@ -28,9 +28,11 @@ from jobs.io import atomic_write_json, partition
 from jobs.settings import Paths
 
 DEFAULT = {"layers": ["emb_layer1_last", "emb_layer2_last", "emb_layer2_mean"], "dims": {}, "model_version": None,
-           "surfaces": {}}
+           "surfaces": {}, "heads": {}, "prompts": {}}
 LAYER_RE = re.compile(r"^emb_layer(\d+)_(last|mean)$")
 SURFACE_RE = re.compile(r"^emb_surface_[a-z0-9_]+$")     # per-surface profile vectors (fm.extract.surface_column)
+HEAD_RE = re.compile(r"^head_[a-z0-9_]+$")               # class probabilities (fm.extract.head_column, prompt scores)
+PROMPT_RE = re.compile(r"^emb_prompt_[a-z0-9_]+$")       # a soft prompt's view (fm.prompts.prompt_column)
 
 
 def spec_path(home: Path) -> Path:
@@ -45,7 +47,8 @@ def from_partition(paths: Paths, day: dt.date) -> dict:
         m = json.loads(manifest.read_text())
         if m.get("layers"):
             return {"layers": list(m["layers"]), "dims": dict(m.get("dims") or {}), "model_version": m.get("model_version"),
-                    "surfaces": dict(m.get("surfaces") or {})}
+                    "surfaces": dict(m.get("surfaces") or {}), "heads": dict(m.get("heads") or {}),
+                    "prompts": dict(m.get("prompts") or {})}
     files = sorted(part.glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"no profile embeddings under {part} (run `fmpipe embed date={day}` first)")
@@ -54,7 +57,11 @@ def from_partition(paths: Paths, day: dt.date) -> dict:
     if not layers:
         raise ValueError(f"{files[0]} has no layer column named emb_layer<N>_<last|mean>: nothing to publish")
     surfaces = {n.removeprefix("emb_surface_"): n for n in names if SURFACE_RE.match(n)}
-    return {"layers": layers, "dims": {}, "model_version": None, "surfaces": surfaces}
+    heads = {n.removeprefix("head_"): {"column": n, "classes": []} for n in names
+             if HEAD_RE.match(n) and not n.startswith("head_prompt_")}
+    prompts = {n.removeprefix("emb_prompt_"): {"column": n, "score": f"head_prompt_{n.removeprefix('emb_prompt_')}"}
+               for n in names if PROMPT_RE.match(n)}
+    return {"layers": layers, "dims": {}, "model_version": None, "surfaces": surfaces, "heads": heads, "prompts": prompts}
 
 
 def record(paths: Paths, day: dt.date) -> bool:
@@ -78,6 +85,10 @@ def load(home: str | Path) -> dict:
         return DEFAULT
     bad = [n for n in spec.get("layers", []) if not LAYER_RE.match(n)]
     bad += [c for c in (spec.get("surfaces") or {}).values() if not SURFACE_RE.match(c)]
+    bad += [h.get("column") for h in (spec.get("heads") or {}).values() if not HEAD_RE.match(str(h.get("column")))]
+    bad += [c for p in (spec.get("prompts") or {}).values() for c, rx in ((p.get("column"), PROMPT_RE),
+                                                                           (p.get("score"), HEAD_RE))
+            if not rx.match(str(c))]
     if bad or not spec.get("layers"):
         raise ValueError(f"{spec_path(Path(home))} lists no layers or bad names {bad}: re-run `fmpipe publish`")
     return spec

@@ -13,7 +13,10 @@ again (or until the embed job re-embeds it).
 
 With ``surface=kids`` the query is the profile's ``emb_surface_kids`` vector (the model's "what
 next on the kids canvas", published by embed for a model trained with ``surfaces=...``); a surface
-the publication does not carry is an error that names the ones it does.
+the publication does not carry is an error that names the ones it does. With ``prompt=buy`` the
+query is the profile's view under that soft prompt (``emb_prompt_buy``, published by ``fmpipe embed
+prompts=buy``), and the answer adds the task's probability (``head_prompt_buy``): the same model,
+another task, no retrain.
 
 Diversity (``fm.diversity``): ``diversity=mmr lambda=0.7`` re-ranks a candidate pool (``pool``
 titles from the raw-score index, default 5000) by maximal marginal relevance over the published
@@ -23,6 +26,7 @@ names the intra-list similarity (mean pairwise cosine) of the diverse list and o
 
     fmpipe retrieve profile_id=42 k=10
     fmpipe retrieve profile_id=42 k=10 surface=kids
+    fmpipe retrieve profile_id=42 k=10 prompt=buy
     fmpipe retrieve profile_id=42 k=10 diversity=mmr lambda=0.7 genre_cap=3
 """
 from __future__ import annotations
@@ -52,6 +56,7 @@ class RetrieveConfig:
     exclude_finished: bool = True
     feature: str = QUERY_FEATURE
     surface: str = ""                  # a published surface (home, search, kids, ...): its vector is the query
+    prompt: str = ""                   # a published soft prompt (fmpipe embed prompts=...): its view is the query
     diversity: str = "none"            # none | mmr (fm.diversity: re-rank a candidate pool)
     mmr_lambda: float = 0.7            # `lambda=` on the command line: 1 = relevance only
     genre_cap: int = 0                 # at most this many titles per genre (0: no cap)
@@ -64,6 +69,8 @@ class RetrieveConfig:
             raise ValueError(f"lambda={self.mmr_lambda}: expected a value in [0, 1] (1 = relevance only)")
         if self.genre_cap < 0 or self.pool < 1 or self.k < 1:
             raise ValueError(f"genre_cap >= 0, pool >= 1 and k >= 1 expected, got {self.genre_cap}, {self.pool}, {self.k}")
+        if self.surface and self.prompt:
+            raise ValueError(f"surface={self.surface!r} and prompt={self.prompt!r}: ask for one of them")
 
 
 def finished_titles(paths: Paths, day, profile_id: int) -> set[str]:
@@ -85,12 +92,25 @@ def finished_titles(paths: Paths, day, profile_id: int) -> set[str]:
     return out
 
 
-def published_surfaces(paths: Paths, day) -> dict[str, str]:
-    """{surface: column} of the profile publication of ``day`` (empty when it has none)."""
+def _manifest_section(paths: Paths, day, key: str) -> dict:
     manifest = partition(paths.profile_embeddings, parse_date(day)) / "_manifest.json"
     if not manifest.exists():
         return {}
-    return dict(json.loads(manifest.read_text()).get("surfaces") or {})
+    return dict(json.loads(manifest.read_text()).get(key) or {})
+
+
+def published_surfaces(paths: Paths, day) -> dict[str, str]:
+    """{surface: column} of the profile publication of ``day`` (empty when it has none)."""
+    return _manifest_section(paths, day, "surfaces")
+
+
+def prompt_features(paths: Paths, day, prompt: str) -> tuple[str, str]:
+    """(view column, probability column) of ``prompt`` in the publication of ``day``."""
+    available = _manifest_section(paths, day, "prompts")
+    if prompt not in available:
+        have = ", ".join(sorted(available)) or "none (embed with prompts=<name> to publish one)"
+        raise ValueError(f"prompt={prompt!r} is not published for {day}; available prompts: {have}")
+    return available[prompt]["column"], available[prompt]["score"]
 
 
 def surface_feature(paths: Paths, day, surface: str) -> str:
@@ -102,13 +122,16 @@ def surface_feature(paths: Paths, day, surface: str) -> str:
     return available[surface]
 
 
-def profile_vector(store, profile_id: int, feature: str = QUERY_FEATURE) -> tuple[np.ndarray, str | None]:
-    got = store.get_online_features(features=[f"profile_embeddings:{feature}", "profile_embeddings:model_version"],
+def profile_vector(store, profile_id: int, feature: str = QUERY_FEATURE,
+                   extra: tuple[str, ...] = ()) -> tuple[np.ndarray, str | None, dict]:
+    """The profile's query vector, its model version and the ``extra`` features, in one online read."""
+    names = [feature, *extra, "model_version"]
+    got = store.get_online_features(features=[f"profile_embeddings:{n}" for n in names],
                                     entity_rows=[{"profile_id": int(profile_id)}]).to_dict()
     vec = got[feature][0]
     if vec is None:
         raise KeyError(f"profile {profile_id} has no {feature} in the online store (never published, or expired)")
-    return np.asarray(vec, dtype=np.float32), got["model_version"][0]
+    return np.asarray(vec, dtype=np.float32), got["model_version"][0], {n: got[n][0] for n in extra}
 
 
 def title_vectors(paths: Paths, day, title_ids: list[str]) -> np.ndarray:
@@ -142,15 +165,23 @@ def diversify(paths: Paths, day, pool: list[tuple[str, float]], k: int, lam: flo
 
 def retrieve(paths: Paths, profile_id: int, k: int = 10, exclude_finished: bool = True, feature: str = QUERY_FEATURE,
              store=None, index=None, surface: str = "", diversity: str = "none", mmr_lambda: float = 0.7,
-             genre_cap: int = 0, pool: int = 5000) -> dict:
+             genre_cap: int = 0, pool: int = 5000, prompt: str = "") -> dict:
     from jobs.feast_store import get_store
     from jobs.index import TitleIndex
     store = store or get_store(paths)
     index = index or TitleIndex.current(paths)
     day = index.meta["date"]
+    asked, extra = {}, ()
     if surface:
         feature = surface_feature(paths, day, surface)
-    vec, version = profile_vector(store, profile_id, feature)
+        asked = {"surface": surface, "feature": feature}
+    if prompt:
+        feature, score = prompt_features(paths, day, prompt)
+        asked, extra = {"prompt": prompt, "feature": feature}, (score,)
+    vec, version, more = profile_vector(store, profile_id, feature, extra)
+    if prompt:
+        p = more[extra[0]]
+        asked["task_probability"] = None if p is None else round(float(p[1]), 6)
     exclude = finished_titles(paths, day, profile_id) if exclude_finished else set()
     diverse = {}
     if diversity == "mmr" or genre_cap:
@@ -162,7 +193,7 @@ def retrieve(paths: Paths, profile_id: int, k: int = 10, exclude_finished: bool 
     return {"profile_id": int(profile_id), "date": day, "model_version": version,
             "index_model_version": index.meta.get("model_version"),
             "model_version_mismatch": version != index.meta.get("model_version"),
-            **({"surface": surface, "feature": feature} if surface else {}), **diverse,
+            **asked, **diverse,
             "excluded_finished": sorted(exclude), "titles": [{"title_id": t, "score": round(s, 6)} for t, s in hits]}
 
 
@@ -170,7 +201,8 @@ def run(cfg: RetrieveConfig, paths: Paths) -> dict:
     if cfg.profile_id < 0:
         raise ValueError("profile_id=<id> is required")
     return retrieve(paths, cfg.profile_id, cfg.k, cfg.exclude_finished, cfg.feature, surface=cfg.surface,
-                    diversity=cfg.diversity, mmr_lambda=cfg.mmr_lambda, genre_cap=cfg.genre_cap, pool=cfg.pool)
+                    diversity=cfg.diversity, mmr_lambda=cfg.mmr_lambda, genre_cap=cfg.genre_cap, pool=cfg.pool,
+                    prompt=cfg.prompt)
 
 
 def main(argv: list[str] | None = None) -> dict:

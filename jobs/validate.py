@@ -46,7 +46,7 @@ from fm import schema as S
 from jobs import verdict
 from jobs.failpoints import failpoint
 from jobs.io import atomic_write_json, partition
-from jobs.vector_stats import cosine_to_reference, vector_columns, with_vector_stats
+from jobs.vector_stats import cosine_to_reference, probability_stats, vector_columns, with_vector_stats
 from jobs.settings import REPO_ROOT, Paths, parse_date, run_cli
 from jobs.vocab import known_on, read_vocab, released_titles, title_ids_by_idx
 from jobs.verdict import GateFailed  # noqa: F401 (re-exported: the gate's failure type)
@@ -231,7 +231,13 @@ def embedding_check(suite: str, key: str, table: pa.Table, params: dict, t: dict
     """Derived columns, static or learned norm bounds per column, and drift against ``ref``."""
     vcols = vector_columns(table)
     df = with_vector_stats(table)
-    params = {**t, **params}
+    params = {**t, **params, **{f"dim__{c}": params.get(f"dim__{c}", params["dim"]) for c in vcols}}
+    probs = [c for c in vcols if c.startswith("head_")]          # class probabilities (fm.extract.head_column)
+    for col in probs:
+        for stat, values in probability_stats(table[col].combine_chunks()).items():
+            df[f"{col}__{stat}"] = values
+    if probs:
+        params.update(psum_min=1 - t["prob_sum_tol"], psum_max=1 + t["prob_sum_tol"])
     context: dict = {"reference": None}
     learned, drift = [], []
     if ref is not None:
@@ -262,7 +268,7 @@ def embedding_check(suite: str, key: str, table: pa.Table, params: dict, t: dict
             context["reference"]["columns"][col] = info
     static = [c for c in vcols if c not in learned]
     context["norm_bounds"] = {"learned": learned, "static": static}
-    expansions = {"per_vector_column": vcols, "per_vector_column_static": static,
+    expansions = {"per_vector_column": vcols, "per_probability_column": probs, "per_vector_column_static": static,
                   "per_vector_column_learned": learned, "per_vector_column_drift": drift}
     return Check(suite, df, expansions, params, context)
 
@@ -281,7 +287,7 @@ def embedding_checks(paths: Paths, day: dt.date, overrides: tuple[str, ...]) -> 
                 raise FileNotFoundError(f"{suite}: partition {part} missing (run embed for {day} first)")
             table = pq.read_table(part)
             manifest = json.loads((part / "_manifest.json").read_text())
-            params = {"dim": manifest["dim"]}
+            params = {"dim": manifest["dim"], **{f"dim__{c}": d for c, d in (manifest.get("dims") or {}).items()}}
             if suite == "profile_embeddings":
                 params["expected_rows"] = active_profiles(paths, day)
             else:

@@ -62,6 +62,18 @@ def vector_stats(arr: pa.Array) -> dict[str, pa.Array]:
             "zero": pa.array(zero.astype(np.int64)), "duplicate": pa.array(dup.astype(np.int64))}
 
 
+def probability_stats(arr: pa.Array) -> dict[str, np.ndarray]:
+    """Per row of a probability-vector column: the sum of its values and the smallest one (NaN for
+    a null or empty row), so the gate can require non-negative values that sum to 1."""
+    flat, owner = _flat(arr)
+    total = np.bincount(owner, weights=flat, minlength=len(arr))
+    low = np.full(len(arr), np.inf)
+    np.minimum.at(low, owner, flat)
+    empty = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False) == 0
+    total[empty], low[empty] = np.nan, np.nan
+    return {"psum": total, "pmin": low}
+
+
 def with_vector_stats(table: pa.Table) -> pd.DataFrame:
     """The table's scalar columns plus ``<col>__<stat>`` for every vector column (vectors dropped)."""
     vcols = vector_columns(table)

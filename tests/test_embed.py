@@ -17,7 +17,7 @@ from fm import align, checkpoint
 from fm.extract import (LayerSpec, ProfileEncoder, batch_ids, default_layers, encode_sequences, parse_layers,
                         reference_embeddings, title_embeddings)
 from fm.model import content_map
-from fm.schema import N_SPECIAL, TITLE_VOCAB_SCHEMA
+from fm.schema import HEAD_CLASSES, N_SPECIAL, TITLE_VOCAB_SCHEMA
 from jobs import alignment, checksum, embed
 from jobs.io import partition
 from jobs.settings import Paths
@@ -94,8 +94,9 @@ def test_fast_path_equals_eager_for_any_layer_selection(world, home):
     order = np.argsort(seqs.profile_id)
     np.testing.assert_allclose(vectors(t, "emb_layer1_mean"), want["emb_layer1_mean"][order], atol=2e-5, rtol=1e-4)
     man = json.loads((partition(paths.profile_embeddings, day) / "_manifest.json").read_text())
+    heads = {f"head_{h}": len(c) for h, c in HEAD_CLASSES.items()}        # the world model trains all three
     assert man["layers"] == ["emb_layer1_mean", "emb_layer2_last"] and man["dims"] == {
-        "emb_layer1_mean": 32, "emb_layer2_last": 32} and man["source"].endswith(f"history/dt={day}")
+        "emb_layer1_mean": 32, "emb_layer2_last": 32, **heads} and man["source"].endswith(f"history/dt={day}")
 
 
 def test_mixed_precision_path_matches_float32(world, home):
@@ -128,7 +129,8 @@ def test_streaming_chunks_and_order_independent_checksum(world, home):
     for col in man1["layers"]:
         np.testing.assert_allclose(vectors(two, col), vectors(one, col), atol=2e-5, rtol=1e-4)
 
-    cols = man1["layers"]
+    cols = man1["checksum_columns"]                     # the layers, then the trained heads' probabilities
+    assert cols[:len(man1["layers"])] == man1["layers"] and len(cols) > len(man1["layers"])
     c = checksum.Checksum("profile_id", cols)
     c.update(one)
     shuffled = one.take(np.random.default_rng(0).permutation(one.num_rows))

@@ -23,20 +23,22 @@ LAYERS = ["emb_layer1_mean", "emb_layer3_last", "emb_layer3_mean"]      # not th
 DIM = 8
 
 
-def write_custom_day(paths: Paths, pids: list[int]) -> dict[str, np.ndarray]:
+def write_custom_day(paths: Paths, pids: list[int], extra: dict[str, int] | None = None,
+                     sections: dict | None = None) -> dict[str, np.ndarray]:
     """One day as embed writes it for ``layers=1:mean,3:last,3:mean``: profile + title partitions,
     the profile ``_manifest.json`` with layers and dims, and a passed gate bound to them."""
     rng = np.random.default_rng(5)
     stamp, n = published_at(D1), len(pids)
     vecs = {name: rng.standard_normal((n, DIM)).astype(np.float32) for name in LAYERS}
-    as_list = lambda v: pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), DIM).cast(pa.list_(pa.float32()))  # noqa: E731
+    vecs.update({name: rng.dirichlet(np.ones(d), n).astype(np.float32) for name, d in (extra or {}).items()})
+    as_list = lambda v: pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1]).cast(pa.list_(pa.float32()))  # noqa: E731
     cols = {"profile_id": pa.array(pids, pa.int64()), "event_timestamp": pa.array([stamp] * n, pa.timestamp("us", tz="UTC")),
             "model_version": pa.array(["deep3"] * n), **{name: as_list(v) for name, v in vecs.items()}}
     part = partition(paths.profile_embeddings, D1)
     part.mkdir(parents=True)
-    pq.write_table(pa.table(cols, schema=profile_embedding_schema(LAYERS)), part / "part-0.parquet")
-    atomic_write_json({"table": "profile", "layers": LAYERS, "dims": {name: DIM for name in LAYERS},
-                       "model_version": "deep3", "rows": n}, part / "_manifest.json")
+    pq.write_table(pa.table(cols, schema=profile_embedding_schema(list(vecs))), part / "part-0.parquet")
+    atomic_write_json({"table": "profile", "layers": LAYERS, "dims": {name: v.shape[1] for name, v in vecs.items()},
+                       "model_version": "deep3", "rows": n, **(sections or {})}, part / "_manifest.json")
     tpart = partition(paths.title_embeddings, D1)
     tpart.mkdir(parents=True)
     pq.write_table(pa.table({"title_id": [f"t{i:03d}" for i in range(TITLES)], "event_timestamp": [stamp] * TITLES,
@@ -80,3 +82,34 @@ def test_a_non_default_layer_selection_publishes_every_column(tmp_path, monkeypa
     assert got["retrieval"] == ["emb_layer3_last", "model_version"]     # the deepest layer's 'last' column
 
     assert run_publish(paths, D1, with_index=False)["applied"] is False   # same layers: no re-apply
+
+
+def test_head_probabilities_and_prompt_views_are_declared_and_served(tmp_path, monkeypatch):
+    """A day with a side head and a soft prompt (fmpipe embed heads=auto prompts=buy): the profile
+    view declares their columns with the class order, ranker_v2 serves the head, and a separate
+    process reads them back from the online store."""
+    from fm.schema import ACTIONS
+    paths = Paths(tmp_path / "var")
+    monkeypatch.setenv("FMPIPE_HOME", str(paths.home))
+    extra = {"head_action": len(ACTIONS), "emb_prompt_buy": DIM, "head_prompt_buy": 2}
+    sections = {"heads": {"action": {"column": "head_action", "classes": list(ACTIONS)}},
+                "prompts": {"buy": {"column": "emb_prompt_buy", "score": "head_prompt_buy", "classes": ["no", "yes"]}}}
+    vecs = write_custom_day(paths, list(range(20)), extra, sections)
+    assert run_publish(paths, D1, with_index=False)["applied"]
+    from jobs.feast_store import get_store
+    store = get_store(paths)
+    fields = {f.name: f for f in store.get_feature_view("profile_embeddings").features}
+    assert list(fields) == LAYERS + list(extra) + ["model_version"]
+    assert "impression, play, pause" in fields["head_action"].description
+    assert "'buy' soft prompt" in fields["emb_prompt_buy"].description
+    v2 = [f.name for p in store.get_feature_service("ranker_v2").feature_view_projections for f in p.features]
+    v1 = [f.name for p in store.get_feature_service("ranker_v1").feature_view_projections for f in p.features]
+    assert "head_action" in v2 and "head_action" not in v1
+
+    env = {**os.environ, "FMPIPE_HOME": str(paths.home), "PYTHONPATH": str(REPO_ROOT)}
+    out = subprocess.run([sys.executable, "-c", READER, json.dumps(list(extra))], env=env, cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])["got"]
+    for name in extra:
+        np.testing.assert_array_equal(np.array(got[name][0], np.float32), vecs[name][7])

@@ -280,3 +280,40 @@ def test_duplicate_flags_compare_exact_bits_per_length_without_a_row_loop():
                   [nan, 1.0], None], pa.list_(pa.float32()))
     assert duplicate_flags(a).tolist() == [0, 0, 1, 0, 0, 0, 1, 0, 1, 0, 1, 0]
     assert duplicate_flags(a.slice(2)).tolist() == [0, 0, 0, 0, 1, 0, 1, 0, 1, 0]
+
+
+def put_head(paths: Paths, day: dt.date, probs: np.ndarray, column: str = "head_action") -> None:
+    """Add (or replace) a head probability column of its own width, recorded in the manifest's dims."""
+    f = partition(paths.profile_embeddings, day) / "part-0.parquet"
+    t = pq.read_table(f)
+    if column in t.column_names:
+        t = t.drop_columns([column])
+    pq.write_table(t.append_column(pa.field(column, pa.list_(pa.float32())), _vectors(probs)), f)
+    man = partition(paths.profile_embeddings, day) / "_manifest.json"
+    m = json.loads(man.read_text())
+    m["dims"] = {**{c: DIM for c in LAYERS}, column: probs.shape[1]}
+    atomic_write_json(m, man)
+
+
+def test_head_probabilities_pass_at_their_own_width_and_must_sum_to_one(home):
+    rng = np.random.default_rng(7)
+    for day in (D1, D2):
+        put_head(home, day, rng.dirichlet(np.ones(8), PROFILES))
+    out = gate(home)
+    prof = {s["suite"]: s for s in out["suites"]}["profile_embeddings"]
+    assert out["success"] and "head_action" in prof["context"]["norm_bounds"]["learned"]
+    bad = rng.dirichlet(np.ones(8), PROFILES)
+    bad[:5] *= 1.5                                          # five rows no longer sum to 1
+    put_head(home, D2, bad)
+    _fails(home, r"head_action__psum")
+    negative = rng.dirichlet(np.ones(8), PROFILES)
+    negative[:3, 0] -= 0.5
+    negative[:3, 1] += 0.5                                  # still sums to 1, one value below 0
+    put_head(home, D2, negative)
+    _fails(home, r"head_action__pmin")
+    put_head(home, D2, rng.dirichlet(np.ones(8), PROFILES))
+    assert gate(home)["success"]
+    m = json.loads((partition(home.profile_embeddings, D2) / "_manifest.json").read_text())
+    m["dims"]["head_action"] = 5                                    # the manifest says 5, the table holds 8
+    atomic_write_json(m, partition(home.profile_embeddings, D2) / "_manifest.json")
+    _fails(home, r"head_action__dim")

@@ -219,7 +219,8 @@ def test_embed_publishes_one_vector_per_surface(world, home, one_thread):
         want = last + model.surface_vector(s).detach().numpy()
         np.testing.assert_allclose(checksum.list_matrix(t[f"emb_surface_{s}"]), want, rtol=1e-5, atol=1e-5)
     assert not np.allclose(checksum.list_matrix(t["emb_surface_home"]), checksum.list_matrix(t["emb_surface_kids"]))
-    cols = [*out["layers"], "emb_surface_home", "emb_surface_kids"]
+    cols = t.column_names[3:]                            # layers, surfaces, then the trained heads
+    assert cols[:len(out["layers"]) + 2] == [*out["layers"], "emb_surface_home", "emb_surface_kids"]
     assert checksum.table_checksum(pdir, "profile_id", cols) == (manifest["rows"], manifest["checksum"])
 
 
