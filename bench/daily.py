@@ -1,6 +1,7 @@
 """The daily run at scale: generate a world, then run the daily DAG's steps for two consecutive days
 and record, per step, wall time, CPU time (this process and its children, Spark's JVM included),
-peak RSS of the process tree, and bytes written.
+peak RSS of the process tree, and bytes written; for embed also the history row groups and bytes
+it read of the state's total (``fm.extract.history_scan``).
 
     .venv/bin/python bench/daily.py --quick                      # 10k profiles (~10 min here)
     .venv/bin/python bench/daily.py --profiles 100000 --titles 5000
@@ -109,6 +110,17 @@ def setup(args, paths) -> tuple[list[str], dict]:
     return days[-2:], {"generate": gen, "backfill_tokenize": tok, "train": trn}
 
 
+def history_read(day: str) -> dict:
+    """What embed read of the day's history state (footers only): row groups, compressed bytes."""
+    import datetime as dt
+
+    from fm.extract import history_scan
+    from jobs.io import partition
+    from jobs.settings import Paths
+    d = dt.date.fromisoformat(day)
+    return history_scan(partition(Paths.from_env().history, d), d)
+
+
 def run_day(day: str) -> dict:
     from jobs import pipeline
     out = {}
@@ -116,6 +128,8 @@ def run_day(day: str) -> dict:
         result, m = measured(lambda: getattr(pipeline, step)(day))
         if step == "tokenize":
             m["raw_events"], m["profiles_active"] = result.get("raw_events"), result.get("profiles_active")
+        if step == "embed":
+            m["history_read"] = history_read(day)
         out[step] = m
     return out
 
@@ -145,6 +159,7 @@ def main(argv=None) -> dict:
         "day2_wall_s": res["day_wall_s"][days[-1]],
         "peak_rss_gib": round(max(m["peak_rss_mb"] for m in day2.values()) / 1024, 2),
         "steps": {k: {"wall_s": m["wall_s"], "cpu_s": m["cpu_s"]} for k, m in day2.items()},
+        "embed_history_read": day2["embed"].get("history_read"),
         # not measured by this benchmark yet (bench/embed.py and bench/publish.py measure them apart)
         "embed_fraction_of_bound": None, "publish_fraction_of_raw_sqlite": None,
         "anchor_s": res["anchor_s"]}
@@ -170,6 +185,11 @@ def write(res: dict, args) -> None:
         lines += [f"| {k} | {m['wall_s']} | {m['wall_anchor_units']} | {m['cpu_s']} | {m['peak_rss_mb']} | {m['written_mb']} |"
                   for k, m in steps.items()]
         lines += [f"| **day** | **{res['day_wall_s'][day]}** | | | | |", ""]
+        h = steps["embed"].get("history_read")
+        if h:
+            lines += [f"embed read {h['row_groups_read']} of {h['row_groups']} history row groups, "
+                      f"{h['bytes_read'] / 2**20:.1f} of {h['bytes'] / 2**20:.1f} MB (compressed, columns read), "
+                      f"{h['rows_read']:,} of {h['rows']:,} profiles", ""]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     (out / f"{name}.json").write_text(json.dumps(res, indent=1, default=str))
 

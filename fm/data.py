@@ -57,7 +57,13 @@ class Sequences:
 
     @classmethod
     def read(cls, path: Path, filter_expr=None) -> "Sequences":
+        """A history partition (or file), rows in ``profile_id`` order whatever the files' layout
+        (the history is written sorted by last active day, :data:`jobs.tokenize.HISTORY_SORT`), so
+        training, evaluation and the benches see the same inputs for the same content."""
         table = pq.read_table(path, columns=["profile_id", *TOKEN_FIELDS], filters=filter_expr)
+        ids = table.column("profile_id").to_numpy()
+        if len(ids) > 1 and not bool(np.all(ids[1:] >= ids[:-1])):
+            table = table.take(pa.array(np.argsort(ids, kind="stable")))
         return cls.from_table(table)
 
     def take(self, rows: np.ndarray) -> "Sequences":

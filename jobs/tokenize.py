@@ -7,7 +7,9 @@ run leaves the previous state untouched):
 * ``vocab/titles.parquet`` — append-only title vocabulary (new titles get new ids; ids never change),
 * ``tokens/dt=D`` — one row per valid event, every field an integer id (:data:`TOKEN_SCHEMA`),
 * ``quarantine/dt=D`` — malformed rows with a ``reason`` column,
-* ``history/dt=D`` — the last N tokens of every profile after day D (:data:`HISTORY_SCHEMA`).
+* ``history/dt=D`` — the last N tokens of every profile after day D (:data:`HISTORY_SCHEMA`), files sorted
+  by (``last_dt``, ``profile_id``) in bounded row groups (:data:`HISTORY_SORT`), so a reader of one day's
+  active profiles skips the other days' row groups.
 
 The daily path reads only day D plus the previous history state (cost linear in the day, not in
 all history); ``full=True`` rebuilds tokens and history from every raw partition up to D. States
@@ -256,15 +258,33 @@ def to_tokens(valid: DataFrame, prev_last_ts: DataFrame | None) -> DataFrame:
 # ------------------------------------------------------------------------------------------------
 # Writing
 # ------------------------------------------------------------------------------------------------
-def write_partition(df: DataFrame, final: Path, sort_by: tuple[str, ...] = ()) -> None:
+# The history state's layout. Each file is sorted by (last_dt, profile_id), so the profiles active on
+# a day (last_dt == that day; always the newest) are one contiguous run at the end of every file, and
+# row groups are kept small so the ``last_dt`` statistics let a reader of the day's profiles
+# (fm.extract.iter_history, i.e. embed) skip the row groups of every other day: its cost follows
+# the day's active profiles, not the whole history. Both bounds apply (parquet-mr 1.17, Spark
+# passes write options to its Hadoop conf): bytes bound long histories, rows bound short ones.
+HISTORY_SORT = ("last_dt", "profile_id")
+HISTORY_ROW_GROUP_BYTES = 16 << 20      # parquet.block.size (default 128 MiB: one group per file)
+HISTORY_ROW_GROUP_ROWS = 2048           # parquet.block.row.count.limit: profiles per row group
+
+
+def history_write_options() -> dict[str, str]:
+    return {"parquet.block.size": str(HISTORY_ROW_GROUP_BYTES),
+            "parquet.block.row.count.limit": str(HISTORY_ROW_GROUP_ROWS)}
+
+
+def write_partition(df: DataFrame, final: Path, sort_by: tuple[str, ...] = (),
+                    options: dict[str, str] | None = None) -> None:
     """Write a DataFrame aside, then swap it in as ``final`` (idempotent per date).
 
     One file per (adaptively coalesced) partition, rows sorted inside each file: a local sort and no
-    ``coalesce(1)``, which would squeeze every upstream stage into a single task.
+    ``coalesce(1)``, which would squeeze every upstream stage into a single task. ``options``: Parquet
+    writer options (e.g. row-group bounds).
     """
     staging = temp_sibling(final)
     out = df.sortWithinPartitions(*sort_by) if sort_by else df
-    out.write.mode("overwrite").parquet(str(staging))
+    out.write.mode("overwrite").options(**(options or {})).parquet(str(staging))
     swap_dir(staging, final)
 
 
@@ -356,7 +376,7 @@ def run(cfg: TokenizeConfig, paths: Paths, spark: SparkSession | None = None) ->
         write_days(quarantine, paths.quarantine, days)
     failpoint("tokenize.tokens_committed")               # tokens and quarantine in place, history state not yet
     history = merge_history(old, _read_back_tokens(spark, paths, days, tokens), cfg.history_len)
-    write_partition(history, partition(paths.history, day), sort_by=("profile_id",))
+    write_partition(history, partition(paths.history, day), sort_by=HISTORY_SORT, options=history_write_options())
     failpoint("tokenize.history_committed")              # the day's history state in place, old states not yet collected
     gc_history(paths, day)
     failpoint("tokenize.history_gc_done")                # old history states collected, step record not yet written
