@@ -1,7 +1,7 @@
 """The daily run at scale: generate a world, then run the daily DAG's steps for two consecutive days
 and record, per step, wall time, CPU time (this process and its children, Spark's JVM included),
 peak RSS of the process tree, and bytes written; for embed also the history row groups and bytes
-it read of the state's total (``fm.extract.history_scan``).
+it read of the state's total (``fm.stream.history_scan``).
 
     .venv/bin/python bench/daily.py --quick                      # 10k profiles (~10 min here)
     .venv/bin/python bench/daily.py --profiles 100000 --titles 5000
@@ -114,7 +114,7 @@ def history_read(day: str) -> dict:
     """What embed read of the day's history state (footers only): row groups, compressed bytes."""
     import datetime as dt
 
-    from fm.extract import history_scan
+    from fm.stream import history_scan
     from jobs.io import partition
     from jobs.settings import Paths
     d = dt.date.fromisoformat(day)

@@ -10,7 +10,7 @@ What is measured (all in one run, so the bound and the throughput see the same m
   measured before and after the model timings, max taken) divided by the encoder FLOPs per
   profile: per layer ``24·L·d²`` (QKV 6, out-proj 2, MLP 16) + ``2·d·L·(L+1)`` (causal QKᵀ and AV)
   — embeddings, LayerNorm, GELU and pooling are not counted. ``ratio = profiles_per_s / bound``.
-* **fast**: the production in-process path (:func:`fm.extract.embed_batches`: Arrow history rows
+* **fast**: the production in-process path (:func:`fm.stream.embed_batches`: Arrow history rows
   in, length-bucketed token-budget batches through :class:`fm.extract.ProfileEncoder`, Arrow
   vectors out) on profiles of exactly ``L`` tokens, realistic model (d_model 256, 4 layers,
   4 heads, max_len 512, default 3 layer columns).
@@ -55,7 +55,8 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 from fm.data import Sequences  # noqa: E402
-from fm.extract import ProfileEncoder, default_layers, embed_batches, reference_embeddings  # noqa: E402
+from fm.extract import ProfileEncoder, default_layers, reference_embeddings  # noqa: E402
+from fm.stream import embed_batches
 from fm.model import FoundationModel, ModelConfig, init_weights  # noqa: E402
 from fm.schema import HISTORY_SCHEMA, N_SPECIAL, TOKEN_FIELDS  # noqa: E402
 

@@ -10,8 +10,8 @@ Generates one world, then builds the history state of the last day twice from th
   (the module's settings are set back to those for this run, nothing else differs),
 * ``after``: the current layout (:data:`jobs.tokenize.HISTORY_SORT`, bounded row groups).
 
-For each, embed's read of the day (``fm.extract.iter_history(path, day)``) is measured from the
-footers (:func:`fm.extract.history_scan`: row groups and compressed bytes of the columns read, kept
+For each, embed's read of the day (``fm.stream.iter_history(path, day)``) is measured from the
+footers (:func:`fm.stream.history_scan`: row groups and compressed bytes of the columns read, kept
 vs total) and timed, and the profiles it yields (and their tokens) are checked to be the same both times. Writes ``bench/results/history_layout_<profiles>_a<active_prob>.md`` / ``.json`` and prints one JSON line.
 """
 from __future__ import annotations
@@ -61,7 +61,7 @@ def build(layout: str, paths, days: list[str], spark) -> float:
 
 
 def measure(path: Path, day: dt.date) -> tuple[dict, list[int], pa.Table]:
-    from fm.extract import history_scan, iter_history
+    from fm.stream import history_scan, iter_history
     scan = history_scan(path, day)
     t = time.perf_counter()
     batches = list(iter_history(path, day))

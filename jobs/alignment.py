@@ -22,7 +22,8 @@ import torch
 
 from fm.align import align as fit_alignment
 from fm.align import splitmix64
-from fm.extract import LayerSpec, ProfileEncoder, embed_batches, history_files, iter_history, surface_column
+from fm.extract import LayerSpec, ProfileEncoder, surface_column
+from fm.stream import embed_batches, history_files, iter_history
 from fm.model import FoundationModel
 from jobs.checksum import ROW_GROUP, list_matrix
 from jobs.io import partition

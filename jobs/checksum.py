@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fm.align import splitmix64
-from fm.extract import history_files
+from fm.stream import history_files
 
 ROW_GROUP = 8192
 CHECKSUM_ALGO = "sum64(splitmix64(key) ^ poly64(float32 bits)) per row, order-independent"

@@ -36,8 +36,8 @@ from fm import checkpoint
 from fm.checkpoint import CheckpointError
 from fm.content import content_matrix
 from fm.data import Sequences
-from fm.extract import (ProfileEncoder, embed_batches, head_column, history_files, iter_history, parse_heads,
-                        parse_layers, title_embeddings, vector_array)
+from fm.extract import ProfileEncoder, head_column, parse_heads, parse_layers, title_embeddings
+from fm.stream import embed_batches, history_files, iter_history, vector_array
 from fm.model import FoundationModel
 from fm.prompts import PromptViews, inference_encoder, prompt_column, prompt_score_column, prompt_states
 from fm.schema import HEAD_CLASSES, N_SPECIAL, profile_embedding_schema, title_embedding_schema

@@ -6,7 +6,7 @@ hands each task an iterator of Arrow record batches, and the task
 * loads the checkpoint **once** (safetensors + today's new-title content vectors, which the driver
   computed and verified against the vocabulary before any task started); the driver ships the
   checkpoint with the job (``SparkContext.addFile``), so workers need no shared storage,
-* runs the same streaming core as the single-process engine (:func:`fm.extract.embed_batches`:
+* runs the same streaming core as the single-process engine (:func:`fm.stream.embed_batches`:
   token-budgeted length buckets, the same :class:`~fm.extract.ProfileEncoder`, the same rotation),
 * yields Arrow record batches of vectors (no pandas round trip for the list columns).
 
@@ -61,7 +61,7 @@ def _embed_partition(batches: Iterator[pa.RecordBatch], *, ckpt: str, version: s
     """One Spark task: load the model once, then stream this partition's record batches through it."""
     import torch
 
-    from fm.extract import embed_batches
+    from fm.stream import embed_batches
     from fm.prompts import inference_encoder
     from jobs.embed import load_for_inference
 

@@ -261,7 +261,7 @@ def to_tokens(valid: DataFrame, prev_last_ts: DataFrame | None) -> DataFrame:
 # The history state's layout. Each file is sorted by (last_dt, profile_id), so the profiles active on
 # a day (last_dt == that day; always the newest) are one contiguous run at the end of every file, and
 # row groups are kept small so the ``last_dt`` statistics let a reader of the day's profiles
-# (fm.extract.iter_history, i.e. embed) skip the row groups of every other day: its cost follows
+# (fm.stream.iter_history, i.e. embed) skip the row groups of every other day: its cost follows
 # the day's active profiles, not the whole history. Both bounds apply (parquet-mr 1.17, Spark
 # passes write options to its Hadoop conf): bytes bound long histories, rows bound short ones.
 HISTORY_SORT = ("last_dt", "profile_id")

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 from conftest import TINY
 
 from fm.data import Sequences
-from fm.extract import history_files, history_scan, iter_history
+from fm.stream import history_files, history_scan, iter_history
 from fm.schema import TOKEN_FIELDS
 from jobs import generate, tokenize
 from jobs.io import partition
