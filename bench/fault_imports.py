@@ -36,7 +36,7 @@ def write_logs(root: Path) -> dict[str, Path]:
 
 def import_code(src: Path, catalogue: Path | None = None) -> str:
     cat = f", catalogue={str(catalogue)!r}, catalogue_map='title_id:item_id,name:title'" if catalogue else ""
-    return ("from jobs.importers import run, ImportConfig; from jobs.settings import Paths; "
+    return ("from jobs.event_import import run, ImportConfig; from jobs.settings import Paths; "
             f"run(ImportConfig(source={str(src)!r}{cat}), Paths.from_env())")
 
 

@@ -66,7 +66,7 @@ from fm.recipe import held_out_back, validation_set  # noqa: E402
 from fm.sasrec import SASRec, SASRecConfig  # noqa: E402
 from fm.schema import ACTIONS, N_SPECIAL, vocab_index  # noqa: E402
 from jobs import evaluate as ev  # noqa: E402
-from jobs import importers, tokenize  # noqa: E402
+from jobs import dataset_import, event_import, tokenize  # noqa: E402
 from jobs import train as train_job  # noqa: E402
 from jobs.io import latest_partition_before, partition  # noqa: E402
 from jobs.locks import exclusive  # noqa: E402
@@ -152,9 +152,9 @@ def _prepare(dataset: str, home: Paths, args: argparse.Namespace) -> tuple[Paths
     home.home.mkdir(parents=True, exist_ok=True)
     root = Path(args.data)
     if dataset == "ml-1m":
-        out = importers.import_movielens(home, str(root / "ml-1m"), users=QUICK_USERS[dataset] if args.quick else 0)
+        out = dataset_import.import_movielens(home, str(root / "ml-1m"), users=QUICK_USERS[dataset] if args.quick else 0)
     else:
-        out = importers.import_beauty(home, str(root / "amazon-beauty"), users=QUICK_USERS[dataset] if args.quick else 0)
+        out = dataset_import.import_beauty(home, str(root / "amazon-beauty"), users=QUICK_USERS[dataset] if args.quick else 0)
     last = out["last_day"]
     print(f"[{dataset}] imported {out['events']} events; tokenizing up to {last}", file=sys.stderr)
     tokenize.run(parse_overrides(tokenize.TokenizeConfig, {"date": last, "full": True}), home)
@@ -166,7 +166,7 @@ def prepare_taobao(home: Paths, args) -> tuple[Paths, str]:
     if day is not None:
         return home, day.isoformat()
     source = Path(args.data) / "taobao-815" / "UserBehavior_first815users.csv.gz"
-    out = importers.run(importers.ImportConfig(source=str(source), **TAOBAO_IMPORT), home)
+    out = event_import.run(event_import.ImportConfig(source=str(source), **TAOBAO_IMPORT), home)
     tokenize.run(parse_overrides(tokenize.TokenizeConfig, {"date": out["last_day"], "full": True}), home)
     return home, out["last_day"]
 

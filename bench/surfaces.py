@@ -69,7 +69,7 @@ from fm.data import Sequences, data_root  # noqa: E402
 from fm.model import ModelConfig  # noqa: E402
 from fm.recipe import Recipe, build, fit_model  # noqa: E402
 from fm.schema import ACTIONS, CANVASES, vocab_index  # noqa: E402
-from jobs import generate, importers, tokenize  # noqa: E402
+from jobs import event_import, generate, tokenize  # noqa: E402
 from jobs.io import latest_partition_before, partition  # noqa: E402
 from jobs.settings import Paths, parse_overrides  # noqa: E402
 from jobs.train import dataset_target_actions  # noqa: E402
@@ -132,7 +132,7 @@ def prepare_taobao(args) -> tuple[Paths, dt.date]:
     home = Paths(Path(args.work) / "taobao")                  # the same scratch home bench/quality.py uses
     if latest(home) is None:
         source = Path(args.data) / "taobao-815" / "UserBehavior_first815users.csv.gz"
-        out = importers.run(importers.ImportConfig(source=str(source), **TAOBAO_IMPORT), home)
+        out = event_import.run(event_import.ImportConfig(source=str(source), **TAOBAO_IMPORT), home)
         tokenize.run(parse_overrides(tokenize.TokenizeConfig, {"date": out["last_day"], "full": True}), home)
     return home, latest(home)
 

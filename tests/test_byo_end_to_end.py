@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import importers, pipeline, tokenize, train
+from jobs import event_import, pipeline, tokenize, train
 from jobs.io import partition
 
 START = dt.datetime(2026, 11, 1, 8, tzinfo=dt.timezone.utc)
@@ -53,10 +53,10 @@ def test_an_odd_csv_log_and_catalogue_reach_a_publication_without_code(tmp_path,
                action_map="view:impression,add_to_cart:add_to_list,purchase:complete", device="screen",
                catalogue=str(items), catalogue_map="title_id:item,name:title,genres:category,release_date:released,"
                "synopsis:blurb+maker")
-    with pytest.raises(importers.ImportError_, match="it looks ','-separated: set catalogue_delimiter=','"):
-        importers.run(importers.ImportConfig(**cfg), home)            # the log's ';' is not the catalogue's
+    with pytest.raises(event_import.ImportError_, match="it looks ','-separated: set catalogue_delimiter=','"):
+        event_import.run(event_import.ImportConfig(**cfg), home)      # the log's ';' is not the catalogue's
     assert not home.raw.exists()
-    out = importers.run(importers.ImportConfig(**cfg, catalogue_delimiter=","), home)
+    out = event_import.run(event_import.ImportConfig(**cfg, catalogue_delimiter=","), home)
     assert out["days"] == 3 and out["catalogue_titles"] == 40
     cat = {r["title_id"]: r for r in pq.read_table(home.catalogue).to_pylist()}
     assert cat["101"]["genres"] == ["Comedy", "Sci-Fi"] and cat["101"]["release_date"] == dt.date(1995, 12, 2)

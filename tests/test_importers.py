@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import importers
+from jobs import dataset_import, event_import
 from jobs.io import partition
 
 CSV = """uid,sku,when,what,secs,dev
@@ -25,18 +25,18 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_generic_csv_with_mapping(tmp_path, home):
     src = write(tmp_path, CSV)
-    out = importers.run(importers.ImportConfig(source=str(src), user="uid", item="sku", timestamp="when",
-                                               action="what", action_map="click:impression,buy:complete",
-                                               duration="secs", device="dev"), home)
+    out = event_import.run(event_import.ImportConfig(source=str(src), user="uid", item="sku", timestamp="when",
+                                                     action="what", action_map="click:impression,buy:complete",
+                                                     duration="secs", device="dev"), home)
     assert out["events"] == 3 and out["days"] == 2 and out["catalogue_titles"] == 2
     day1 = pq.read_table(partition(home.raw, dt.date(2026, 11, 1))).to_pylist()
     assert [r["action"] for r in day1] == ["impression", "complete"]
     assert day1[1]["duration_s"] == 120.5 and day1[1]["device"] == "mobile" and day1[0]["profile_id"] == 7
-    key = importers.source_key(src)
+    key = event_import.source_key(src)
     assert day1[0]["event_id"] == f"{key}-0" and key.startswith("log-") and day1[0]["canvas"] is None
     assert [r["seq"] for r in day1] == [0, 1]
     # re-import is idempotent: same partitions, same rows
-    importers.run(importers.ImportConfig(source=str(src), user="uid", item="sku", timestamp="when"), home)
+    event_import.run(event_import.ImportConfig(source=str(src), user="uid", item="sku", timestamp="when"), home)
     assert pq.read_table(partition(home.raw, dt.date(2026, 11, 1))).num_rows == 2
 
 
@@ -53,8 +53,8 @@ def test_generic_csv_with_mapping(tmp_path, home):
 ])
 def test_bad_columns_name_column_row_and_expectation(tmp_path, home, text, mapping, message):
     cfg = {"source": str(write(tmp_path, text)), "user": "uid", "item": "sku", "timestamp": "when", **mapping}
-    with pytest.raises(importers.ImportError_, match=message):
-        importers.run(importers.ImportConfig(**cfg), home)
+    with pytest.raises(event_import.ImportError_, match=message):
+        event_import.run(event_import.ImportConfig(**cfg), home)
     assert not home.raw.exists()                          # nothing written
 
 
@@ -63,7 +63,7 @@ def test_movielens_ratings_become_events(tmp_path, home):
     ml.mkdir()
     (ml / "ratings.dat").write_text("1::10::5::978300760\n1::20::2::978300760\n2::10::3::978302109\n")
     (ml / "movies.dat").write_text("10::Toy Story (1995)::Animation|Comedy\n20::Heat (1995)::Crime\n", encoding="latin-1")
-    out = importers.import_movielens(home, str(ml), ratings_file="ratings.dat")
+    out = dataset_import.import_movielens(home, str(ml), ratings_file="ratings.dat")
     assert out["events"] == 3 and out["profiles"] == 2
     rows = pq.read_table(home.raw).to_pylist()
     by_id = {r["event_id"]: r for r in rows}
@@ -84,7 +84,7 @@ def test_beauty_lines_become_events_in_file_order_with_relative_time(tmp_path, h
         f.write("1 5 6 7\t0 0 86400\n2 6 5\t0 172800\n")
     with gzip.open(d / "Beauty_item2attributes.json.gz", "wt") as f:
         f.write(js.dumps({"5": [1, 2], "6": [2]}))
-    out = importers.import_beauty(home, str(d))
+    out = dataset_import.import_beauty(home, str(d))
     assert out["events"] == 5 and out["profiles"] == 2 and out["last_day"] == "2014-07-01"
     rows = sorted(pq.read_table(home.raw).to_pylist(), key=lambda r: r["seq"])
     assert [(r["profile_id"], r["title_id"]) for r in rows] == [(1, "5"), (1, "6"), (1, "7"), (2, "6"), (2, "5")]
@@ -95,8 +95,8 @@ def test_beauty_lines_become_events_in_file_order_with_relative_time(tmp_path, h
     assert js.loads((home.home / "dataset.json").read_text())["target_actions"] == ["play"]
     with gzip.open(d / "Beauty_with_gaps.txt.gz", "wt") as f:
         f.write("1 5 6\t0\n")
-    with pytest.raises(importers.ImportError_, match="line 1: expected"):
-        importers.import_beauty(home, str(d))
+    with pytest.raises(event_import.ImportError_, match="line 1: expected"):
+        dataset_import.import_beauty(home, str(d))
 
 
 def test_a_second_log_appends_and_same_named_files_keep_their_events(tmp_path, home):
@@ -108,12 +108,12 @@ def test_a_second_log_appends_and_same_named_files_keep_their_events(tmp_path, h
     a.write_text(CSV)
     b.write_text("uid,sku,when\n9,C3,2026-11-01T12:00:00Z\n")
     cfg = dict(user="uid", item="sku", timestamp="when")
-    importers.run(importers.ImportConfig(source=str(a), **cfg), home)
-    importers.run(importers.ImportConfig(source=str(b), **cfg), home)
+    event_import.run(event_import.ImportConfig(source=str(a), **cfg), home)
+    event_import.run(event_import.ImportConfig(source=str(b), **cfg), home)
     day1 = pq.read_table(partition(home.raw, dt.date(2026, 11, 1))).to_pylist()
     assert sorted(r["title_id"] for r in day1) == ["A1", "B2", "C3"]
     assert len({r["event_id"] for r in day1}) == 3
-    importers.run(importers.ImportConfig(source=str(a), **cfg), home)                 # re-run: idempotent
+    event_import.run(event_import.ImportConfig(source=str(a), **cfg), home)           # re-run: idempotent
     assert pq.read_table(partition(home.raw, dt.date(2026, 11, 1))).num_rows == 3
     assert sorted(pq.read_table(home.catalogue)["title_id"].to_pylist()) == ["A1", "B2", "C3"]
 
@@ -121,9 +121,9 @@ def test_a_second_log_appends_and_same_named_files_keep_their_events(tmp_path, h
 def test_a_catalogue_listing_a_title_twice_is_refused(tmp_path, home):
     cat = tmp_path / "cat.csv"
     cat.write_text("title_id,name\nA1,One\nB2,Two\nA1,Again\n")
-    with pytest.raises(importers.ImportError_, match=r"title_id 'A1' appears twice \(rows 0 and 2\)"):
-        importers.run(importers.ImportConfig(source=str(write(tmp_path, CSV)), user="uid", item="sku",
-                                             timestamp="when", catalogue=str(cat)), home)
+    with pytest.raises(event_import.ImportError_, match=r"title_id 'A1' appears twice \(rows 0 and 2\)"):
+        event_import.run(event_import.ImportConfig(source=str(write(tmp_path, CSV)), user="uid", item="sku",
+                                                   timestamp="when", catalogue=str(cat)), home)
 
 
 ITEMS = """item,title,release_date,genres,plot,director
@@ -146,17 +146,17 @@ def test_plain_csv_catalogue_with_a_mapping_and_the_release_policy(tmp_path, hom
     items.write_text(ITEMS)
     cfg = dict(source=str(log), user="uid", item="sku", timestamp="when", catalogue=str(items),
                catalogue_map="title_id:item,name:title,synopsis:plot+director")
-    dry = importers.run(importers.ImportConfig(**cfg, dry_run=True), home)
+    dry = event_import.run(event_import.ImportConfig(**cfg, dry_run=True), home)
     assert dry["written"] is False and not home.raw.exists() and not home.catalogue.exists()
     assert dry["events_per_day"] == {"2026-11-01": 2, "2026-11-02": 1, "2026-11-03": 1}
     assert dry["before_release"]["events_before_release"] == 2 and dry["before_release"]["examples"] == ["103"]
-    importers.run(importers.ImportConfig(**cfg), home)
+    event_import.run(event_import.ImportConfig(**cfg), home)
     rows = {r["title_id"]: r for r in pq.read_table(home.catalogue).to_pylist()}
     assert rows["101"]["genres"] == ["Crime", "Thriller"] and rows["101"]["release_date"] == dt.date(1995, 12, 15)
     assert rows["101"]["synopsis"] == "A heist crew and a detective.. Michael Mann" and rows["101"]["name"] == "Heat"
     assert rows["102"]["release_date"] == dt.date(1995, 11, 22) and rows["102"]["synopsis"] == "John Lasseter"
     assert rows["103"]["release_date"] == dt.date(2030, 1, 1)            # quarantine policy: date kept
-    out = importers.run(importers.ImportConfig(**cfg, before_release="accept"), home)
+    out = event_import.run(event_import.ImportConfig(**cfg, before_release="accept"), home)
     assert out["before_release"]["policy"] == "accept"
     rows = {r["title_id"]: r for r in pq.read_table(home.catalogue).to_pylist()}
     assert rows["103"]["release_date"] == dt.date(2026, 11, 2)            # moved back to its first event
@@ -171,8 +171,8 @@ def test_bad_catalogues_name_file_row_and_column(tmp_path, home, items, mapping,
     log, cat = write(tmp_path, LOG), tmp_path / "items.csv"
     cat.write_text(items)
     with pytest.raises(ValueError, match=__import__("re").escape(message)):
-        importers.run(importers.ImportConfig(source=str(log), user="uid", item="sku", timestamp="when",
-                                             catalogue=str(cat), catalogue_map=mapping), home)
+        event_import.run(event_import.ImportConfig(source=str(log), user="uid", item="sku", timestamp="when",
+                                                   catalogue=str(cat), catalogue_map=mapping), home)
     assert not home.raw.exists()
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from fm import movielens as M
 from fm.data import Sequences
-from jobs import evaluate, importers, tokenize, train
+from jobs import dataset_import, evaluate, tokenize, train
 from jobs.io import partition
 from jobs.settings import Paths
 
@@ -48,7 +48,7 @@ def ml_dir(tmp_path):
 
 
 def _prepare(home: Paths, ml_dir, spark) -> str:
-    out = importers.import_movielens(home, str(ml_dir))
+    out = dataset_import.import_movielens(home, str(ml_dir))
     tokenize.run(tokenize.TokenizeConfig(date=out["last_day"], full=True), home, spark)
     return out["last_day"]
 
