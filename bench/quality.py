@@ -49,7 +49,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -58,6 +57,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.common import emit  # noqa: E402
+from bench.quality_report import METRICS, TAOBAO_VARIANTS, merge  # noqa: E402
 from fm import protocol as P  # noqa: E402
 from fm.data import Sequences, data_root  # noqa: E402
 from fm.fit import FitConfig, fit  # noqa: E402
@@ -73,7 +73,6 @@ from jobs.locks import exclusive  # noqa: E402
 from jobs.settings import Paths, parse_overrides  # noqa: E402
 from jobs.vocab import read_vocab, title_ids_by_idx  # noqa: E402
 
-METRICS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50")
 # The baseline as the data README fixes it (2 layers, d=64, dropout 0.2, full softmax CE; max length
 # 200 on ML-1M, 50 on Beauty); lr / batch size chosen on validation (bench/results/quality.md history).
 SASREC = {"model": dict(d_model=64, n_layers=2, n_heads=2, dropout=0.2), "fit": dict(lr=3e-3, batch_size=16)}
@@ -84,8 +83,6 @@ PARTS = ("popularity", "product", "sasrec", "sasrec_converged", "beauty_fm", "be
 TAOBAO_IMPORT = dict(user="user_id", item="item_id", timestamp="timestamp", action="behavior",
                      action_map="pv:play,cart:add_to_list,fav:thumbs_up,buy:complete")
 # the heads on Taobao: defaults (heads trained on a detached state), heads off, heads sharing the state
-TAOBAO_VARIANTS = {"defaults": {}, "no side heads": {"w_action": 0.0, "w_duration": 0.0, "w_device": 0.0},
-                   "heads not detached": {"detach_heads": False}}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -343,126 +340,6 @@ def part_file(args, part: str, seed: int) -> Path:
     if part == "cold_start" and args.recipe:
         name += "_" + "_".join(kv.replace("=", "-") for kv in args.recipe)
     return Path(args.out) / f"quality{'_quick' if args.quick else ''}" / f"{name}-seed{seed}.json"
-
-
-def _budget(rec: dict) -> str:
-    """The budget a part ran under, e.g. '1800 s cpu' (older records: read off the command)."""
-    if "budget_s" in rec:
-        b = rec["budget_s"]
-    else:
-        words = rec["command"].split()
-        b = float(words[words.index("--budget-s") + 1]) if "--budget-s" in words else float("nan")
-    if rec["part"] == "popularity":
-        return "none"
-    if rec["part"] == "sasrec_converged":
-        cap = rec.get("converged_cap_s", float("inf"))
-        return "none (early stopping)" if not math.isfinite(cap) else f"early stopping, cap {cap:.0f} s {rec.get('clock', 'cpu')}"
-    return f"{b:.0f} s {rec.get('clock', 'cpu')}"
-
-
-def stats(rows: list[dict], key: str) -> tuple[float, float]:
-    vals = [r[key] for r in rows if r.get(key) is not None]
-    if not vals:
-        return float("nan"), float("nan")
-    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
-
-
-def best_variant(summary: dict, base: str) -> str:
-    """``base`` or its ``base:dropout=X`` variant with the best mean validation NDCG@10 (test unread)."""
-    names = [p for p in summary if p == base or p.startswith(base + ":")]
-    return max(names, key=lambda p: summary[p].get("valid_ndcg@10", -1.0)) if names else base
-
-
-def merge(args) -> dict:
-    """Every part file -> per part: mean/sd of the metrics over seeds; the issue's summary keys."""
-    folder = Path(args.out) / f"quality{'_quick' if args.quick else ''}"
-    parts: dict[str, list[dict]] = {}
-    for f in sorted(folder.glob("*.json")):
-        rec = json.loads(f.read_text())
-        parts.setdefault(rec["part"], []).append(rec)
-    from bench import cold_start
-    cold = cold_start.report(parts.pop("cold_start", []), Path(args.out), args.quick)
-    summary = {}
-    for part, recs in parts.items():
-        rows = [r["result"] for r in recs]
-        s = {"seeds": len(rows), "budget": ", ".join(sorted({_budget(r) for r in recs}))}
-        for k in (*METRICS, "valid_ndcg@10", "train_s", "train_cpu_s", "epochs"):
-            mean, sd = stats(rows, k)
-            if not math.isnan(mean):
-                s[k], s[f"{k}_sd"] = round(mean, 4), round(sd, 4)
-        summary[part] = s
-    res = {"parts": summary, **({"cold_start": cold} if cold else {})}
-    pick = lambda p: {k: summary[p][k] for k in summary[p] if k.startswith(("ndcg@10", "hr@10", "seeds", "train"))} \
-        if p in summary else None  # noqa: E731
-    res["product"], res["sasrec"], res["sasrec_converged"] = pick("product"), pick(best_variant(summary, "sasrec")), \
-        pick("sasrec_converged")
-    res["beauty"] = {"fm": pick("beauty_fm"), "sasrec": pick(best_variant(summary, "beauty_sasrec"))}
-    res["sasrec_variants_chosen"] = {b: best_variant(summary, b) for b in ("sasrec", "beauty_sasrec")}
-    if res["product"] and res["sasrec_converged"]:
-        res["ratio_vs_converged_sasrec"] = round(res["product"]["ndcg@10"] / res["sasrec_converged"]["ndcg@10"], 3)
-    if res["product"] and res["sasrec"]:
-        res["ratio_vs_sasrec"] = round(res["product"]["ndcg@10"] / res["sasrec"]["ndcg@10"], 3)
-    if res["beauty"]["fm"] and res["beauty"]["sasrec"]:
-        res["beauty"]["ratio"] = round(res["beauty"]["fm"]["ndcg@10"] / res["beauty"]["sasrec"]["ndcg@10"], 3)
-    write_report(res, parts, args)
-    return res
-
-
-def taobao_lines(recs: list[dict]) -> list[str]:
-    """The heads on Taobao: next-title quality per variant, and the action head's accuracy and AUC
-    (purchase = ``complete``, cart = ``add_to_list``) vs the majority class and the per-user counts."""
-    if not recs:
-        return []
-    lines = ["## Taobao-815: multi-task heads", "",
-             "| variant (seed) | NDCG@10 | HR@10 | action acc. | majority | count acc. | action AUC (macro) | "
-             "count AUC (macro) | buy AUC | count buy AUC | train s (CPU) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    nan = float("nan")
-    for rec in recs:
-        v = rec["result"]["variants"]
-        base = v["action_count_baseline"]
-        base = base if isinstance(base, dict) else {"accuracy": base}          # runs before the AUCs
-        for name in TAOBAO_VARIANTS:
-            h = (v[name].get("heads") or {}).get("action", {})
-            lines.append(f"| {name} ({rec['seed']}) | {v[name]['ndcg@10']:.4f} | {v[name]['hr@10']:.4f} | "
-                         f"{h.get('accuracy', nan):.4f} | {h.get('majority', nan):.4f} | {base['accuracy']:.4f} | "
-                         f"{h.get('macro_auc') or nan:.4f} | {base.get('macro_auc') or nan:.4f} | "
-                         f"{h.get('auc', {}).get('complete', nan):.4f} | {base.get('auc', {}).get('complete', nan):.4f} | "
-                         f"{v[name]['train_cpu_s']:.0f} |")
-    return lines + ["", "At each user's last event (the test position). AUC: one action vs the rest, by the head's "
-                    "probability (count: by the action's share of the user's earlier events); 0.5 = no signal. "
-                    "With the heads off the action head is untrained, so its figures are a floor.", ""]
-
-
-def write_report(res: dict, parts: dict[str, list[dict]], args) -> Path:
-    out = Path(args.out)
-    suffix = "_quick" if args.quick else ""
-    lines = [f"# Quality: the product's training path vs SASRec{' (quick smoke run — not a result)' if args.quick else ''}", "",
-             "Protocol: leave-one-out by time, full ranking over every title of the data, whole input history "
-             "removed (`fm/protocol.py`, the code `fmpipe evaluate` runs). Checkpoints chosen on validation "
-             "(second-last event), test reported once. Mean ± sd over seeds.", "",
-             "| part | seeds | budget | HR@10 | NDCG@10 | HR@50 | NDCG@50 | train s (CPU) | train s (wall) | epochs | stopped by |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for part, s in res["parts"].items():
-        f = lambda k: (f"{s[k]:.4f} ± {s[k + '_sd']:.4f}" if s["seeds"] > 1 else f"{s[k]:.4f}") if k in s else ""  # noqa: E731
-        g = lambda k: f"{s[k]:.0f}" if k in s else ""  # noqa: E731
-        stops = ", ".join(sorted({r["result"].get("stopped_by") or "" for r in parts[part]} - {""}))
-        lines.append(f"| {part} | {s['seeds']} | {s['budget']} | {f('hr@10')} | {f('ndcg@10')} | {f('hr@50')} | {f('ndcg@50')} | "
-                     f"{g('train_cpu_s')} | {g('train_s')} | {s.get('epochs', float('nan')):.1f} | {stops} |")
-    lines += ["", "Ratios (NDCG@10): " + ", ".join(f"{k} **{v}**" for k, v in res.items() if k.startswith("ratio")) +
-              (f", Beauty FM / SASRec **{res['beauty'].get('ratio')}**" if res["beauty"].get("ratio") else ""), "",
-              "References (data README, same protocol): RecBole SASRec on this ML-1M slice NDCG@10 0.1498 "
-              "(25-min budget); on Beauty 0.0455 (15-min budget, not converged).", ""]
-    lines += taobao_lines(parts.get("taobao", []))
-    lines += ["## Runs", ""]
-    for part, recs in parts.items():
-        for r in recs:
-            lines.append(f"- `{part}` seed {r['seed']}: commit `{r['commit']}`, `{r['command']}`, {r['machine']}, "
-                         f"load {r['loadavg_start']} → {r['loadavg_end']}, wall {r['wall_s']:.0f} s")
-    path = out / f"quality{suffix}.md"
-    path.write_text("\n".join(lines) + "\n")
-    (out / f"quality{suffix}.json").write_text(json.dumps({"summary": res, "runs": parts}, indent=1, default=str))
-    return path
 
 
 def main(argv=None) -> dict:
