@@ -128,3 +128,18 @@ retrieval_v1 = FeatureService(
     features=[profile_embeddings[_DEEPEST[:1] + ["model_version"]]],
     description="Profile query vector for FAISS title retrieval.",
 )
+
+# The same inputs as ranker_v2 under the name of the model that produced what is being published
+# (ranker_<model version>). The *_v1/_v2 services above are stable aliases that follow whichever
+# model serves; a consumer that must never mix embedding spaces without noticing asks for the
+# pinned name instead, and gets an error (the service is gone) rather than a new model's vectors
+# once another model's publication is applied.
+_VERSION = str(_SPEC.get("model_version") or "")
+if _VERSION:
+    ranker_pinned = FeatureService(
+        name="ranker_" + re.sub(r"[^a-z0-9_]", "_", _VERSION.lower()),
+        features=[profile_embeddings[_DEEPEST + [h["column"] for _, h in sorted(_HEADS.items())] + ["model_version"]],
+                  title_embeddings[["title_embedding"]]],
+        description=f"ranker_v2 pinned to model {_VERSION}: removed when another model's publication is applied.",
+        tags={"model_version": _VERSION},
+    )

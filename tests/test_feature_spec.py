@@ -113,3 +113,30 @@ def test_head_probabilities_and_prompt_views_are_declared_and_served(tmp_path, m
     got = json.loads(out.stdout.strip().splitlines()[-1])["got"]
     for name in extra:
         np.testing.assert_array_equal(np.array(got[name][0], np.float32), vecs[name][7])
+
+
+def test_feast_cli_plan_is_clean_after_publish_and_names_the_pinned_service(tmp_path):
+    """The repo as a user runs it (`feast plan` / `feast apply` in feature_repo/ beside var/): after
+    a publish, the CLI finds the registry exactly as the pipeline applied it, including the
+    service pinned to the published model version."""
+    import shutil
+    root = tmp_path / "checkout"
+    shutil.copytree(REPO_ROOT / "feature_repo", root / "feature_repo")
+    paths = Paths((root / "var").resolve())
+    env = {**os.environ, "FMPIPE_HOME": str(paths.home), "PYTHONPATH": str(REPO_ROOT)}
+    old = os.environ.get("FMPIPE_HOME")
+    os.environ["FMPIPE_HOME"] = str(paths.home)
+    try:
+        write_custom_day(paths, list(range(20)))
+        assert run_publish(paths, D1, with_index=False)["applied"]
+    finally:
+        os.environ.pop("FMPIPE_HOME") if old is None else os.environ.__setitem__("FMPIPE_HOME", old)
+    feast = [str(REPO_ROOT / ".venv" / "bin" / "feast")] if (REPO_ROOT / ".venv" / "bin" / "feast").exists() else \
+        [sys.executable, "-m", "feast.cli.cli"]
+    for cmd in ("plan", "apply"):
+        out = subprocess.run([*feast, cmd], cwd=root / "feature_repo", env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "No changes to registry" in out.stdout, out.stdout[-2000:]
+    from jobs.feast_store import get_store
+    names = {s.name for s in get_store(paths).list_feature_services()}
+    assert {"ranker_v1", "ranker_v2", "retrieval_v1", "ranker_deep3"} <= names
