@@ -193,13 +193,22 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``bias``: (B, H, L, L) additive attention logits with the causal mask folded in (or None)."""
+        return self.attend(x, bias)[0]
+
+    def attend(self, x: torch.Tensor, bias: torch.Tensor | None = None,
+               past: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The block over ``x`` (B, L, D) whose queries also see ``past`` keys/values (B, H, C, Dh)
+        of earlier tokens (``fm.incremental``; ``bias`` (B, H, L, C+L) then carries the mask).
+        Returns the new states and every key/value the queries saw (past then new)."""
         B, L, D = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(D, dim=-1)
         q, k, v = (t.view(B, L, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B,H,L,Dh)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None,
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None and past is None,
                                            dropout_p=self.dropout if self.training else 0.0)
         x = x + self.out(a.transpose(1, 2).reshape(B, L, D))                                        # (B,L,D)
-        return x + self.mlp(self.ln2(x))
+        return x + self.mlp(self.ln2(x)), (k, v)
 
 
 def gap_seconds(gap: torch.Tensor) -> torch.Tensor:
@@ -234,19 +243,27 @@ class RelativeBias(nn.Module):
 
     def forward(self, gap: torch.Tensor) -> list[torch.Tensor]:
         """(B, L) gap ids -> per layer (B, H, L, L) additive logits, -inf above the diagonal."""
-        B, L = gap.shape
-        i = torch.arange(L, device=gap.device)
-        d = (i.unsqueeze(1) - i.unsqueeze(0)).clamp_min(0)                             # (L, L) i - j
-        causal = torch.zeros(L, L, device=gap.device).masked_fill(i.unsqueeze(1) < i.unsqueeze(0), float("-inf"))
-        parts = causal.expand(self.n_layers, 1, self.n_heads, L, L)
+        i = torch.arange(gap.shape[1], device=gap.device)
+        t = torch.cumsum(gap_seconds(gap), dim=1) if self.time is not None else None    # (B, L) seconds
+        return self.pairs(i, i, t, t, (i.unsqueeze(1) >= i.unsqueeze(0)).unsqueeze(0))
+
+    def pairs(self, q_pos: torch.Tensor, k_pos: torch.Tensor, q_time: torch.Tensor | None,
+              k_time: torch.Tensor | None, allowed: torch.Tensor) -> list[torch.Tensor]:
+        """Per layer (B|1, H, Q, K) logits for queries at event positions ``q_pos`` ((Q,) or (B, Q))
+        over keys at ``k_pos``, with times (B, Q) / (B, K) in seconds; ``allowed`` (B|1, Q, K) is
+        the mask (-inf elsewhere). ``forward`` asks for the whole window, ``fm.incremental`` for the
+        new events over cached and new keys: one formula for both, so caching stays exact."""
+        d = (q_pos.unsqueeze(-1) - k_pos.unsqueeze(-2)).clamp_min(0)                    # (Q, K) or (B, Q, K)
+        d = d if d.dim() == 3 else d.unsqueeze(0)
+        mask = torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, float("-inf"))
+        parts = mask.unsqueeze(1).unsqueeze(0).expand(self.n_layers, -1, self.n_heads, -1, -1)
         if self.pos is not None:
-            pb = self.pos[:, self.log_bucket(d, 8, self.N_POS)]                         # (layers, L, L, H)
-            parts = parts + pb.permute(0, 3, 1, 2).unsqueeze(1)
+            pb = self.pos[:, self.log_bucket(d, 8, self.N_POS)]                         # (layers, B|1, Q, K, H)
+            parts = parts + pb.permute(0, 1, 4, 2, 3)
         if self.time is not None:
-            t = torch.cumsum(gap_seconds(gap), dim=1)                                    # (B, L)
-            dt = (t.unsqueeze(2) - t.unsqueeze(1)).clamp_min(0)                          # (B, L, L)
+            dt = (q_time.unsqueeze(2) - k_time.unsqueeze(1)).clamp_min(0)              # (B, Q, K)
             tb = torch.where(dt < 1, 0, 1 + torch.log2(dt.clamp_min(1)).floor().long()).clamp_max(self.N_TIME - 1)
-            parts = parts + self.time[:, tb].permute(0, 1, 4, 2, 3)                       # (layers, B, H, L, L)
+            parts = parts + self.time[:, tb].permute(0, 1, 4, 2, 3)                       # (layers, B, H, Q, K)
         return list(parts.unbind(0))
 
 
@@ -303,10 +320,12 @@ class FoundationModel(nn.Module):
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def embed(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Sum of field embeddings + position: (B, L) ints per field -> (B, L, D)."""
+    def embed(self, tokens: dict[str, torch.Tensor], positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Sum of field embeddings + position: (B, L) ints per field -> (B, L, D). ``positions``
+        ((B, L) window positions; default 0..L-1): where new events sit after cached ones."""
         L = tokens["title"].shape[1]
-        x = self.title(tokens["title"]) + self.pos(torch.arange(L, device=tokens["title"].device))
+        positions = torch.arange(L, device=tokens["title"].device) if positions is None else positions
+        x = self.title(tokens["title"]) + self.pos(positions)
         for f in S.TOKEN_FIELDS:             # fixed order: float sums must not depend on dict order
             if f in self.fields:
                 x = x + self.fields[f](tokens[f])
