@@ -27,9 +27,10 @@ from fm.schema import PAD, TOKEN_FIELDS
 
 @dataclass
 class KVCache:
-    """Per layer keys/values (B, H, C, Dh) of each row's first ``lengths[b]`` events (the rest of
-    the C slots is padding), each event's cumulative time in seconds (B, C; for the time bias), the
-    running sum of every layer's states (B, D; for mean pooling) and each row's last states."""
+    """Per layer keys/values (B, H, capacity, Dh) of each row's first ``lengths[b]`` events in
+    slots 0..lengths[b]-1 (the rest is free), each event's cumulative time in seconds (B, capacity;
+    for the time bias), the running sum of every layer's states (B, D; for mean pooling) and each
+    row's last states. Slots are window positions, so no row's entries ever move on a plain extend."""
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     times: torch.Tensor
@@ -38,13 +39,21 @@ class KVCache:
     last: list[torch.Tensor]
 
     @classmethod
-    def empty(cls, model: FoundationModel, batch: int) -> "KVCache":
+    def empty(cls, model: FoundationModel, batch: int, capacity: int | None = None) -> "KVCache":
         cfg = model.cfg
-        dh, dev = cfg.d_model // cfg.n_heads, next(model.parameters()).device
-        kv = [torch.zeros(batch, cfg.n_heads, 0, dh, device=dev) for _ in range(cfg.n_layers)]
-        zeros = [torch.zeros(batch, cfg.d_model, device=dev) for _ in range(cfg.n_layers)]
-        return cls(kv, [t.clone() for t in kv], torch.zeros(batch, 0, device=dev),
-                   torch.zeros(batch, dtype=torch.long, device=dev), zeros, [z.clone() for z in zeros])
+        cap, dh, dev = capacity or cfg.max_len, cfg.d_model // cfg.n_heads, next(model.parameters()).device
+        kv = [torch.zeros(batch, cfg.n_heads, cap, dh, device=dev) for _ in range(2 * cfg.n_layers)]
+        zeros = [torch.zeros(batch, cfg.d_model, device=dev) for _ in range(2 * cfg.n_layers)]
+        return cls(kv[::2], kv[1::2], torch.zeros(batch, cap, device=dev), torch.zeros(batch, dtype=torch.long, device=dev),
+                   zeros[::2], zeros[1::2])
+
+    @property
+    def capacity(self) -> int:
+        return self.times.shape[1]
+
+    def clone(self) -> "KVCache":
+        c = lambda ts: [t.clone() for t in ts]                                              # noqa: E731
+        return KVCache(c(self.keys), c(self.values), self.times.clone(), self.lengths.clone(), c(self.sums), c(self.last))
 
     def nbytes_per_event(self, dtype: torch.dtype = torch.float16) -> int:
         """What one cached event costs to store: keys and values of every layer."""
@@ -55,55 +64,54 @@ class KVCache:
         return self.sums[layer - 1] / self.lengths.clamp(min=1).unsqueeze(1).to(self.sums[0].dtype)
 
 
-def _place(old: torch.Tensor, new: torch.Tensor, at: torch.Tensor, valid: torch.Tensor, width: int) -> torch.Tensor:
-    """Write ``new`` (B, N, ...) into a copy of ``old`` (B, C, ...) widened to ``width`` slots,
-    row b's item i at slot ``at[b, i]``; invalid items go to a spare slot that is cut off."""
-    B = old.shape[0]
-    out = old.new_zeros((B, width + 1, *old.shape[2:]))
-    out[:, : old.shape[1]] = old
-    slot = torch.where(valid, at, torch.full_like(at, width))
-    out[torch.arange(B, device=old.device).unsqueeze(1), slot] = new.to(out.dtype)
-    return out[:, :width]
-
-
 @torch.no_grad()
 def extend(model: FoundationModel, cache: KVCache, tokens: torch.Tensor, n_new: torch.Tensor) -> KVCache:
     """Encode each row's ``n_new[b]`` new events (``tokens`` (B, N, F) ids in
-    :data:`fm.schema.TOKEN_FIELDS` order, right-padded) after its cached ones; returns the grown
-    cache, whose ``last`` / ``mean()`` are the pooled vectors a full re-encode gives. Raises when a
-    row would outgrow ``max_len`` (re-encode it, or :func:`slide` first and accept the drift)."""
+    :data:`fm.schema.TOKEN_FIELDS` order, right-padded) after its cached ones, **in place**: the
+    new keys/values go to slots ``lengths[b]..``, and ``last`` / ``mean()`` become the pooled
+    vectors a full re-encode gives. Raises when a row would outgrow the window (re-encode it, or
+    :func:`slide` first and accept the drift)."""
     if model.training:
         raise RuntimeError("incremental inference runs the model in eval mode (dropout off)")
     B, N, _ = tokens.shape
     dev, c = tokens.device, cache.lengths
-    if int((c + n_new).max()) > model.cfg.max_len:
-        raise ValueError(f"a row would hold {int((c + n_new).max())} events, more than max_len={model.cfg.max_len}")
+    width = int((c + n_new).max())
+    if width > min(model.cfg.max_len, cache.capacity):
+        raise ValueError(f"a row would hold {width} events, more than max_len={model.cfg.max_len} "
+                         f"(cache capacity {cache.capacity})")
     steps = torch.arange(N, device=dev)
     valid = steps.unsqueeze(0) < n_new.unsqueeze(1)                                     # (B, N)
-    pos = (c.unsqueeze(1) + steps).clamp_max(model.cfg.max_len - 1)                     # (B, N)
+    pos = (c.unsqueeze(1) + steps).clamp_max(model.cfg.max_len - 1)                     # (B, N) = cache slots
+    rows = torch.arange(B, device=dev).unsqueeze(1).expand(B, N)[valid]
+    slots = pos[valid]
     x = model.embed({f: tokens[..., i] for i, f in enumerate(TOKEN_FIELDS)}, positions=pos)
     gap = tokens[..., TOKEN_FIELDS.index("gap")]
-    end = cache.times.gather(1, (c - 1).clamp_min(0).unsqueeze(1)) if cache.times.shape[1] else \
-        torch.zeros(B, 1, device=dev)
+    end = cache.times.gather(1, (c - 1).clamp_min(0).unsqueeze(1)) * (c > 0).unsqueeze(1)
     # float32 running sum continued from the last cached time: the very additions a full encode makes
     t_new = torch.cumsum(torch.cat([end, gap_seconds(gap)], dim=1), dim=1)[:, 1:]      # (B, N)
-    C = cache.times.shape[1]
-    k_pos = torch.cat([torch.arange(C, device=dev).expand(B, C), pos], dim=1)           # (B, C+N)
-    allowed = torch.cat([(torch.arange(C, device=dev).unsqueeze(0) < c.unsqueeze(1)).unsqueeze(1).expand(B, N, C),
-                         (steps.unsqueeze(1) >= steps.unsqueeze(0)).unsqueeze(0).expand(B, N, N)], dim=2)
-    biases = _biases(model, pos, k_pos, t_new, torch.cat([cache.times, t_new], dim=1), allowed)
-    width = int((c + n_new).max())
-    keys, values, sums, last = [], [], [], []
-    rows, last_new = torch.arange(B, device=dev), (n_new - 1).clamp_min(0)
+    cache.times[rows, slots] = t_new[valid]
+    k_pos = torch.arange(width, device=dev)
+    allowed = k_pos.view(1, 1, width) <= pos.unsqueeze(2)                               # (B, N, width): causal by slot
+    biases = _biases(model, pos, k_pos, t_new, cache.times[:, :width], allowed)
+    last_new = (n_new - 1).clamp_min(0)
     for i, (block, bias) in enumerate(zip(model.blocks, biases)):
-        x, (k, v) = block.attend(x, bias, (cache.keys[i], cache.values[i]))
+        x, _ = block.attend(x, bias, _store(cache, i, rows, slots, valid, width))
         h = model.ln_f(x) if i == len(model.blocks) - 1 else x
-        keys.append(_place(cache.keys[i].transpose(1, 2), k[:, :, C:].transpose(1, 2), pos, valid, width).transpose(1, 2))
-        values.append(_place(cache.values[i].transpose(1, 2), v[:, :, C:].transpose(1, 2), pos, valid, width).transpose(1, 2))
-        sums.append(cache.sums[i] + (h * valid.unsqueeze(-1)).sum(1))
-        last.append(torch.where((n_new > 0).unsqueeze(1), h[rows, last_new], cache.last[i]))
-    times = _place(cache.times, t_new, pos, valid, width)
-    return KVCache(keys, values, times, c + n_new, sums, last)
+        cache.sums[i] += (h * valid.unsqueeze(-1)).sum(1)
+        cache.last[i] = torch.where((n_new > 0).unsqueeze(1), h[torch.arange(B, device=dev), last_new], cache.last[i])
+    cache.lengths = c + n_new
+    return cache
+
+
+def _store(cache: KVCache, layer: int, rows, slots, valid, width: int):
+    """The ``kv`` hook of ``Block.attend``: write this step's keys/values into the layer's cache
+    slots and attend over the first ``width`` slots (earlier events and the new ones)."""
+    def kv(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        K, V = cache.keys[layer], cache.values[layer]
+        K[rows, :, slots] = k.transpose(1, 2)[valid]
+        V[rows, :, slots] = v.transpose(1, 2)[valid]
+        return K[:, :, :width], V[:, :, :width]
+    return kv
 
 
 def _biases(model: FoundationModel, q_pos, k_pos, q_time, k_time, allowed) -> list[torch.Tensor]:
@@ -122,16 +130,16 @@ def prefill(model: FoundationModel, tokens: torch.Tensor, lengths: torch.Tensor)
 
 
 def slide(cache: KVCache, drop: torch.Tensor) -> KVCache:
-    """Forget each row's oldest ``drop[b]`` events so that new ones fit (approximate: the kept
-    keys/values were computed at other positions, with the dropped events in their context). The
-    running sums cannot forget exactly either, so they are rescaled to the kept share."""
+    """A copy that forgets each row's oldest ``drop[b]`` events so that new ones fit (approximate:
+    the kept keys/values were computed at other positions, with the dropped events in their
+    context). The running sums cannot forget exactly either, so they are rescaled to the kept share."""
     B, C = cache.times.shape
-    idx = (torch.arange(C, device=drop.device).unsqueeze(0) + drop.unsqueeze(1)).clamp_max(max(C - 1, 0))
+    idx = (torch.arange(C, device=drop.device).unsqueeze(0) + drop.unsqueeze(1)).clamp_max(C - 1)
     take = lambda t: t.gather(2, idx.view(B, 1, C, 1).expand_as(t))                        # noqa: E731
     kept = (cache.lengths - drop).clamp_min(0)
     share = (kept / cache.lengths.clamp(min=1)).unsqueeze(1).to(cache.sums[0].dtype)
     return KVCache([take(k) for k in cache.keys], [take(v) for v in cache.values], cache.times.gather(1, idx),
-                   kept, [s * share for s in cache.sums], list(cache.last))
+                   kept, [s * share for s in cache.sums], [t.clone() for t in cache.last])
 
 
 def pad_tokens(rows: list[torch.Tensor], n_fields: int = len(TOKEN_FIELDS)) -> tuple[torch.Tensor, torch.Tensor]:

@@ -195,17 +195,17 @@ class Block(nn.Module):
         """``bias``: (B, H, L, L) additive attention logits with the causal mask folded in (or None)."""
         return self.attend(x, bias)[0]
 
-    def attend(self, x: torch.Tensor, bias: torch.Tensor | None = None,
-               past: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """The block over ``x`` (B, L, D) whose queries also see ``past`` keys/values (B, H, C, Dh)
-        of earlier tokens (``fm.incremental``; ``bias`` (B, H, L, C+L) then carries the mask).
-        Returns the new states and every key/value the queries saw (past then new)."""
+    def attend(self, x: torch.Tensor, bias: torch.Tensor | None = None, kv=None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The block over ``x`` (B, L, D). ``kv``: a callable given this step's keys/values
+        (B, H, L, Dh) that returns every key/value the queries attend to -- ``fm.incremental``
+        stores them in a profile's cache and returns the cache, earlier events included (``bias``
+        (B, H, L, K) then carries the mask). Returns the new states and the keys/values used."""
         B, L, D = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(D, dim=-1)
         q, k, v = (t.view(B, L, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B,H,L,Dh)
-        if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None and past is None,
+        if kv is not None:
+            k, v = kv(k, v)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None and kv is None,
                                            dropout_p=self.dropout if self.training else 0.0)
         x = x + self.out(a.transpose(1, 2).reshape(B, L, D))                                        # (B,L,D)
         return x + self.mlp(self.ln2(x)), (k, v)
@@ -257,9 +257,10 @@ class RelativeBias(nn.Module):
         d = d if d.dim() == 3 else d.unsqueeze(0)
         mask = torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, float("-inf"))
         parts = mask.unsqueeze(1).unsqueeze(0).expand(self.n_layers, -1, self.n_heads, -1, -1)
-        if self.pos is not None:
-            pb = self.pos[:, self.log_bucket(d, 8, self.N_POS)]                         # (layers, B|1, Q, K, H)
-            parts = parts + pb.permute(0, 1, 4, 2, 3)
+        if self.pos is not None:                  # one row gather for all layers and heads
+            table = self.pos.permute(1, 0, 2).reshape(self.N_POS, self.n_layers * self.n_heads)
+            pb = F.embedding(self.log_bucket(d, 8, self.N_POS), table)                    # (B|1, Q, K, layers*H)
+            parts = parts + pb.view(*d.shape, self.n_layers, self.n_heads).permute(3, 0, 4, 1, 2)
         if self.time is not None:
             dt = (q_time.unsqueeze(2) - k_time.unsqueeze(1)).clamp_min(0)              # (B, Q, K)
             tb = torch.where(dt < 1, 0, 1 + torch.log2(dt.clamp_min(1)).floor().long()).clamp_max(self.N_TIME - 1)
