@@ -91,7 +91,7 @@ def windows(args, model: FoundationModel) -> Sequences:
         day = latest_partition_before(root, dt.date.max)
         if day is None:
             raise SystemExit(f"--home {args.home}: no history partition under {root}; run fmpipe tokenize first")
-        return Sequences.read(root / f"date={day.isoformat()}")
+        return Sequences.read(root / f"dt={day.isoformat()}")
     rng = np.random.default_rng(0)
     L = model.cfg.max_len
     lens = np.concatenate([rng.integers(20, L + 1, args.profiles), rng.integers(L + L // 5, 2 * L, args.profiles)])
@@ -152,7 +152,8 @@ def plan(seqs: Sequences, model, args) -> dict:
     out = {}
     room = np.flatnonzero((lens >= 20) & (lens <= L))
     if len(room):
-        pick = np.sort(rng.choice(room, min(args.profiles, len(room)), replace=False))
+        pick = rng.choice(room, min(args.profiles, len(room)), replace=False)
+        pick = pick[np.argsort(lens[pick], kind="stable")]     # batches of like lengths, as embed cuts them
         stop = lens[pick]
         new = np.maximum(1, np.ceil(args.new_frac * stop).astype(int))
         out["room"] = (pick, np.zeros_like(stop), stop - new, stop)
