@@ -26,6 +26,12 @@ same as sampled; run stopped at 900 s). ``bench/sweep.py`` re-checks any
 axis through this very path, choosing on validation only (``fm.protocol.selecting`` makes reading
 test an error).
 
+**content_dim 256** (TF-IDF/SVD width of the catalogue content), by the same rule at the full budget
+(1800 s CPU, seed 0, AMD, 1 thread, validation only): Beauty 64 / 256: 0.0622 / 0.0659 (+6%; its
+637 brand/category ids were squeezed into 64 directions), ML-1M 0.2217 / 0.2225 (+0.4%)
+(``bench/results/sweep_{beauty,ml1m}_content_dim_256_1800.md``; at 600 s: Beauty +5.6%, ML-1M -1.1%,
+``sweep_beauty_content.md``, ``sweep_ml1m_content_dim.md``). 256 is no worse anywhere, so it wins.
+
 Validation: each profile's last target event (``leave_one_out=False``: training sees everything
 before it) or its second-last (``leave_one_out=True``: the last is the test target of ``fmpipe
 evaluate``). No profile is withheld from training; the kept checkpoint is the best on validation.
@@ -58,7 +64,7 @@ class Recipe:
     dropout: float = 0.3               # 1800 s sweeps on ML-1M and Beauty (module docstring)
     mtp_k: int = 1
     content_encoder: str = "tfidf"     # tfidf | minilm (pretrained sentence encoder, fm.content)
-    content_dim: int = 64              # TF-IDF width (a pretrained encoder brings its own)
+    content_dim: int = 256             # TF-IDF width, 1800 s sweeps (module docstring); a pretrained encoder brings its own
     use_content: bool = True
     emb_norm: bool = True
     title_bias: bool = True
