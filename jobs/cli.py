@@ -35,7 +35,28 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fmpipe {argv[0]}: error: {_message(e)}\n(run with --debug for the traceback)", file=sys.stderr)
         return FAILED
+    except store_unreachable() as e:
+        if debug:
+            raise
+        print(f"fmpipe {argv[0]}: error: the online store is unreachable ({_message(e)}). Nothing was committed: the "
+              f"last publication keeps serving. Start it (or fix connection_string in feature_store.yaml) and re-run "
+              f"the same command.\n(run with --debug for the traceback)", file=sys.stderr)
+        return FAILED
     return 0
+
+
+def store_unreachable() -> tuple[type[BaseException], ...]:
+    """A network online store (Redis) that is down or unreachable: an operator fixes that, not the code.
+
+    Why apart from :func:`expected_errors`: redis-py's errors are not ``OSError``s, and the message
+    must say what a half-done publish means (nothing committed; the publication commit is one
+    swap in the store, :mod:`jobs.redis_store`)."""
+    try:
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+    except ImportError:
+        return ()
+    return (RedisConnectionError, RedisTimeoutError)
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:

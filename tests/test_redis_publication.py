@@ -214,3 +214,25 @@ def test_an_entity_dropped_from_a_publication_is_deleted(redis_home):
     key = serialize_entity_key(EntityKey(join_keys=["profile_id"], entity_values=[Value(int64_val=10)]), 3)
     assert client.exists(key + PROJECT.encode()) == 0
     assert get_store(paths).project == PROJECT and client.dbsize() == 60 + TITLES + 1
+
+
+def test_an_unreachable_redis_fails_publish_in_one_clear_message(tmp_path, monkeypatch, capsys):
+    """Redis down (nothing listens on the port): ``fmpipe publish`` exits 1 saying the online store is
+    unreachable and that nothing was committed, no traceback; the pointer does not move."""
+    pytest.importorskip("redis", reason="python package redis not installed (pip install -e '.[redis]')")
+    from jobs import cli
+    from jobs.feast_store import FEATURE_REPO
+    repo = tmp_path / "feature_repo"
+    shutil.copytree(FEATURE_REPO, repo, ignore=shutil.ignore_patterns("__pycache__", "data"))
+    yaml = (repo / "feature_store.yaml").read_text()
+    sqlite_block = "online_store:\n  type: sqlite\n  path: ../var/feast/online.db\n"
+    (repo / "feature_store.yaml").write_text(
+        yaml.replace(sqlite_block, f'online_store:\n  type: redis\n  connection_string: "127.0.0.1:{_free_port()}"\n'))
+    monkeypatch.setenv("FMPIPE_FEATURE_REPO", str(repo))
+    monkeypatch.setenv("FMPIPE_HOME", str(tmp_path / "var"))
+    paths = Paths.from_env()
+    write_day(paths, D1, range(0, 20), "m1", 1)
+    assert cli.main(["publish", f"date={D1}", "require_gate=false", "with_index=false"]) == 1
+    err = capsys.readouterr().err
+    assert "online store is unreachable" in err and "Nothing was committed" in err and "Traceback" not in err
+    assert pubs.current(paths) is None
