@@ -164,7 +164,7 @@ def publish_fraction(paths, rows_per_s: float | None) -> dict:
     if db is None or not rows_per_s:
         return {"fraction": None, "why": "online store is not SQLite" if db is None else "no publish rate"}
     with tempfile.TemporaryDirectory() as scratch:
-        raw = raw_sqlite(db, Path(scratch), 0)
+        raw = raw_sqlite(db, Path(scratch))
     return {"ours_rows_per_s": rows_per_s, **raw,
             "fraction": round(rows_per_s / raw["sqlite_raw_rows_per_s"], 3)}
 

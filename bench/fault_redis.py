@@ -44,7 +44,7 @@ def available() -> str | None:
     return None
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -54,7 +54,7 @@ class Server:
     """One ``redis-server`` process with its own data directory (AOF on, fsync on every write)."""
 
     def __init__(self, data: Path):
-        self.data, self.port, self.proc = data, _free_port(), None
+        self.data, self.port, self.proc = data, free_port(), None
         data.mkdir(parents=True, exist_ok=True)
 
     def start(self) -> "Server":
@@ -87,8 +87,9 @@ class Server:
             self.proc.wait(timeout=30)
 
 
-def _repo(root: Path, port: int) -> Path:
-    """A copy of ``feature_repo/`` whose online store is this Redis."""
+def redis_repo(root: Path, port: int) -> Path:
+    """A copy of ``feature_repo/`` at ``root/feature_repo`` whose online store is the Redis on ``port``
+    (also the fixture of ``tests/test_redis_publication.py``)."""
     from jobs.feast_store import FEATURE_REPO
     repo = root / "feature_repo"
     shutil.copytree(FEATURE_REPO, repo, ignore=shutil.ignore_patterns("__pycache__", "data"))
@@ -119,7 +120,7 @@ def _home(root: Path, server: Server):
     """A home with yesterday's and today's embed outputs, on ``server``."""
     from bench.publish import write_day
     from jobs.settings import Paths
-    repo, home = _repo(root, server.port), root / "var"
+    repo, home = redis_repo(root, server.port), root / "var"
     with _env(repo, home):
         paths = Paths.from_env()
         for day, pids, seed in ((Y, PROFILES[0], 1), (T, PROFILES[1], 2)):
@@ -141,7 +142,8 @@ def _current(repo: Path, paths) -> str | None:
 
 
 def state(client) -> dict:
-    """Every key's hash in the live database (the publication marker aside): what readers get."""
+    """Every key's hash in the live database (the publication marker aside): the whole served state,
+    byte for byte -- what readers get."""
     from jobs.redis_store import marker_key
     marker = marker_key("fm_embeddings")
     return {k: client.hgetall(k) for k in client.scan_iter() if k != marker}
@@ -160,13 +162,22 @@ def _reference(root: Path) -> tuple[dict, dict]:
         server.stop()
 
 
-def killed_mid_publish(w, o) -> None:
-    root = Path(tempfile.mkdtemp(prefix="redis-kill-", dir=w.root))
+@contextmanager
+def _scenario(w, prefix: str):
+    """The undisturbed reference states, and a home on its own server with yesterday published."""
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir=w.root))
     server = Server(root / "redis").start()
     try:
         ref_y, ref_t = _reference(root)
         repo, paths = _home(root / "faulty", server)
         _publish(repo, paths, Y)
+        yield root, server, repo, paths, ref_y, ref_t
+    finally:
+        server.stop()
+
+
+def killed_mid_publish(w, o) -> None:
+    with _scenario(w, "redis-kill-") as (root, server, repo, paths, ref_y, ref_t):
         marker = root / "reached"
         env = {**os.environ, "FMPIPE_FEATURE_REPO": str(repo), "FMPIPE_HOME": str(paths.home),
                "FMPIPE_FAILPOINT": "publish.staged_view", "FMPIPE_FAILPOINT_MARKER": str(marker),
@@ -189,17 +200,10 @@ def killed_mid_publish(w, o) -> None:
         o.checks["serves_reference_after_rerun"] = state(server.client()) == ref_t \
             and _current(repo, paths) == T.isoformat()
         o.detail = f"publish exit {proc.returncode}: {lines[0][:200] if lines else ''}"
-    finally:
-        server.stop()
 
 
 def flushed(w, o) -> None:
-    root = Path(tempfile.mkdtemp(prefix="redis-flush-", dir=w.root))
-    server = Server(root / "redis").start()
-    try:
-        _, ref_t = _reference(root)
-        repo, paths = _home(root / "faulty", server)
-        _publish(repo, paths, Y)
+    with _scenario(w, "redis-flush-") as (_, server, repo, paths, _, ref_t):
         _publish(repo, paths, T)
         client = server.client()
         client.flushall()
@@ -208,5 +212,3 @@ def flushed(w, o) -> None:
         o.checks["reseeded_to_the_served_state"] = state(client) == ref_t
         o.checks["pointer_stays_today"] = _current(repo, paths) == T.isoformat()
         o.detail = f"re-run: {r.get('status') or r.get('publication')}"
-    finally:
-        server.stop()

@@ -116,7 +116,7 @@ def stock(home: Path, n: int, dim: int) -> dict:
             "feast_write_to_online_store_rows_per_cpu_s": round(n / w_cpu, 1), "stock_rows": n}
 
 
-def raw_sqlite(db: Path, scratch: Path, n_entities: int) -> dict:
+def raw_sqlite(db: Path, scratch: Path) -> dict:
     """The same bytes as the published profile table, inserted with plain sqlite3 (no Feast, no protobuf)."""
     src = sqlite3.connect(db)
     ddl = src.execute("SELECT sql FROM sqlite_master WHERE name='fm_embeddings_profile_embeddings'").fetchone()[0]
@@ -188,7 +188,7 @@ def main() -> None:
             st = stock(scratch / "stock", m, args.dim)
             print(f"stock: {st}", flush=True)
             os.environ["FMPIPE_HOME"] = str(scratch / "ours")
-            raw = raw_sqlite(scratch / "ours" / "feast" / "online.db", scratch, n)
+            raw = raw_sqlite(scratch / "ours" / "feast" / "online.db", scratch)
             rd = reads(scratch / "ours", n, 300 if args.quick else 1000, 100 if args.quick else 300)
         result.update(st)
         result.update(raw)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -14,20 +13,14 @@ import time
 import numpy as np
 import pytest
 
+from bench.fault_redis import free_port, redis_repo, state
 from jobs import publication as pubs
 from jobs import rollback as rb
 from jobs.online_store import open_online
-from jobs.redis_store import marker_key
 from jobs.settings import Paths
 from test_publish import D1, D2, TITLES, expect, online, run_publish, write_day
 
 PROJECT = "fm_embeddings"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -37,7 +30,7 @@ def redis_server(tmp_path):
     if exe is None:
         pytest.skip("redis-server not installed (Debian: apt-get install redis-server; .ci/run installs it)")
     redis = pytest.importorskip("redis", reason="python package redis not installed (pip install -e '.[redis]')")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path),
                              "--save", "", "--appendonly", "no"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -62,23 +55,11 @@ def redis_server(tmp_path):
 @pytest.fixture
 def redis_home(redis_server, tmp_path, monkeypatch):
     """A copy of feature_repo/ whose yaml says ``type: redis`` and an empty FMPIPE_HOME."""
-    from jobs.feast_store import FEATURE_REPO
     client, port = redis_server
-    repo = tmp_path / "feature_repo"
-    shutil.copytree(FEATURE_REPO, repo, ignore=shutil.ignore_patterns("__pycache__", "data"))
-    yaml = (repo / "feature_store.yaml").read_text()
-    sqlite_block = "online_store:\n  type: sqlite\n  path: ../var/feast/online.db\n"
-    assert sqlite_block in yaml
-    (repo / "feature_store.yaml").write_text(
-        yaml.replace(sqlite_block, f'online_store:\n  type: redis\n  connection_string: "127.0.0.1:{port}"\n'))
+    repo = redis_repo(tmp_path, port)
     monkeypatch.setenv("FMPIPE_FEATURE_REPO", str(repo))
     monkeypatch.setenv("FMPIPE_HOME", str(tmp_path / "var"))
     return {"client": client, "repo": repo, "paths": Paths.from_env()}
-
-
-def state(client) -> dict:
-    """Every live key's hash (the marker aside): the whole served state, byte for byte."""
-    return {k: client.hgetall(k) for k in client.scan_iter() if k != marker_key(PROJECT)}
 
 
 def reconcile(paths: Paths):
@@ -221,13 +202,7 @@ def test_an_unreachable_redis_fails_publish_in_one_clear_message(tmp_path, monke
     unreachable and that nothing was committed, no traceback; the pointer does not move."""
     pytest.importorskip("redis", reason="python package redis not installed (pip install -e '.[redis]')")
     from jobs import cli
-    from jobs.feast_store import FEATURE_REPO
-    repo = tmp_path / "feature_repo"
-    shutil.copytree(FEATURE_REPO, repo, ignore=shutil.ignore_patterns("__pycache__", "data"))
-    yaml = (repo / "feature_store.yaml").read_text()
-    sqlite_block = "online_store:\n  type: sqlite\n  path: ../var/feast/online.db\n"
-    (repo / "feature_store.yaml").write_text(
-        yaml.replace(sqlite_block, f'online_store:\n  type: redis\n  connection_string: "127.0.0.1:{_free_port()}"\n'))
+    repo = redis_repo(tmp_path, free_port())             # nothing listens there
     monkeypatch.setenv("FMPIPE_FEATURE_REPO", str(repo))
     monkeypatch.setenv("FMPIPE_HOME", str(tmp_path / "var"))
     paths = Paths.from_env()
