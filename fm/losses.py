@@ -24,6 +24,8 @@ Targets: only tokens whose action is one of the model's ``target_actions`` -- an
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -53,17 +55,21 @@ def sampling_distribution(n_titles: int, counts: np.ndarray | None, alpha: float
     return q / q.sum()
 
 
-def sampled_softmax(query: torch.Tensor, table: torch.Tensor, tgt: torch.Tensor, neg: torch.Tensor,
-                    log_q: torch.Tensor, bias: torch.Tensor | None = None, seen=None) -> torch.Tensor:
+def sampled_softmax(query: torch.Tensor, table: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
+                    tgt: torch.Tensor, neg: torch.Tensor, log_q: torch.Tensor, bias: torch.Tensor | None = None,
+                    seen=None) -> torch.Tensor:
     """Cross-entropy of each target title against shared negatives ``neg``, logQ-corrected (so it
     estimates the full softmax without its popularity bias), accidental hits masked.
 
-    ``query`` (N, D) states, ``table`` (V, D) title vectors, ``tgt`` (N,) targets, ``log_q`` (V,) the
+    ``query`` (N, D) states, ``table`` (V, D) title vectors -- or a function from unique title ids to
+    their vectors, so only the titles the step touches are computed (the whole catalogue's content
+    projection was a third of a Beauty step) --, ``tgt`` (N,) targets, ``log_q`` (V,) the
     log proposal, ``bias`` (V,) optional per-title bias, ``seen(neg) -> (N, K) bool`` optional mask
     of negatives the row already had (history masking). The one sampled softmax of the project:
     the foundation model's objective and the SASRec control use it alike."""
-    pos = (query * table[tgt]).sum(-1, keepdim=True) - log_q[tgt].unsqueeze(1)
-    negl = query @ table[neg].T - log_q[neg]                                          # (N, K)
+    t_vec, n_vec = title_rows(table, tgt, neg)
+    pos = (query * t_vec).sum(-1, keepdim=True) - log_q[tgt].unsqueeze(1)
+    negl = query @ n_vec.T - log_q[neg]                                               # (N, K)
     if bias is not None:
         pos, negl = pos + bias[tgt].unsqueeze(1), negl + bias[neg]
     negl = negl.masked_fill(neg.unsqueeze(0) == tgt.unsqueeze(1), float("-inf"))
@@ -71,6 +77,16 @@ def sampled_softmax(query: torch.Tensor, table: torch.Tensor, tgt: torch.Tensor,
         negl = negl.masked_fill(seen(neg), float("-inf"))
     logits = torch.cat([pos, negl], dim=1)
     return F.cross_entropy(logits, torch.zeros(len(tgt), dtype=torch.long, device=logits.device))
+
+
+def title_rows(table, tgt: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vectors of ``tgt`` and ``neg`` from a (V, D) table, or from a function called once on the
+    unique ids (so a title drawn twice gets one vector, ID dropout included, as with a whole table)."""
+    if isinstance(table, torch.Tensor):
+        return table[tgt], table[neg]
+    ids, inv = torch.unique(torch.cat([tgt, neg]), return_inverse=True)
+    rows = table(ids)
+    return rows[inv[: len(tgt)]], rows[inv[len(tgt):]]
 
 
 class Objective(torch.nn.Module):
@@ -132,4 +148,4 @@ class Objective(torch.nn.Module):
     def _sampled(self, src, tgt, j, seen, neg, surface=None) -> torch.Tensor:
         """The target against the batch's shared negatives (:func:`sampled_softmax`)."""
         m_ = self.model
-        return sampled_softmax(m_.query(src, j, surface), m_.title.table(), tgt, neg, self.log_q, m_.bias, seen)
+        return sampled_softmax(m_.query(src, j, surface), m_.title, tgt, neg, self.log_q, m_.bias, seen)

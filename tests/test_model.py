@@ -380,3 +380,23 @@ def test_relative_attention_bias_is_causal_and_the_inference_encoder_matches(rel
     for name in want:
         np.testing.assert_allclose(got[name], want[name], atol=2e-5, rtol=1e-4)
     assert "rel_bias" in m.cfg.to_dict() and "rel_bias" not in tiny_model().cfg.to_dict()
+
+
+def test_sampled_softmax_over_the_touched_titles_equals_the_whole_table():
+    """The objective computes only the titles a step touches; loss and gradients are those of the
+    whole-table computation (ID dropout off, where both are deterministic)."""
+    from fm.losses import sampled_softmax
+    m = tiny_model()
+    g = torch.Generator().manual_seed(1)
+    q, tgt = torch.randn(7, 16, generator=g), torch.randint(N_SPECIAL, 30, (7,), generator=g)
+    neg = torch.randint(N_SPECIAL, 30, (12,), generator=g)                 # repeats, and hits on targets
+    log_q = torch.log(torch.full((30,), 1 / 30))
+    grads = []
+    for table in (lambda: m.title.table(), lambda: m.title):
+        m.zero_grad()
+        loss = sampled_softmax(q, table(), tgt, neg, log_q, m.bias)
+        loss.backward()
+        grads.append((loss.detach(), m.title.proj.weight.grad.clone(), m.title.id.weight.grad.clone()))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    assert grads[0][0] > 0
