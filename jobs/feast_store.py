@@ -144,10 +144,16 @@ def _float_list_headers():
 def float_list_values(column: pa.Array | pa.ChunkedArray) -> list:
     """``Value(float_list_val=...)`` protos for a list<float32> column, built from the wire format."""
     from feast.protos.feast.types.Value_pb2 import Value
+    return [Value.FromString(b) for b in float_list_bytes(column)]
+
+
+def float_list_bytes(column: pa.Array | pa.ChunkedArray) -> list[bytes]:
+    """The serialized ``Value(float_list_val=...)`` of each row of a list<float32> column (a null
+    row: ``b""``, the empty ``Value``), laid out from the wire format without building messages."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if arr.type != pa.list_(pa.float32()):
         arr = arr.cast(pa.list_(pa.float32()))
-    parse, header, n = Value.FromString, _float_list_headers(), len(arr)
+    header, n = _float_list_headers(), len(arr)
     offsets = arr.offsets.to_numpy()
     flat = arr.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     lengths = np.diff(offsets)
@@ -157,18 +163,15 @@ def float_list_values(column: pa.Array | pa.ChunkedArray) -> list:
         head = np.frombuffer(header(d), np.uint8)
         mat = np.empty((n, len(head) + 4 * d), np.uint8)
         mat[:, :len(head)] = head
-        mat[:, len(head):] = flat[offsets[0]:offsets[0] + n * d].view(np.uint8).reshape(n, 4 * d)
+        mat[:, len(head):] = flat[offsets[0]:offsets[0] + n * d].astype("<f4", copy=False).view(np.uint8).reshape(n, 4 * d)
         buf, w = mat.tobytes(), mat.shape[1]
-        return [parse(buf[i:i + w]) for i in range(0, n * w, w)]
-    raw = flat.tobytes()
+        return [buf[i:i + w] for i in range(0, n * w, w)]
+    raw = flat.astype("<f4", copy=False).tobytes()
     valid = arr.is_valid().to_numpy(zero_copy_only=False)
     out = []
     for i in range(n):
-        if not valid[i]:
-            out.append(Value())
-            continue
         a, b = int(offsets[i]), int(offsets[i + 1])
-        out.append(parse(header(b - a) + raw[4 * a:4 * b]))
+        out.append(header(b - a) + raw[4 * a:4 * b] if valid[i] else b"")
     return out
 
 

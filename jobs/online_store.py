@@ -275,18 +275,28 @@ def writer_config(store):
 
 
 def write_rows(store, fv, table: pa.Table, batch_rows: int) -> int:
-    """The day's rows through Feast: Feast ``Value`` protos -> the provider's ``online_write_batch``,
-    ``batch_rows`` at a time (one SQLite transaction / one Redis pipeline each), in the table's key order."""
+    """The day's rows, ``batch_rows`` at a time (one SQLite transaction / one Redis pipeline each), in
+    the table's key order. A plain SQLite store gets Feast's rows laid out column-wise and one prepared
+    upsert per batch (:mod:`jobs.sqlite_rows`, the same bytes); any other store goes through Feast's
+    ``Value`` protos and the provider's ``online_write_batch``."""
+    from jobs import sqlite_rows
     from jobs.feast_store import online_rows
     provider, n = store._get_provider(), 0
     conn = getattr(provider.online_store, "_get_conn", None)
-    if getattr(store.config.online_store, "type", "") == "sqlite" and conn is not None:
-        conn(store.config).execute(f"PRAGMA cache_size=-{CACHE_KIB}")      # Feast's own connection
+    direct = sqlite_rows.covers(store) and conn is not None
+    if direct:
+        conn = conn(store.config)                                          # Feast's own connection
+        conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+        name, version = f"{store.project}_{fv.name}", store.config.entity_key_serialization_version
     config = writer_config(store)
     for batch in in_key_order(fv, table).to_batches(max_chunksize=batch_rows):
-        if batch.num_rows:
+        if not batch.num_rows:
+            continue
+        if direct:
+            sqlite_rows.write(conn, name, fv, batch, version)
+        else:
             provider.online_write_batch(config, fv, online_rows(fv, batch), None)
-            n += batch.num_rows
+        n += batch.num_rows
     return n
 
 
@@ -302,6 +312,9 @@ def materialize_rows(store, fv, day: dt.date, source) -> None:
     fv = copy.copy(fv)
     fv.batch_source = FileSource(name=f"{src.name}_unpublished", path=str(source), timestamp_field=src.timestamp_field,
                                  created_timestamp_column=src.created_timestamp_column)
+    for alias in ("data_source", "source"):            # Feast 0.67's compute engine reads these, not batch_source
+        if getattr(fv, alias, None) is src:
+            setattr(fv, alias, fv.batch_source)
     stamp = published_at(day)
     store._get_provider().materialize_single_feature_view(
         config=store.config, feature_view=fv, start_date=stamp - dt.timedelta(hours=1), end_date=stamp,

@@ -15,9 +15,9 @@ How a date is published (``jobs.publish.run``), and why readers never see half a
 1. *Stage.* Each feature view's online state is built in a staging table of the same SQLite
    database (Feast's columns and primary key; for small records stored clustered on that key,
    ``WITHOUT ROWID``, see :meth:`jobs.online_store.OnlineTables.stage_view`; Feast reads and writes it unchanged),
-   rows inserted in key order; the day's rows are written through Feast
-   (``provider.online_write_batch`` with Feast ``Value`` protos, or Feast's own materialize engine
-   with ``method=materialize``), then the rest of the state is copied forward in SQL from the base
+   rows inserted in key order; the day's rows are Feast's row bytes (:mod:`jobs.sqlite_rows`; other
+   stores: ``provider.online_write_batch`` with Feast ``Value`` protos; or Feast's own materialize
+   engine with ``method=materialize``), then the rest of the state is copied forward in SQL from the base
    publication (``INSERT OR IGNORE``: today's rows win; rows older than the view's TTL are dropped).
    The base is the most recently committed publication of an earlier date, so re-running a date
    rebuilds the same state (idempotent), and publishing after a rollback builds on the rolled-back-to

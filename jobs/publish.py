@@ -7,9 +7,10 @@ every published day without a copy and never returns a day that failed the gate 
 Online, the day's complete state is built aside and swapped in atomically with the day's indexes
 (see :mod:`jobs.publication` for the design, rollback and failure behaviour).
 
-``method=write`` (default) writes the day's rows through Feast's provider API
-(``online_write_batch`` with Feast ``Value`` protos, encoded from Arrow in batches of
-``batch_rows``); ``method=materialize`` uses Feast's stock materialization engine for the same
+``method=write`` (default) writes the day's rows in batches of ``batch_rows``: into a plain SQLite
+online store as Feast's own row bytes laid out column-wise with one prepared upsert per batch
+(:mod:`jobs.sqlite_rows`), into any other store through Feast's provider API (``online_write_batch``
+with Feast ``Value`` protos encoded from Arrow); ``method=materialize`` uses Feast's stock materialization engine for the same
 rows, for comparison (``bench/publish.py``). Both are read back with ``get_online_features``.
 The gate's verdict must cover exactly the bytes published (:mod:`jobs.verdict`): data changed
 after validate (a re-embed) or a missing or stale verdict is refused until validate runs again.
@@ -43,8 +44,8 @@ FEATURE_VIEWS = {"profile_embeddings": "profile_embeddings", "title_embeddings":
 class PublishConfig:
     date: str = ""
     require_gate: bool = True          # refuse to publish a date whose validation did not pass
-    method: str = "write"              # write (Feast online_write_batch, fast) | materialize (stock Feast)
-    batch_rows: int = 4096             # rows per online_write_batch call
+    method: str = "write"              # write (Feast's rows written directly, fast) | materialize (stock Feast)
+    batch_rows: int = 4096             # entities per write transaction
     keep: int = 3                      # publications kept restorable (snapshot tables + indexes)
     with_index: bool = True            # build the day's indexes into the publication (else `fmpipe index` does)
     swap: str = "auto"                 # auto | atomic | in_place (SQLite: staged tables; Redis: staged database + SWAPDB)

@@ -117,6 +117,45 @@ def test_online_rows_are_identical_to_feasts_own_conversion(synth):
         assert keys == sorted(keys) and len(set(keys)) == sample.num_rows
 
 
+def test_direct_sqlite_rows_are_byte_identical_to_feasts_online_write_batch(synth):
+    """The publisher writes SQLite rows itself (jobs.sqlite_rows); every stored byte equals what
+    Feast's own online_write_batch stores for the same batch: odd keys, string keys, a null vector."""
+    import copy
+    from jobs import sqlite_rows
+    from jobs.feast_store import get_store, load_definitions, online_rows
+    paths = synth["paths"]
+    store = get_store(paths)
+    store.apply(load_definitions(paths))
+    assert sqlite_rows.covers(store)
+    provider = store._get_provider()
+    conn = provider.online_store._get_conn(store.config)
+    for fv_name, root in (("profile_embeddings", paths.profile_embeddings), ("title_embeddings", paths.title_embeddings)):
+        fv = store.get_feature_view(fv_name)
+        t = pq.read_table(partition(root, D1)).slice(0, 30)
+        if fv_name == "profile_embeddings":
+            t = t.set_column(0, "profile_id", pa.array([-5, 300, 2**40, 0] + list(range(8, 34)), pa.int64()))
+            i = t.schema.get_field_index("emb_layer1_last")
+            t = t.set_column(i, t.schema.field(i), pa.array([None] + t[i].to_pylist()[1:], t.schema.field(i).type))
+        batch = t.combine_chunks().to_batches()[0]
+        ddl = conn.execute("SELECT sql FROM sqlite_master WHERE name=?", (f"{store.project}_{fv_name}",)).fetchone()[0]
+        got = {}
+        for who in ("feast", "ours"):
+            view = copy.copy(fv)
+            view.name = f"{fv_name}_{who}"
+            table = f"{store.project}_{view.name}"
+            conn.execute(f'DROP TABLE IF EXISTS "{table}"')
+            conn.execute(ddl.replace(f'"{store.project}_{fv_name}"', f'"{table}"', 1))
+            if who == "feast":
+                provider.online_write_batch(store.config, view, online_rows(view, batch), None)
+            else:
+                sqlite_rows.write(conn, table, view, batch, store.config.entity_key_serialization_version)
+            got[who] = conn.execute(f'SELECT entity_key, feature_name, value, value_text, event_ts, created_ts '
+                                    f'FROM "{table}" ORDER BY entity_key, feature_name').fetchall()
+            conn.execute(f'DROP TABLE "{table}"')
+        assert len(got["ours"]) == 30 * len(fv.features) and got["ours"] == got["feast"]
+    conn.commit()
+
+
 def test_two_days_publish_incrementally_and_read_back_online(synth):
     paths = synth["paths"]
     r1 = run_publish(paths, D1)
@@ -181,6 +220,23 @@ def test_republishing_a_date_is_idempotent(synth, live_state):
     assert live_state(paths) == before
     mat = run_publish(paths, D2, method="materialize")                   # stock Feast path: same values
     assert live_state(paths) == before and mat["method"] == "materialize"
+
+
+def test_stock_materialize_publishes_a_new_day_as_the_direct_writer_does(tmp_path, monkeypatch, live_state):
+    """``method=materialize`` (Feast's own engine) on days never published before serves the same
+    bytes as the default writer: Feast 0.67 reads the view's ``source``/``data_source``, not only
+    ``batch_source``, and pointing only the latter at the unpublished day read nothing."""
+    states = {}
+    for method in ("write", "materialize"):
+        paths = Paths(tmp_path / method)
+        monkeypatch.setenv("FMPIPE_HOME", str(paths.home))
+        write_day(paths, D1, range(0, 60), "m1", 1)
+        write_day(paths, D2, range(30, 90), "m2", 2)
+        for day in (D1, D2):
+            assert run_publish(paths, day, method=method)["method"] == method
+        states[method] = live_state(paths)
+        assert online(paths, [85])["model_version"] == ["m2"]
+    assert states["write"] == states["materialize"]
 
 
 def test_an_older_date_never_moves_serving_backwards(tmp_path, monkeypatch, live_state):
@@ -248,19 +304,19 @@ def test_online_store_is_in_wal_mode_so_a_writer_never_blocks_feast_readers(tmp_
 
 
 def test_failure_midway_leaves_yesterdays_publication_serving(synth, monkeypatch, live_state):
-    from feast.infra.online_stores.sqlite import SqliteOnlineStore
     from jobs.index import TitleIndex
     paths = synth["paths"]
     run_publish(paths, D2)
     before, pointer = live_state(paths), pubs.current(paths)
-    real, calls = SqliteOnlineStore.online_write_batch, []
+    from jobs import sqlite_rows
+    real, calls = sqlite_rows.write, []
 
-    def flaky(self, config, table, data, progress):
-        calls.append(len(data))
+    def flaky(conn, table, fv, batch, version):
+        calls.append(batch.num_rows)
         if len(calls) > 1:
             raise OSError("disk full (injected)")
-        return real(self, config, table, data, progress)
-    monkeypatch.setattr(SqliteOnlineStore, "online_write_batch", flaky)
+        return real(conn, table, fv, batch, version)
+    monkeypatch.setattr(sqlite_rows, "write", flaky)
     with pytest.raises(OSError, match="injected"):
         run_publish(paths, D3, batch_rows=5)
     monkeypatch.undo()
