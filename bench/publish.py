@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from bench.common import PeakRSS, emit, machine  # noqa: E402
+from bench.common import PeakRSS, emit, machine, provenance  # noqa: E402
 from fm.schema import profile_embedding_schema, title_embedding_schema  # noqa: E402
 from jobs.embed import published_at  # noqa: E402
 from jobs.io import partition  # noqa: E402
@@ -182,7 +182,7 @@ def main() -> None:
     m = args.stock_rows or min(n // 4, 20_000)
     scratch = Path(tempfile.mkdtemp(prefix="fmpipe-bench-publish-"))
     os.environ["FMPIPE_HOME"] = str(scratch / "ours")
-    t0 = time.perf_counter()
+    t0, prov = time.perf_counter(), provenance("bench/publish.py", None)
     try:
         with PeakRSS() as rss:
             result = ours(scratch / "ours", n, args.dim)
@@ -203,7 +203,7 @@ def main() -> None:
                        "dim": args.dim, "layers": len(LAYERS), "fields_per_entity": len(LAYERS) + 1,
                        "data": "synthetic Gaussian vectors (fm.schema.profile_embedding_schema)",
                        "quick": args.quick, "peak_rss_mb": rss.mb, "bench_s": round(time.perf_counter() - t0, 1),
-                       "machine": machine()})
+                       **prov, "machine": prov["machine"], "host": machine()})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     emit(result)
