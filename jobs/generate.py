@@ -115,6 +115,7 @@ class _World:
         self.hour_pref = rng.integers(0, 21, size=n)
         self.locale = rng.choice(LOCALES, size=n, p=np.r_[0.4, np.full(len(LOCALES) - 1, 0.6 / (len(LOCALES) - 1))])
         self.current_show = np.full(n, -1)
+        self.cdfs: dict[tuple, np.ndarray] = {}      # the day's cumulative title distributions (draw)
         self.canvas_aware = cfg.canvas_behaviour
         if self.canvas_aware:                        # drawn after everything else: the default run is unchanged
             self.kids_title = kids_titles(cat["genres"].to_pylist())
@@ -134,6 +135,19 @@ class _World:
         self.dists = {"kids": _normed(kids if kids.sum() > 0 else home), "home": _normed(home),
                       "taste": taste / taste.sum(axis=1, keepdims=True), "adult": adult}
 
+    def draw(self, dist: np.ndarray, key: tuple | None = None) -> int:
+        """``int(rng.choice(len(dist), p=dist))``: the same draw from the same random stream, bit for
+        bit, with the cumulative distribution kept under ``key`` for the rest of the day. Why: numpy
+        rebuilds it on every call, O(titles) per event, which at 20k titles was the generator's whole
+        cost (a 1M-profile day took over 20 minutes)."""
+        cdf = self.cdfs.get(key) if key is not None else None
+        if cdf is None:
+            cdf = dist.cumsum()
+            cdf /= cdf[-1]
+            if key is not None:
+                self.cdfs[key] = cdf
+        return int(cdf.searchsorted(self.rng.random(), side="right"))
+
     def cluster_dist(self, day: dt.date) -> np.ndarray:
         released = self.release <= day
         aff = (self.cluster_genre @ self.title_genre.T) ** 2 * self.popularity * released
@@ -144,7 +158,7 @@ class _World:
         for _ in range(max(1, rng.poisson(self.cfg.sessions_per_day))):
             hour = int((self.hour_pref[p] + rng.normal(0, 2)) % 21)   # sessions end before midnight
             t = dt.datetime(day.year, day.month, day.day, hour, tzinfo=dt.timezone.utc) + dt.timedelta(seconds=int(rng.integers(0, 3600)))
-            device = DEVICES[rng.choice(len(DEVICES), p=self.device_pref[p])]
+            device = DEVICES[self.draw(self.device_pref[p])]
             kids = self.canvas_aware and bool(self.kids_profile[p]) and rng.random() < self.cfg.kids_session
             for _ in range(int(rng.integers(1, 5))):
                 if self.canvas_aware:
@@ -160,7 +174,7 @@ class _World:
         if self.current_show[p] >= 0 and rng.random() < 0.5:       # binge / continue the series
             return t, int(self.current_show[p])
         c = self.clusters[p, 0] if rng.random() < self.cluster_w[p] else self.clusters[p, 1]
-        title = int(rng.choice(dist.shape[1], p=dist[c]))
+        title = self.draw(dist[c], ("cluster", int(c)))
         if self.kind[title] == "show":
             self.current_show[p] = title
         return t, title
@@ -169,30 +183,30 @@ class _World:
         """(title, canvas) with canvas behaviour: the canvas first, then a title from its distribution."""
         rng, d = self.rng, self.dists
         if kids:
-            title, canvas = int(rng.choice(len(d["kids"]), p=d["kids"])), "kids"
+            title, canvas = self.draw(d["kids"], ("kids",)), "kids"
         elif self.current_show[p] >= 0 and rng.random() < 0.5:
             return int(self.current_show[p]), "continue_watching"
         else:
             canvas = BROWSE_CANVASES[int(rng.integers(len(BROWSE_CANVASES)))]
-            title = int(rng.choice(len(d["home"]), p=self._canvas_dist(p, canvas)))
+            title = self.draw(*self._canvas_dist(p, canvas))
         if self.kind[title] == "show" and canvas != "kids":
             self.current_show[p] = title
         self.last_title[p] = title
         return title, canvas
 
-    def _canvas_dist(self, p: int, canvas: str) -> np.ndarray:
-        """Home: popular titles; search: titles sharing the genres of the profile's last title (its
-        current intent); the other rows: the profile's taste cluster."""
+    def _canvas_dist(self, p: int, canvas: str) -> tuple[np.ndarray, tuple | None]:
+        """(distribution, cache key) -- home: popular titles; search: titles sharing the genres of
+        the profile's last title (its current intent); the other rows: the profile's taste cluster."""
         d = self.dists
         if canvas == "home":
-            return d["home"]
+            return d["home"], ("home",)
         if canvas == "search" and self.last_title[p] >= 0:
             overlap = self.title_genre @ self.title_genre[self.last_title[p]]
             w = overlap ** 2 * np.sqrt(self.popularity) * d["adult"]
             if w.sum() > 0:
-                return w / w.sum()
+                return w / w.sum(), None
         c = self.clusters[p, 0] if self.rng.random() < self.cluster_w[p] else self.clusters[p, 1]
-        return d["taste"][c]
+        return d["taste"][c], ("taste", int(c))
 
     def _interaction(self, p: int, title: int, t: dt.datetime, device: str, canvas: str | None = None) -> list[tuple]:
         rng = self.rng
@@ -230,6 +244,7 @@ def _normed(w: np.ndarray) -> np.ndarray:
 
 def _day_table(world: _World, day: dt.date, cfg: GenerateConfig, rng: np.random.Generator) -> pa.Table:
     dist = world.cluster_dist(day)
+    world.cdfs.clear()                            # the day's distributions are new
     if world.canvas_aware:
         world.start_day(day, dist)
     active = np.flatnonzero(rng.random(cfg.profiles) < cfg.active_prob)

@@ -211,3 +211,17 @@ def test_rerun_of_a_date_older_than_every_kept_state_rebuilds_it_and_keeps_it(sp
     assert all(pq.read_table(partition(home.history, d)).equals(t) for d, t in newer.items())
     tokenize.run(tokenize.TokenizeConfig(date=days[5].isoformat(), history_len=20), home, spark)
     assert sorted(p.name for p in home.history.glob("dt=*")) == [f"dt={d}" for d in days[3:6]]
+
+
+def test_the_generators_cached_draw_is_numpys_choice_bit_for_bit():
+    """jobs.generate draws titles from day-cached cumulative distributions; the world it writes must
+    stay the one numpy's ``choice`` gives for the same seed (every generated benchmark depends on it)."""
+    import numpy as np
+    from jobs import generate
+    world = generate._World.__new__(generate._World)
+    world.cdfs, world.rng = {}, np.random.default_rng(5)
+    ref = np.random.default_rng(5)
+    dists = [w / w.sum() for w in np.random.default_rng(0).random((3, 20_000)) ** 4]
+    got = [world.draw(dists[i % 3], ("k", i % 3) if i % 2 else None) for i in range(3000)]
+    want = [int(ref.choice(20_000, p=dists[i % 3])) for i in range(3000)]
+    assert got == want and len(world.cdfs) == 3 and world.rng.random() == ref.random()
