@@ -47,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--work", default=str(Path(_HERE) / ".work" / "daily"))
     ap.add_argument("--out", default=str(Path(_HERE) / "results"))
     a = ap.parse_args(argv)
+    if a.days < 3:
+        ap.error(f"--days {a.days}: at least 3 (the days before the last two are the history the measured days build on)")
     if a.quick:
         a.profiles, a.titles = 10_000, 1_000
     return a
