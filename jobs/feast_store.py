@@ -196,14 +196,28 @@ def scalar_values(column: pa.Array | pa.ChunkedArray, value_type) -> list:
     return out
 
 
+def entity_key_protos(fv, batch: pa.RecordBatch | pa.Table) -> list:
+    """Feast ``EntityKey`` protos of the rows' join keys, as Feast's own conversion builds them."""
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    names = [c.name for c in fv.entity_columns]
+    keys = [scalar_values(batch.column(c.name), c.dtype.to_value_type()) for c in fv.entity_columns]
+    return [EntityKey(join_keys=names, entity_values=list(vs)) for vs in zip(*keys)]
+
+
+def naive_utc(column: pa.Array | pa.ChunkedArray) -> list[dt.datetime]:
+    """A timestamp column as naive UTC datetimes (what Feast's conversion hands the online store);
+    rows with the same instant share one object."""
+    us = column.cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()).to_numpy(zero_copy_only=False)
+    base, cache = dt.datetime(1970, 1, 1), {}
+    return [cache.setdefault(int(u), base + dt.timedelta(microseconds=int(u))) for u in us]
+
+
 def online_rows(fv, batch: pa.RecordBatch | pa.Table) -> list:
     """Rows for ``provider.online_write_batch`` from an Arrow batch: same as Feast's conversion."""
-    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
     from feast.types import Array, Float32
 
     if isinstance(batch, pa.Table):
         batch = batch.combine_chunks()
-    join = [(c.name, c.dtype.to_value_type()) for c in fv.entity_columns]
     values: dict[str, list] = {}
     for field in fv.features:
         col = batch.column(field.name)
@@ -211,23 +225,10 @@ def online_rows(fv, batch: pa.RecordBatch | pa.Table) -> list:
             values[field.name] = float_list_values(col)
         else:
             values[field.name] = scalar_values(col, field.dtype.to_value_type())
-    keys = {name: scalar_values(batch.column(name), vt) for name, vt in join}
-    names = [n for n, _ in join]
-    if len(names) == 1:
-        entity_keys = [EntityKey(join_keys=names, entity_values=[v]) for v in keys[names[0]]]
-    else:
-        entity_keys = [EntityKey(join_keys=names, entity_values=list(vs)) for vs in zip(*(keys[n] for n in names))]
-    ts_col = batch.column(fv.batch_source.timestamp_field).cast(pa.timestamp("us", tz="UTC"))
-    epoch_us = ts_col.cast(pa.int64()).to_numpy(zero_copy_only=False)
-    base = dt.datetime(1970, 1, 1)
-    stamp_cache: dict[int, dt.datetime] = {}
-    stamps = [stamp_cache.setdefault(int(u), base + dt.timedelta(microseconds=int(u))) for u in epoch_us]
+    entity_keys = entity_key_protos(fv, batch)
+    stamps = naive_utc(batch.column(fv.batch_source.timestamp_field))
     created_field = fv.batch_source.created_timestamp_column
-    if created_field:
-        c_us = batch.column(created_field).cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()).to_numpy(zero_copy_only=False)
-        created = [base + dt.timedelta(microseconds=int(u)) for u in c_us]
-    else:
-        created = [None] * batch.num_rows
+    created = naive_utc(batch.column(created_field)) if created_field else [None] * batch.num_rows
     feature_names = list(values)
     columns = [values[n] for n in feature_names]
     return [(ek, dict(zip(feature_names, vals)), ts, cr)

@@ -253,8 +253,8 @@ def in_key_order(fv, table: pa.Table) -> pa.Table:
         order = np.lexsort(tuple(b[:, i] for i in range(7, -1, -1)))
     else:
         from feast.infra.key_encoding_utils import serialize_entity_key
-        from jobs.feast_store import online_rows
-        keys = [serialize_entity_key(r[0], 3) for r in online_rows(fv, table)]
+        from jobs.feast_store import entity_key_protos
+        keys = [serialize_entity_key(k, 3) for k in entity_key_protos(fv, table)]
         order = np.array(sorted(range(len(keys)), key=keys.__getitem__), dtype=np.int64)
     return table.take(pa.array(order))
 
@@ -282,10 +282,10 @@ def write_rows(store, fv, table: pa.Table, batch_rows: int) -> int:
     from jobs import sqlite_rows
     from jobs.feast_store import online_rows
     provider, n = store._get_provider(), 0
-    conn = getattr(provider.online_store, "_get_conn", None)
-    direct = sqlite_rows.covers(store) and conn is not None
+    get_conn = getattr(provider.online_store, "_get_conn", None)
+    direct = sqlite_rows.covers(store) and get_conn is not None
     if direct:
-        conn = conn(store.config)                                          # Feast's own connection
+        conn = get_conn(store.config)                                      # Feast's own connection
         conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         name, version = f"{store.project}_{fv.name}", store.config.entity_key_serialization_version
     config = writer_config(store)

@@ -16,7 +16,6 @@ OpenAI-compatible SQLite store, versioned online tables) keep Feast's path (:fun
 """
 from __future__ import annotations
 
-import datetime as dt
 import sqlite3
 
 import numpy as np
@@ -44,20 +43,20 @@ def entity_keys(fv, batch: pa.RecordBatch, version: int) -> list[bytes]:
     from feast.infra.key_encoding_utils import serialize_entity_key
     from feast.protos.feast.types.EntityKey_pb2 import EntityKey
     from feast.protos.feast.types.Value_pb2 import Value
+    from jobs.feast_store import entity_key_protos
     names = [c.name for c in fv.entity_columns]
     n = batch.num_rows
 
-    def feast_key(i: int) -> bytes:
-        vals = [_entity_value(batch.column(k)[i].as_py(), c) for k, c in zip(names, fv.entity_columns)]
-        return serialize_entity_key(EntityKey(join_keys=names, entity_values=vals), version)
+    def feast_keys(rows: pa.RecordBatch) -> list[bytes]:
+        return [serialize_entity_key(k, version) for k in entity_key_protos(fv, rows)]
 
     col = batch.column(names[0]) if len(names) == 1 else None
     if col is None or col.type != pa.int64() or col.null_count or not n:
-        return [feast_key(i) for i in range(n)]
+        return feast_keys(batch)
     probe = [serialize_entity_key(EntityKey(join_keys=names, entity_values=[Value(int64_val=v)]), version) for v in (0, 1)]
     prefix = probe[0][:-8]
     if probe[1] != prefix + (1).to_bytes(8, "little") or probe[0] != prefix + bytes(8):
-        return [feast_key(i) for i in range(n)]               # another key layout: Feast's serializer
+        return feast_keys(batch)                              # another key layout: Feast's serializer
     head = np.frombuffer(prefix, np.uint8)
     mat = np.empty((n, len(head) + 8), np.uint8)
     mat[:, :len(head)] = head
@@ -65,14 +64,9 @@ def entity_keys(fv, batch: pa.RecordBatch, version: int) -> list[bytes]:
     buf, w = mat.tobytes(), mat.shape[1]
     keys = [buf[i:i + w] for i in range(0, n * w, w)]
     for i in {0, n - 1}:
-        if keys[i] != feast_key(i):
+        if keys[i] != feast_keys(batch.slice(i, 1))[0]:
             raise AssertionError(f"entity key layout differs from Feast's at row {i} of {fv.name}")
     return keys
-
-
-def _entity_value(v, column):
-    from feast.type_map import python_values_to_proto_values
-    return python_values_to_proto_values([v], column.dtype.to_value_type())[0]
 
 
 def cells(field, column: pa.Array) -> tuple[list, list]:
@@ -91,13 +85,12 @@ def cells(field, column: pa.Array) -> tuple[list, list]:
 def stamps(column: pa.Array | None, n: int) -> list:
     """A timestamp column as Feast's SQLite adapter stores it (naive UTC -> integer epoch seconds)."""
     from feast.infra.online_stores.sqlite import adapt_datetime_epoch
+    from jobs.feast_store import naive_utc
     if column is None:
         return [None] * n
-    us = column.cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()).to_numpy(zero_copy_only=False)
-    distinct, inverse = np.unique(us, return_inverse=True)
-    base = dt.datetime(1970, 1, 1)
-    adapted = [adapt_datetime_epoch(base + dt.timedelta(microseconds=int(u))) for u in distinct]
-    return [adapted[i] for i in inverse]
+    naive = naive_utc(column)
+    epoch = {t: adapt_datetime_epoch(t) for t in set(naive)}
+    return [epoch[t] for t in naive]
 
 
 def rows(fv, batch: pa.RecordBatch, version: int) -> list[tuple]:
