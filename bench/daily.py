@@ -24,6 +24,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 sys.path.insert(0, os.path.dirname(_HERE))
 
 import argparse  # noqa: E402
+import hashlib  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
@@ -33,6 +34,7 @@ import psutil  # noqa: E402
 
 from bench.common import PeakRSS, emit  # noqa: E402
 
+MODEL_SHAPE = ("d_model", "n_layers", "n_heads", "max_len")
 STEPS = ("check_raw", "tokenize", "embed", "validate", "publish", "index", "report")
 
 
@@ -43,7 +45,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--titles", type=int, default=5_000)
     ap.add_argument("--days", type=int, default=4, help="generated days (the last two are measured)")
     ap.add_argument("--sessions", type=float, default=1.2, help="sessions per active profile and day")
-    ap.add_argument("--train-budget-s", type=float, default=60.0)
+    ap.add_argument("--train-budget-s", type=float, default=None,
+                    help="set-up training, wall seconds (default 60 s per 100k profiles, at least 60)")
+    ap.add_argument("--worlds", default=str(Path(_HERE) / ".work" / "worlds"),
+                    help="cache of generated worlds, keyed by the generator's config ('' : always generate)")
     ap.add_argument("--work", default=str(Path(_HERE) / ".work" / "daily"))
     ap.add_argument("--out", default=str(Path(_HERE) / "results"))
     a = ap.parse_args(argv)
@@ -96,19 +101,49 @@ def measured(fn) -> tuple[object, dict]:
                  "peak_rss_mb": rss.mb, "written_mb": round((w1 - w0) / 2**20, 1)}
 
 
+def world(args, paths) -> dict:
+    """Generate the world into the run's home, or copy it from the cache of worlds generated with
+    the same ``GenerateConfig`` (the generator is deterministic for a config: a 1M-profile world
+    takes ~30 min of Python to generate, and it is set-up, not part of the daily figures)."""
+    from dataclasses import asdict
+
+    from jobs import generate
+    cfg = generate.GenerateConfig(days=args.days, profiles=args.profiles, titles=args.titles,
+                                  sessions_per_day=args.sessions, malformed_per_day=5)
+    key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+    cache = Path(args.worlds) / key if args.worlds else None
+    made = cache / "world.json" if cache else None
+    if made is not None and made.exists():
+        shutil.copytree(cache / "raw", paths.raw)
+        shutil.copytree(cache / "catalogue", paths.catalogue.parent)
+        return {**json.loads(made.read_text())["generate"], "reused_from": str(cache)}
+    _, gen = measured(lambda: generate.run(cfg, paths))
+    if cache is not None:
+        tmp = cache.with_name(cache.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(paths.raw, tmp / "raw")
+        shutil.copytree(paths.catalogue.parent, tmp / "catalogue")
+        (tmp / "world.json").write_text(json.dumps({"config": asdict(cfg), "generate": gen}, indent=1))
+        shutil.rmtree(cache, ignore_errors=True)
+        tmp.rename(cache)
+    return gen
+
+
 def setup(args, paths) -> tuple[list[str], dict]:
-    """Generate the world, backfill history up to the day before the measured days, train."""
-    from jobs import generate, tokenize, train
+    """World, backfill of history up to the day before the measured days, a short training."""
+    from jobs import tokenize, train
     if paths.home.exists():
         shutil.rmtree(paths.home)
     paths.home.mkdir(parents=True)
-    cfg = generate.GenerateConfig(days=args.days, profiles=args.profiles, titles=args.titles,
-                                  sessions_per_day=args.sessions, malformed_per_day=5)
-    _, gen = measured(lambda: generate.run(cfg, paths))
+    gen = world(args, paths)
     days = sorted(p.name[3:] for p in paths.raw.glob("dt=*"))
+    budget = args.train_budget_s or max(60.0, 60.0 * args.profiles / 100_000)
     _, tok = measured(lambda: tokenize.run(tokenize.TokenizeConfig(date=days[-3], full=True), paths))
-    _, trn = measured(lambda: train.run(train.TrainJobConfig(date=days[-3], time_budget_s=args.train_budget_s,
-                                                             clock="wall", promote="always"), paths))
+    out, trn = measured(lambda: train.run(train.TrainJobConfig(date=days[-3], time_budget_s=budget,
+                                                               clock="wall", promote="always"), paths))
+    model = json.loads((Path(out["path"]) / "config.json").read_text())
+    trn.update(budget_wall_s=budget, model_version=out["model_version"], n_params=out["n_params"],
+               epochs=out.get("epochs"), shape={k: model["model_config"].get(k) for k in MODEL_SHAPE})
     return days[-2:], {"generate": gen, "backfill_tokenize": tok, "train": trn}
 
 
@@ -195,6 +230,7 @@ def main(argv=None) -> dict:
     day2 = per_day[days[-1]]
     res["summary"] = {
         "profiles": args.profiles, "events": day2["tokenize"].get("raw_events"),
+        "model": {k: prep["train"].get(k) for k in ("model_version", "shape", "n_params", "epochs")},
         "day2_wall_s": res["day_wall_s"][days[-1]],
         "peak_rss_gib": round(max(m["peak_rss_mb"] for m in day2.values()) / 1024, 2),
         "steps": {k: {"wall_s": m["wall_s"], "cpu_s": m["cpu_s"]} for k, m in day2.items()},
@@ -215,7 +251,9 @@ def write(res: dict, args) -> None:
              f"- command: `{res['command']}`; commit `{res['commit']}`",
              f"- machine: {res['machine']}; load {res['loadavg_start']} → {res['loadavg_end']}; anchor (fixed "
              f"single-thread matmul) {res['anchor_s'][0]} s at start, {res['anchor_s'][1]} s at end",
-             "- setup (not part of the daily figures): " + ", ".join(f"{k} {v['wall_s']} s" for k, v in res["setup"].items()),
+             "- setup (not part of the daily figures): " + ", ".join(
+                 f"{k} {v['wall_s']} s" + (f" (copied from {v['reused_from']})" if v.get("reused_from") else "")
+                 for k, v in res["setup"].items()),
              ""]
     for day, steps in res["days"].items():
         tok = steps["tokenize"]

@@ -197,6 +197,19 @@ def test_norms_outside_the_learned_range_are_caught_though_inside_the_static_bou
     assert gate(home)["success"]                                  # no reference: the static bounds pass it
 
 
+def test_a_title_norm_outlier_is_tolerated_only_below_a_tenth_of_a_percent(home):
+    """One title in 40 (2.5%) scaled 5x fails; the same share passes where the threshold allows it."""
+    f = partition(home.title_embeddings, D2) / "part-0.parquet"
+    t = pq.read_table(f)
+    m = np.asarray(t["title_embedding"].combine_chunks().flatten().to_numpy(), np.float64).reshape(t.num_rows, DIM)
+    m[3] *= 5
+    pq.write_table(t.set_column(t.schema.get_field_index("title_embedding"), "title_embedding", _vectors(m)), f)
+    _fails(home, r"\[title_embeddings\] expect_column_values_to_be_between on column title_embedding__norm: observed "
+                 r"unexpected_rows=1, of_rows=40, unexpected_percent=2\.5; threshold min_value=[0-9.]+, "
+                 r"max_value=[0-9.]+, mostly=0\.999")
+    assert gate(home, thresholds=("title_embeddings.norm_mostly=0.97",))["success"]
+
+
 def test_a_shift_of_the_norm_distribution_is_caught(home):
     mutate_profiles(home, lambda m: m * 1.8)
     _fails(home, r"expect_column_median_to_be_between on column emb_layer2_last__norm: observed [0-9.]+; "
