@@ -4,12 +4,14 @@ A seeded 20% of the movies is held out of training entirely (``fmpipe train hold
 the rest at the defaults). The test users whose next movie is a held-out one ("cold users") are
 ranked over **all** movies (the protocol of ``fm/protocol.py``), with:
 
-* five ways to serve a title that was never trained (``CANDIDATES``): ``fm_ridge`` (ID vector and
+* ways to serve a title that was never trained (``CANDIDATES``): ``fm_ridge`` (ID vector and
   bias predicted from content by a ridge map fitted on the trained titles, ``fm.model.
   regress_cold_titles``), ``fm_ridge_median_bias`` (the same vector, the median trained bias),
   ``fm_neighbours`` (vector and bias of the 20 nearest trained titles by content cosine,
   ``fm.model.impute_cold_titles``), ``fm_content`` (the content projection alone, the path ID
-  dropout trains; bias untrained) and ``fm_content_median_bias``. One is chosen on the
+  dropout trains; bias 0) and ``fm_content_bias_qNN`` (the same with the bias at the NN-th
+  percentile of the trained titles' biases, ``cold_bias_quantile``: a calibration offset that trades
+  cold titles' rank against warm ones'). One is chosen on the
   **validation** users (second-last event held out) before test is read: the best cold HR@50 among
   those whose warm validation NDCG@10 is within 1% of the best (``choose``);
 * ``reference``: a model trained on every movie, same budget and seed (what the cold users would get
@@ -35,7 +37,7 @@ from fm import checkpoint
 from fm import protocol as P
 from fm.content_knn import content_knn_scores, title_tfidf
 from fm.evaluate import as_cold, content_only, regressed
-from fm.model import impute_cold_titles
+from fm.model import impute_cold_titles, serve_cold_titles
 from fm.schema import N_SPECIAL
 from jobs import evaluate as ev
 from jobs import train as train_job
@@ -75,8 +77,20 @@ CANDIDATES = {
     "ridge_median_bias": lambda m, held: _median_bias(regressed(m, held), held),
     "neighbours": lambda m, held: _imputed(m, held),                         # nearest trained titles by content
     "content": lambda m, held: content_only(m, held),                        # the content projection ID dropout trains
-    "content_median_bias": lambda m, held: _median_bias(content_only(m, held), held),
 }
+
+
+def _content_bias(q: float):
+    """The content projection with the bias at the ``q`` quantile of the trained titles' biases:
+    what serving gives a new title with ``cold_titles=content cold_bias_quantile=q``."""
+    def fill(m, cold, trained) -> None:
+        m.cfg.cold_titles, m.cfg.cold_bias_quantile = "content", q
+        serve_cold_titles(m, cold, trained)
+    return lambda m, held: as_cold(m, held, fill)
+
+
+BIAS_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+CANDIDATES.update({f"content_bias_q{round(q * 100):02d}": _content_bias(q) for q in BIAS_QUANTILES})
 
 
 def choose(valid: dict[str, dict], warm_valid: dict[str, dict], tolerance: float = 0.01) -> str:
@@ -184,5 +198,7 @@ def _section(recs: list[dict]) -> tuple[list[str], dict]:
     summary["seeds"] = len(recs)
     lines += ["", f"Against the goals: {summary}", "", "### Runs", ""]
     lines += [f"- seed {r['seed']}: commit `{r['commit']}`, `{r['command']}`, {r['machine']}, load "
-              f"{r['loadavg_start']} → {r['loadavg_end']}, wall {r['wall_s']:.0f} s" for r in recs]
+              f"{r['loadavg_start']} → {r['loadavg_end']}, wall {r['wall_s']:.0f} s"
+              + (f"; models re-scored, trained at commit `{r['models_trained_by']['commit']}` by "
+                 f"`{r['models_trained_by']['command']}`" if r.get("models_trained_by") else "") for r in recs]
     return lines + [""], summary

@@ -350,12 +350,16 @@ def main(argv=None) -> dict:
             for seed in ([0] if part == "popularity" else args.seeds):
                 rec = {"part": part, "seed": seed, "budget_s": args.budget_s, "clock": args.clock,
                        "threads": args.threads, "converged_cap_s": args.converged_cap_s, **provenance(argv)}
+                f = part_file(args, part, seed)
+                if args.rescore and part == "cold_start":     # the models come from the former run: say whose
+                    old = json.loads(f.read_text())
+                    rec["models_trained_by"] = old.get("models_trained_by") or {
+                        k: old.get(k) for k in ("commit", "command", "machine", "budget_s", "clock")}
                 t = time.perf_counter()
                 print(f"== {part} seed {seed}", file=sys.stderr)
                 rec["result"] = run_part(part, args, seed)
                 rec["wall_s"] = round(time.perf_counter() - t, 1)
                 rec["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-                f = part_file(args, part, seed)
                 f.parent.mkdir(parents=True, exist_ok=True)
                 f.write_text(json.dumps(rec, indent=1, default=str))
     res = merge(args)

@@ -78,6 +78,11 @@ class ModelConfig:
     # map from content predicts) or "neighbours" (the nearest trained titles by content). Chosen on
     # cold validation users (bench/cold_start.py: content 0.155 HR@50 vs ridge 0.032, neighbours 0.054).
     cold_titles: str = "content"
+    # Calibration of a never-trained title's score (``cold_titles="content"``): its bias is this
+    # quantile of the trained titles' biases, so a new title ranks as a title of that popularity
+    # would, not as one of bias 0 (whose rank depends on where 0 falls among trained biases). None:
+    # bias 0 (old checkpoints load unchanged). Chosen on cold validation users (bench/cold_start.py).
+    cold_bias_quantile: float | None = None
     # Relative attention bias (HSTU-style), learned per layer and head and added to the attention
     # logits: "pos" over log-bucketed distances in events, "time" over log2-bucketed time between
     # the two events (from the ``gap`` field), "pos_time" both. "none": plain causal attention.
@@ -92,6 +97,8 @@ class ModelConfig:
             raise ValueError(f"rel_bias={self.rel_bias!r}: expected one of {', '.join(REL_BIAS)}")
         if self.cold_titles not in COLD_TITLES:
             raise ValueError(f"cold_titles={self.cold_titles!r}: expected one of {', '.join(COLD_TITLES)}")
+        if self.cold_bias_quantile is not None and not 0.0 <= self.cold_bias_quantile <= 1.0:
+            raise ValueError(f"cold_bias_quantile must be in [0, 1] or None, got {self.cold_bias_quantile}")
         if not 0.0 <= self.id_dropout < 1.0:
             raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
         self.surfaces = tuple(self.surfaces)
@@ -441,7 +448,8 @@ def regress_cold_titles(model: FoundationModel, cold: torch.Tensor, trained: tor
 @torch.no_grad()
 def serve_cold_titles(model: FoundationModel, cold: torch.Tensor, trained: torch.Tensor) -> None:
     """Give never-trained titles (``cold``) what ``model.cfg.cold_titles`` says: the content
-    projection alone (ID row and bias zero), the ridge prediction, or the neighbours' mean."""
+    projection alone (ID row zero; bias 0 or ``cfg.cold_bias_quantile`` of the trained titles'
+    biases), the ridge prediction, or the neighbours' mean."""
     method = getattr(model.cfg, "cold_titles", "content")
     if method == "ridge":
         regress_cold_titles(model, cold, trained)
@@ -450,7 +458,17 @@ def serve_cold_titles(model: FoundationModel, cold: torch.Tensor, trained: torch
     else:
         model.title.id.weight[cold] = 0.0
         if model.bias is not None:
-            model.bias[cold] = 0.0
+            model.bias[cold] = cold_bias(model, trained)
+
+
+@torch.no_grad()
+def cold_bias(model: FoundationModel, trained: torch.Tensor) -> torch.Tensor:
+    """The bias a never-trained title gets under ``cold_titles="content"``: the
+    ``cfg.cold_bias_quantile`` quantile of the ``trained`` titles' biases (bool mask), or 0."""
+    q = getattr(model.cfg, "cold_bias_quantile", None)
+    if q is None or not bool(trained.any()):
+        return model.bias.new_zeros(())
+    return torch.quantile(model.bias[trained].float(), q).to(model.bias.dtype)
 
 
 @torch.no_grad()

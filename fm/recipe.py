@@ -72,6 +72,8 @@ class Recipe:
     zero_fields: bool = True
     id_dropout: float = 0.1            # cold start: content alone must carry a title (bench/results/cold_start_previous_harness.md)
     exposure_gate: bool = False        # ID part scaled by a learned gate of log(1 + interactions) (fm.model)
+    cold_titles: str = "content"       # how a never-trained title is served: content | ridge | neighbours (fm.model)
+    cold_bias_quantile: float | None = None  # content: its bias, this quantile of trained biases (None: 0)
     surfaces: str = ""                 # "home,search,kids": canvas-conditioned queries (fm.model); "" = off
     rel_bias: str = "pos"              # relative attention bias: none | pos | time | pos_time (fm.model.RelativeBias)
     target_canvases: str = ""          # "kids": only next events on these canvases are title targets (a
@@ -133,6 +135,7 @@ def model_config(r: Recipe, n_titles: int, target_actions: tuple[str, ...], cont
                        n_heads=r.n_heads, max_len=r.max_len, dropout=r.dropout, mtp_k=r.mtp_k,
                        use_content=r.use_content, emb_norm=r.emb_norm, title_bias=r.title_bias,
                        detach_heads=r.detach_heads, id_dropout=r.id_dropout, exposure_gate=r.exposure_gate,
+                       cold_titles=r.cold_titles, cold_bias_quantile=r.cold_bias_quantile,
                        surfaces=surface_names(r.surfaces), rel_bias=r.rel_bias,
                        target_canvases=surface_names(r.target_canvases),
                        w_mtp=r.w_mtp,

@@ -267,6 +267,21 @@ def test_cold_titles_are_calibrated_from_content():
     assert torch.isclose(m.bias[195], m.bias[7], atol=1e-4)
 
 
+def test_a_new_titles_bias_is_the_chosen_quantile_of_the_trained_biases():
+    """cold_titles=content: a title added after training gets a zero ID row and the configured
+    quantile of the trained titles' biases (bias 0 when none is configured, as before)."""
+    for q, want in ((None, 0.0), (0.0, 1.0), (0.25, 50.25), (1.0, 198.0)):
+        m = tiny_model(n_titles=200, title_bias=True, cold_bias_quantile=q)
+        with torch.no_grad():
+            m.bias.copy_(torch.arange(200, dtype=m.bias.dtype) - 1.0)      # trained titles 2..199: biases 1..198
+            m.bias[:N_SPECIAL] = -1000.0                                    # specials never count
+        m.grow_titles(torch.randn(3, 8))
+        assert torch.allclose(m.bias[200:], torch.full((3,), want)), (q, m.bias[200:])
+        assert (m.title.id.weight[200:] == 0).all()
+    with pytest.raises(ValueError, match="cold_bias_quantile must be in"):
+        ModelConfig(n_titles=30, cold_bias_quantile=1.5)
+
+
 def test_exposure_gate_mixes_id_and_content_by_interactions_and_survives_growth():
     """A title seen often keeps (nearly) its whole ID; one never seen leans on content; the gate's
     slope and offset are learned; new titles enter with exposure 0 and still get the vector their
