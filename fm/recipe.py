@@ -73,7 +73,8 @@ class Recipe:
     id_dropout: float = 0.1            # cold start: content alone must carry a title (bench/results/cold_start_previous_harness.md)
     exposure_gate: bool = False        # ID part scaled by a learned gate of log(1 + interactions) (fm.model)
     cold_titles: str = "content"       # how a never-trained title is served: content | ridge | neighbours (fm.model)
-    cold_bias_quantile: float | None = None  # content: its bias, this quantile of trained biases (None: 0)
+    cold_bias_quantile: float | None = 0.75  # content: its bias, this quantile of trained biases (None: 0);
+                                             # chosen on pooled cold validation (bench/results/cold_start.md)
     surfaces: str = ""                 # "home,search,kids": canvas-conditioned queries (fm.model); "" = off
     rel_bias: str = "pos"              # relative attention bias: none | pos | time | pos_time (fm.model.RelativeBias)
     target_canvases: str = ""          # "kids": only next events on these canvases are title targets (a
