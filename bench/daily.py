@@ -9,7 +9,8 @@ it read of the state's total (``fm.stream.history_scan``).
 
 What runs is the product: ``jobs.generate``, a ``full`` tokenize backfill and a short ``fmpipe
 train`` to set up (timed, not part of the per-day figures), then for each of the last two days the
-same functions the DAG's tasks call (``jobs.pipeline.check_raw`` ... ``report``). The machine is
+same functions the DAG's tasks call (``jobs.pipeline.check_raw`` ... ``report``), each in a fresh
+Python process as an Airflow task runs (so a step's peak RSS is its own). The machine is
 shared and noisy, so a fixed single-thread matmul is timed at the start and the end (``anchor_s``)
 and each step's wall time is also given in anchor units. Writes ``bench/results/daily[_quick].md``
 / ``.json`` (commit, command, machine, load) and prints one JSON line.
@@ -27,6 +28,7 @@ import argparse  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
+import subprocess  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -51,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="cache of generated worlds, keyed by the generator's config ('' : always generate)")
     ap.add_argument("--work", default=str(Path(_HERE) / ".work" / "daily"))
     ap.add_argument("--out", default=str(Path(_HERE) / "results"))
+    ap.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)      # internal: one step in its own process
+    ap.add_argument("--day", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.days < 3:
         ap.error(f"--days {a.days}: at least 3 (the days before the last two are the history the measured days build on)")
@@ -158,17 +162,32 @@ def history_read(day: str) -> dict:
     return history_scan(partition(Paths.from_env().history, d), d)
 
 
-def run_day(day: str) -> dict:
+def one_step(step: str, day: str) -> dict:
+    """One step of one day in this process, measured (``--step``: what :func:`run_day` runs per task)."""
     from jobs import pipeline
+    result, m = measured(lambda: getattr(pipeline, step)(day))
+    if step == "tokenize":
+        m["raw_events"], m["profiles_active"] = result.get("raw_events"), result.get("profiles_active")
+    if step == "embed":
+        m["history_read"] = history_read(day)
+    if step == "publish":
+        m["profile_rows_per_s"] = result.get("profile_rows_per_s")
+    return m
+
+
+def run_day(day: str) -> dict:
+    """Each step in a fresh Python process, as the DAG's tasks run under Airflow's executors: its
+    peak RSS is that task's (its Spark JVM included), not a long-lived driver's accumulated heap.
+    ``wall_s`` is the whole process (start-up and imports included, as a task pays them)."""
     out = {}
     for step in STEPS:
-        result, m = measured(lambda: getattr(pipeline, step)(day))
-        if step == "tokenize":
-            m["raw_events"], m["profiles_active"] = result.get("raw_events"), result.get("profiles_active")
-        if step == "embed":
-            m["history_read"] = history_read(day)
-        if step == "publish":
-            m["profile_rows_per_s"] = result.get("profile_rows_per_s")
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--step", step, "--day", day],
+                              stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+        if proc.returncode != 0:
+            raise SystemExit(f"daily bench: step {step} of {day} failed (exit {proc.returncode}); its log is above")
+        m = json.loads(proc.stdout.strip().splitlines()[-1])
+        m["wall_in_step_s"], m["wall_s"] = m["wall_s"], round(time.perf_counter() - t0, 2)
         out[step] = m
     return out
 
@@ -208,6 +227,10 @@ def publish_fraction(paths, rows_per_s: float | None) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.step:
+        res = one_step(args.step, args.day)
+        emit(res)
+        return res
     from bench.quality import provenance
     from jobs.settings import Paths
     paths = Paths(Path(args.work) / ("quick" if args.quick else f"p{args.profiles}"))
@@ -246,7 +269,8 @@ def main(argv=None) -> dict:
 def write(res: dict, args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "daily_quick" if args.quick else f"daily_{args.profiles}"
+    size = f"{args.profiles // 1_000_000}m" if args.profiles % 1_000_000 == 0 else str(args.profiles)
+    name = "daily_quick" if args.quick else f"daily_{size}"
     lines = [f"# Daily run at {args.profiles:,} profiles, {args.titles:,} titles", "",
              f"- command: `{res['command']}`; commit `{res['commit']}`",
              f"- machine: {res['machine']}; load {res['loadavg_start']} → {res['loadavg_end']}; anchor (fixed "
