@@ -1,4 +1,5 @@
-"""Cold start on ML-1M: the ``cold_start`` part of ``bench/quality.py`` (``--cold-start-only``).
+"""Cold start: the ``cold_start`` (ML-1M) and ``beauty_cold_start`` (Amazon Beauty: item attributes,
+no text) parts of ``bench/quality.py`` (``--cold-start-only [beauty_cold_start]``).
 
 A seeded 20% of the movies is held out of training entirely (``fmpipe train holdout_titles_frac=0.2``,
 the rest at the defaults). The test users whose next movie is a held-out one ("cold users") are
@@ -46,6 +47,7 @@ from jobs.settings import parse_overrides
 from jobs.vocab import read_vocab, title_ids_by_idx
 
 METRICS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50")
+NAMES = {"ml-1m": "ML-1M", "beauty": "Amazon Beauty"}
 
 
 def _train(args, home, day: str, seed: int, over: dict) -> Path:
@@ -111,10 +113,10 @@ def choose(results: list[dict], tolerance: float = 0.01) -> str:
     return max(ok, key=cold.get) if ok else max(keys, key=warm.get)
 
 
-def run(args, seed: int, prepare, eval_data, previous: dict | None = None) -> dict:
+def run(args, seed: int, prepare, eval_data, previous: dict | None = None, dataset: str = "ml-1m") -> dict:
     """Train the reference and the cold model with the product's path (or, with ``previous``, reuse
     the models a former run saved), then score every variant."""
-    home, day = prepare("ml-1m", args)
+    home, day = prepare(dataset, args)
     over = dict(kv.split("=", 1) for kv in getattr(args, "recipe", []) or [])
     if previous:
         ref_dir, cold_dir = Path(previous["reference"]), Path(previous["cold"])
@@ -126,7 +128,7 @@ def run(args, seed: int, prepare, eval_data, previous: dict | None = None) -> di
     ids = title_ids_by_idx(read_vocab(home))
     index = {t: i for i, t in enumerate(ids) if t is not None}
     held = np.array(sorted(index[t] for t in meta["holdout_titles"]["title_ids"]), np.int64)
-    seqs, cand = eval_data("ml-1m", home, day, args)
+    seqs, cand = eval_data(dataset, home, day, args)
     split = P.leave_one_out(seqs)
     is_cold = lambda es: np.isin(es.targets, held)  # noqa: E731
     max_len = cold.cfg.max_len
@@ -160,7 +162,7 @@ def run(args, seed: int, prepare, eval_data, previous: dict | None = None) -> di
             "recipe_overrides": over, "models": {"reference": str(ref_dir), "cold": str(cold_dir)}}
 
 
-def report(recs: list[dict], out: Path, quick: bool) -> dict:
+def report(recs: list[dict], out: Path, quick: bool, dataset: str = "ml-1m") -> dict:
     """One section per recipe variant (mean ± sd over seeds) into ``cold_start[_quick].md/json``;
     returns the summary of the defaults' runs (or of the first variant)."""
     if not recs:
@@ -169,12 +171,12 @@ def report(recs: list[dict], out: Path, quick: bool) -> dict:
     for r in recs:
         groups.setdefault(json.dumps(r["result"]["recipe_overrides"], sort_keys=True), []).append(r)
     sections = {k: _section(g) for k, g in groups.items()}
-    head = [f"# ML-1M cold start{' (quick smoke run — not a result)' if quick else ''}", "",
+    head = [f"# {NAMES[dataset]} cold start{' (quick smoke run — not a result)' if quick else ''}", "",
             "Method: `bench/cold_start.py` docstring. Goals (issue 13): cold HR@50 ≥ 0.5× reference and "
             "≥ 1.5× content-kNN; warm NDCG@10 within 1% of the reference.", ""]
     lines = head + [line for lines_, _ in sections.values() for line in lines_]
     summary = sections.get("{}", next(iter(sections.values())))[1]
-    suffix = "_quick" if quick else ""
+    suffix = ("" if dataset == "ml-1m" else f"_{dataset}") + ("_quick" if quick else "")
     (out / f"cold_start{suffix}.md").write_text("\n".join(lines) + "\n")
     (out / f"cold_start{suffix}.json").write_text(json.dumps(
         {"summary": summary, "variants": {k: v[1] for k, v in sections.items()}, "runs": recs}, indent=1, default=str))
@@ -188,8 +190,8 @@ def _section(recs: list[dict]) -> tuple[list[str], dict]:
     r0 = res[0]
     chosen = "fm_" + choose(res)
     lines = [f"## Recipe: {r0['recipe_overrides'] or 'defaults'}", "",
-             f"{r0['titles_held_out']} movies held out of training ({recs[0]['result']['recipe_overrides'] or 'defaults'}); "
-             f"{r0['cold_users']} test users whose target is one of them; full ranking over {r0['candidates']} movies; "
+             f"{r0['titles_held_out']} titles held out of training ({recs[0]['result']['recipe_overrides'] or 'defaults'}); "
+             f"{r0['cold_users']} test users whose target is one of them; full ranking over {r0['candidates']} titles; "
              f"seeds {[r['seed'] for r in recs]}; budget {recs[0]['budget_s']:.0f} s {recs[0]['clock']} per model. "
              "", "### Cold users", "", "| variant | HR@10 | NDCG@10 | HR@50 | NDCG@50 |", "|---|---:|---:|---:|---:|"]
     for v in r0["cold"]:

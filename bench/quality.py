@@ -78,7 +78,9 @@ from jobs.vocab import read_vocab, title_ids_by_idx  # noqa: E402
 SASREC = {"model": dict(d_model=64, n_layers=2, n_heads=2, dropout=0.2), "fit": dict(lr=3e-3, batch_size=16)}
 SASREC_MAX_LEN = {"ml-1m": 200, "beauty": 50}
 DATASETS = {"ml-1m": "movielens", "beauty": "beauty"}
-PARTS = ("popularity", "product", "sasrec", "sasrec_converged", "beauty_fm", "beauty_sasrec", "taobao", "cold_start")
+PARTS = ("popularity", "product", "sasrec", "sasrec_converged", "beauty_fm", "beauty_sasrec", "taobao", "cold_start",
+         "beauty_cold_start")
+COLD_START_PARTS = {"cold_start": "ml-1m", "beauty_cold_start": "beauty"}
 # Taobao's behaviours as pipeline actions (a plain `fmpipe import events` mapping, no code)
 TAOBAO_IMPORT = dict(user="user_id", item="item_id", timestamp="timestamp", action="behavior",
                      action_map="pv:play,cart:add_to_list,fav:thumbs_up,buy:complete")
@@ -98,7 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="sasrec_converged: the constant learning rate (RecBole's 1e-3; 3e-3 unscheduled does not learn)")
     ap.add_argument("--converged-cap-s", type=float, default=float("inf"),
                     help="sasrec_converged: stop anyway after this many seconds (then stopped_by says budget)")
-    ap.add_argument("--cold-start-only", action="store_true", help="only the cold_start part (bench/cold_start.py)")
+    ap.add_argument("--cold-start-only", nargs="?", const="cold_start", default=None, choices=("cold_start", "beauty_cold_start"),
+                    help="only a cold-start part (bench/cold_start.py): ML-1M (default) or beauty_cold_start")
     ap.add_argument("--rescore", action="store_true",
                     help="cold_start: re-score the models the part's previous run saved (no training)")
     ap.add_argument("--holdout-frac", type=float, default=0.2, help="cold_start: fraction of movies held out")
@@ -115,7 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = ap.parse_args(argv)
     a.budget_s = a.budget_s if a.budget_s is not None else (30.0 if a.quick else 1800.0)
     a.seeds = [a.seed] if a.seed is not None else [int(s) for s in a.seeds.split(",") if s]
-    a.parts = ["cold_start"] if a.cold_start_only else [p for p in a.only.split(",") if p] or list(PARTS)
+    a.parts = [a.cold_start_only] if a.cold_start_only else [p for p in a.only.split(",") if p] or list(PARTS)
     for p in a.parts:
         if p not in PARTS and not p.startswith(("ablate:", "sasrec:dropout=", "beauty_sasrec:dropout=")):
             ap.error(f"unknown part {p!r}; valid: {', '.join(PARTS)}, ablate:KEY=VALUE, [beauty_]sasrec:dropout=X")
@@ -303,12 +306,12 @@ def run_part(part: str, args, seed: int) -> dict:
         return popularity("ml-1m", args, seed)
     if part == "taobao":
         return taobao(args, seed)
-    if part == "cold_start":
+    if part in COLD_START_PARTS:
         from bench import cold_start
         prev = None
         if args.rescore:                     # score the models a former run saved, without training
             prev = json.loads(part_file(args, part, seed).read_text())["result"]["models"]
-        return cold_start.run(args, seed, prepare, eval_data, prev)
+        return cold_start.run(args, seed, prepare, eval_data, prev, dataset=COLD_START_PARTS[part])
     if part.startswith(("sasrec:", "beauty_sasrec:")):
         base, _, value = part.partition(":dropout=")
         return sasrec("beauty" if base == "beauty_sasrec" else "ml-1m", args, seed, dropout=float(value))
@@ -337,7 +340,7 @@ def provenance(argv) -> dict:
 
 def part_file(args, part: str, seed: int) -> Path:
     name = part.replace(":", "_").replace("=", "-")
-    if part == "cold_start" and args.recipe:
+    if part in COLD_START_PARTS and args.recipe:
         name += "_" + "_".join(kv.replace("=", "-") for kv in args.recipe)
     return Path(args.out) / f"quality{'_quick' if args.quick else ''}" / f"{name}-seed{seed}.json"
 
@@ -351,7 +354,7 @@ def main(argv=None) -> dict:
                 rec = {"part": part, "seed": seed, "budget_s": args.budget_s, "clock": args.clock,
                        "threads": args.threads, "converged_cap_s": args.converged_cap_s, **provenance(argv)}
                 f = part_file(args, part, seed)
-                if args.rescore and part == "cold_start":     # the models come from the former run: say whose
+                if args.rescore and part in COLD_START_PARTS:     # the models come from the former run: say whose
                     old = json.loads(f.read_text())
                     rec["models_trained_by"] = old.get("models_trained_by") or {
                         k: old.get(k) for k in ("commit", "command", "machine", "budget_s", "clock")}

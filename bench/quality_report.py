@@ -56,6 +56,7 @@ def merge(args) -> dict:
         parts.setdefault(rec["part"], []).append(rec)
     from bench import cold_start
     cold = cold_start.report(parts.pop("cold_start", []), Path(args.out), args.quick)
+    cold_beauty = cold_start.report(parts.pop("beauty_cold_start", []), Path(args.out), args.quick, dataset="beauty")
     summary = {}
     for part, recs in parts.items():
         rows = [r["result"] for r in recs]
@@ -65,7 +66,8 @@ def merge(args) -> dict:
             if not math.isnan(mean):
                 s[k], s[f"{k}_sd"] = round(mean, 4), round(sd, 4)
         summary[part] = s
-    res = {"parts": summary, **({"cold_start": cold} if cold else {})}
+    res = {"parts": summary, **({"cold_start": cold} if cold else {}),
+           **({"cold_start_beauty": cold_beauty} if cold_beauty else {})}
     pick = lambda p: {k: summary[p][k] for k in summary[p] if k.startswith(("ndcg@10", "hr@10", "seeds", "train"))} \
         if p in summary else None  # noqa: E731
     res["product"], res["sasrec"], res["sasrec_converged"] = pick("product"), pick(best_variant(summary, "sasrec")), \
