@@ -12,7 +12,8 @@ ranked over **all** movies (the protocol of ``fm/protocol.py``), with:
   ``fm.model.impute_cold_titles``), ``fm_content`` (the content projection alone, the path ID
   dropout trains; bias 0) and ``fm_content_bias_qNN`` (the same with the bias at the NN-th
   percentile of the trained titles' biases, ``cold_bias_quantile``: a calibration offset that trades
-  cold titles' rank against warm ones'). One is chosen on the
+  cold titles' rank against warm ones') and ``fm_content_xS_bias_qNN`` (the projection scaled by S,
+  ``cold_content_scale``: a strong encoder's cold titles otherwise crowd warm ones out). One is chosen on the
   **validation** users (second-last event held out) before test is read: the best cold HR@50 among
   those whose warm validation NDCG@10 is within 1% of the reference's (``choose``: the issue's warm
   goal, read on validation);
@@ -83,17 +84,21 @@ CANDIDATES = {
 }
 
 
-def _content_bias(q: float):
-    """The content projection with the bias at the ``q`` quantile of the trained titles' biases:
-    what serving gives a new title with ``cold_titles=content cold_bias_quantile=q``."""
+def _content_bias(q: float, scale: float = 1.0):
+    """The content projection times ``scale`` with the bias at the ``q`` quantile of the trained
+    titles' biases: what serving gives a new title with ``cold_titles=content
+    cold_bias_quantile=q cold_content_scale=scale``."""
     def fill(m, cold, trained) -> None:
-        m.cfg.cold_titles, m.cfg.cold_bias_quantile = "content", q
+        m.cfg.cold_titles, m.cfg.cold_bias_quantile, m.cfg.cold_content_scale = "content", q, scale
         serve_cold_titles(m, cold, trained)
     return lambda m, held: as_cold(m, held, fill)
 
 
 BIAS_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
+CONTENT_SCALES = (0.5, 0.75)
 CANDIDATES.update({f"content_bias_q{round(q * 100):02d}": _content_bias(q) for q in BIAS_QUANTILES})
+CANDIDATES.update({f"content_x{s:g}_bias_q{round(q * 100):02d}": _content_bias(q, s)
+                   for s in CONTENT_SCALES for q in BIAS_QUANTILES})
 
 
 def choose(results: list[dict], tolerance: float = 0.01) -> str:

@@ -84,6 +84,10 @@ class ModelConfig:
     # would, not as one of bias 0 (whose rank depends on where 0 falls among trained biases). None:
     # bias 0 (old checkpoints load unchanged). Chosen on cold validation users (bench/cold_start.py).
     cold_bias_quantile: float | None = None
+    # ... and its content vector's scale: the title's vector is this times its content projection
+    # (the ID row carries the difference), so a strong content encoder's cold titles do not crowd
+    # warm ones out of rankings. 1.0: the projection as trained (old checkpoints load unchanged).
+    cold_content_scale: float = 1.0
     # Relative attention bias (HSTU-style), learned per layer and head and added to the attention
     # logits: "pos" over log-bucketed distances in events, "time" over log2-bucketed time between
     # the two events (from the ``gap`` field), "pos_time" both. "none": plain causal attention.
@@ -98,6 +102,8 @@ class ModelConfig:
             raise ValueError(f"rel_bias={self.rel_bias!r}: expected one of {', '.join(REL_BIAS)}")
         if self.cold_titles not in COLD_TITLES:
             raise ValueError(f"cold_titles={self.cold_titles!r}: expected one of {', '.join(COLD_TITLES)}")
+        if not 0.0 < self.cold_content_scale <= 1.0:
+            raise ValueError(f"cold_content_scale must be in (0, 1], got {self.cold_content_scale}")
         if self.cold_bias_quantile is not None and not 0.0 <= self.cold_bias_quantile <= 1.0:
             raise ValueError(f"cold_bias_quantile must be in [0, 1] or None, got {self.cold_bias_quantile}")
         if not 0.0 <= self.id_dropout < 1.0:
@@ -449,15 +455,19 @@ def regress_cold_titles(model: FoundationModel, cold: torch.Tensor, trained: tor
 @torch.no_grad()
 def serve_cold_titles(model: FoundationModel, cold: torch.Tensor, trained: torch.Tensor) -> None:
     """Give never-trained titles (``cold``) what ``model.cfg.cold_titles`` says: the content
-    projection alone (ID row zero; bias 0 or ``cfg.cold_bias_quantile`` of the trained titles'
-    biases), the ridge prediction, or the neighbours' mean."""
+    projection alone (times ``cfg.cold_content_scale``, the ID row carrying the difference; bias 0
+    or ``cfg.cold_bias_quantile`` of the trained titles' biases), the ridge prediction, or the
+    neighbours' mean."""
     method = getattr(model.cfg, "cold_titles", "content")
     if method == "ridge":
         regress_cold_titles(model, cold, trained)
     elif method == "neighbours":
         impute_cold_titles(model, cold, trained)
     else:
-        model.title.id.weight[cold] = 0.0
+        t, scale = model.title, getattr(model.cfg, "cold_content_scale", 1.0)
+        t.id.weight[cold] = 0.0
+        if scale != 1.0 and model.cfg.use_content:               # table() = scale x the content projection
+            t.id.weight[cold] = (scale - 1.0) * t.proj(t.content[cold]) / t.id_scale(cold)
         if model.bias is not None:
             model.bias[cold] = cold_bias(model, trained)
 

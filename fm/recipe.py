@@ -75,6 +75,7 @@ class Recipe:
     cold_titles: str = "content"       # how a never-trained title is served: content | ridge | neighbours (fm.model)
     cold_bias_quantile: float | None = 0.75  # content: its bias, this quantile of trained biases (None: 0);
                                              # chosen on pooled cold validation (bench/results/cold_start.md)
+    cold_content_scale: float = 1.0    # content: its vector, this times the content projection (same evidence)
     surfaces: str = ""                 # "home,search,kids": canvas-conditioned queries (fm.model); "" = off
     rel_bias: str = "pos"              # relative attention bias: none | pos | time | pos_time (fm.model.RelativeBias)
     target_canvases: str = ""          # "kids": only next events on these canvases are title targets (a
@@ -137,6 +138,7 @@ def model_config(r: Recipe, n_titles: int, target_actions: tuple[str, ...], cont
                        use_content=r.use_content, emb_norm=r.emb_norm, title_bias=r.title_bias,
                        detach_heads=r.detach_heads, id_dropout=r.id_dropout, exposure_gate=r.exposure_gate,
                        cold_titles=r.cold_titles, cold_bias_quantile=r.cold_bias_quantile,
+                       cold_content_scale=r.cold_content_scale,
                        surfaces=surface_names(r.surfaces), rel_bias=r.rel_bias,
                        target_canvases=surface_names(r.target_canvases),
                        w_mtp=r.w_mtp,

@@ -282,6 +282,17 @@ def test_a_new_titles_bias_is_the_chosen_quantile_of_the_trained_biases():
         ModelConfig(n_titles=30, cold_bias_quantile=1.5)
 
 
+def test_a_new_titles_vector_is_its_content_projection_times_the_configured_scale():
+    m = tiny_model(n_titles=200, cold_content_scale=0.5)
+    old = m.title.table().detach().clone()
+    new_content = torch.randn(3, 8)
+    m.grow_titles(new_content)
+    assert torch.allclose(m.title.table()[200:], 0.5 * m.title.proj(new_content), atol=1e-6)
+    assert torch.equal(m.title.table()[:200], old)                        # trained titles untouched
+    with pytest.raises(ValueError, match="cold_content_scale must be in"):
+        ModelConfig(n_titles=30, cold_content_scale=0.0)
+
+
 def test_exposure_gate_mixes_id_and_content_by_interactions_and_survives_growth():
     """A title seen often keeps (nearly) its whole ID; one never seen leans on content; the gate's
     slope and offset are learned; new titles enter with exposure 0 and still get the vector their
