@@ -110,7 +110,7 @@ def choose(results: list[dict], tolerance: float = 0.01) -> str:
     Results from before the reference was scored on validation keep the choice they made."""
     if any("reference_warm_valid" not in x for x in results):
         return results[0]["calibration_chosen"].removeprefix("fm_")
-    keys = list(results[0]["calibration_valid"])
+    keys = [k for k in results[0]["calibration_valid"] if all(k in x["calibration_valid"] for x in results)]
     warm = {k: float(np.mean([x["calibration_warm_valid"][k]["ndcg@10"] / x["reference_warm_valid"]["ndcg@10"]
                               for x in results])) for k in keys}
     cold = {k: float(np.mean([x["calibration_valid"][k]["hr@50"] for x in results])) for k in keys}
