@@ -183,7 +183,7 @@ def run_day(day: str) -> dict:
     for step in STEPS:
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--step", step, "--day", day],
-                              stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+                              stdout=subprocess.PIPE, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"daily bench: step {step} of {day} failed (exit {proc.returncode}); its log is above")
         m = json.loads(proc.stdout.strip().splitlines()[-1])
