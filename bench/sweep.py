@@ -48,13 +48,14 @@ AXES: dict[str, list] = {
     "n_layers": [1, 2, 3],
     "mtp_k": [1, 2],
     "detach_heads": [True, False],
-    "max_len": [100, 200],
+    "max_len": [100, 200, 400],
     "id_dropout": [0.0, 0.1, 0.3],
     "content_encoder": ["tfidf", "minilm"],
     "content_dim": [64, 256],
     "use_content": [True, False],
     "exposure_gate": [False, True],
     "rel_bias": ["none", "pos", "time", "pos_time"],
+    "ema": [0.0, 0.999],
 }
 
 

@@ -10,6 +10,11 @@ through :func:`fit`.
 * **Validation and the kept checkpoint:** ``validate()`` runs ``n_evals`` times spread over a finite
   budget (after every epoch when the budget is infinite or the schedule constant) and at the end; the weights with the best
   ``select`` metric are the ones kept. ``patience`` validations without a gain stop the run.
+* **Weight average:** with ``ema > 0`` an exponential moving average of the parameters (decay
+  ``ema`` per step, ``torch.optim.swa_utils``) is validated beside the trained weights at every
+  validation, and whichever scores better is a candidate for the kept checkpoint. Why: small
+  batches at a high learning rate leave the weights noisy around the optimum; the average is a
+  better point of the same run at the cost of one extra validation. Validation decides, per run.
 * **Data:** each epoch draws training windows of ``max_len`` events from every row (``window_mode``),
   sorts them by length inside chunks (less padding) and shuffles the batches.
 * **Resumable:** with ``state_dir`` a state (weights, optimizer, RNGs, position, the best weights so
@@ -24,12 +29,14 @@ from __future__ import annotations
 import copy
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from fm import train_state
@@ -53,6 +60,7 @@ class FitConfig:
     seed: int = 0
     device: str = "auto"             # auto | cpu | cuda
     checkpoint_every_s: float = 0.0  # save a resumable state this often (only with a state dir; 0: never)
+    ema: float = 0.0                 # decay of a per-step moving average of the weights, validated beside them (0: off)
     desc: str = "train"
 
     def __post_init__(self) -> None:
@@ -60,6 +68,8 @@ class FitConfig:
             raise ValueError(f"schedule must be 'cosine' or 'constant', not {self.schedule!r}")
         if self.clock not in ("wall", "cpu"):
             raise ValueError(f"clock must be 'wall' or 'cpu', not {self.clock!r}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema must be in [0, 1) (a per-step decay; 0 = off), not {self.ema}")
         if not self.budget_s > 0 or self.max_epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError("budget_s, max_epochs, batch_size and lr must be positive, got "
                              f"{self.budget_s}, {self.max_epochs}, {self.batch_size}, {self.lr}")
@@ -76,6 +86,7 @@ class FitResult:
     best_step: int
     stopped_by: str                   # budget | max_epochs | early_stopping | interrupted
     resumed: bool = False
+    best_weights: str = "trained"     # the kept checkpoint: the trained weights or their moving average ("ema")
     history: list = field(default_factory=list)   # (step, train_s, epoch, valid metrics)
     curve: list = field(default_factory=list)     # (step, loss, parts) every LOG_EVERY steps
 
@@ -141,6 +152,39 @@ def n_batches_per_epoch(lengths: np.ndarray, max_len: int, batch_size: int, mode
     return sum(math.ceil(len(range(c, min(c + batch_size * 32, n))) / batch_size) for c in range(0, n, batch_size * 32))
 
 
+class WeightAverage:
+    """An exponential moving average of a module's trainable parameters (the EMA update of
+    ``torch.optim.swa_utils``), and a way to score the average in place of the trained weights."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.avg = [p.detach().clone() for p in self.params]
+        self._update = get_ema_multi_avg_fn(decay)
+
+    def update(self) -> None:
+        self._update(self.avg, [p.detach() for p in self.params], None)
+
+    @contextmanager
+    def applied(self):
+        """Inside the block the module's parameters hold the average; the trained weights after."""
+        trained = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            torch._foreach_copy_([p.data for p in self.params], self.avg)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_([p.data for p in self.params], trained)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"ema.{i}": a.detach().contiguous().cpu() for i, a in enumerate(self.avg)}
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for i, a in enumerate(self.avg):
+                a.copy_(tensors[f"ema.{i}"])
+
+
 class _Run:
     """The mutable state of one fit: counters, clocks, the best checkpoint, the RNGs."""
 
@@ -152,10 +196,12 @@ class _Run:
         self.epoch_f = 0.0
         self.best: dict | None = None
         self.best_state: dict | None = None
+        self.best_weights = "trained"
         self.since_best = 0
         self.history: list = []
         self.curve: list = []
         self.epoch_rng: dict = self.rng.bit_generator.state
+        self.avg: WeightAverage | None = None
 
     def spent(self) -> float:
         return self.train_s if self.cfg.clock == "wall" else self.train_cpu_s
@@ -179,6 +225,7 @@ def fit(objective: torch.nn.Module, train: Sequences, max_len: int, cfg: FitConf
     objective.to(device).train()
     run = _Run(cfg)
     opt = torch.optim.AdamW(objective.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    run.avg = WeightAverage(objective, cfg.ema) if cfg.ema else None
     per_epoch = n_batches_per_epoch(train.lengths, max_len, cfg.batch_size, cfg.window_mode)
     total_steps = cfg.max_epochs * per_epoch
     state_cfg = {**{k: v for k, v in asdict(cfg).items() if k not in ("checkpoint_every_s", "device", "desc")},
@@ -202,12 +249,20 @@ def fit(objective: torch.nn.Module, train: Sequences, max_len: int, cfg: FitConf
             return False
         t = time.perf_counter()
         objective.eval()
-        m = validate()
+        m, weights, state = validate(), "trained", None
+        entry = dict(m)
+        if run.avg is not None:
+            with run.avg.applied():
+                m_avg = validate()
+                if m_avg[select] > m[select]:
+                    m, weights, state = m_avg, "ema", copy.deepcopy(objective.state_dict())
+            entry.update({f"ema_{k}": v for k, v in m_avg.items()})
         objective.train()
         run.eval_s += time.perf_counter() - t
-        run.history.append((run.step, round(run.train_s, 1), round(run.epoch_f, 3), m))
+        run.history.append((run.step, round(run.train_s, 1), round(run.epoch_f, 3), entry))
         if run.best is None or m[select] > run.best[select]:
-            run.best, run.best_state, run.best_step, run.since_best = m, copy.deepcopy(objective.state_dict()), run.step, 0
+            run.best, run.best_step, run.since_best = m, run.step, 0
+            run.best_state, run.best_weights = state or copy.deepcopy(objective.state_dict()), weights
         else:
             run.since_best += 1
         bar.set_postfix(valid=f"{m[select]:.4f}", best=f"{run.best[select]:.4f}")
@@ -271,6 +326,8 @@ def _step(objective, opt, b, device, cfg: FitConfig, run: _Run, total_steps: int
     else:
         set_lr(opt, cfg.lr, run.progress(total_steps), cfg.warmup)
     opt.step()
+    if run.avg is not None:
+        run.avg.update()
     value = float(loss.detach())
     run.train_s += time.perf_counter() - t
     run.train_cpu_s += time.process_time() - tc
@@ -281,7 +338,8 @@ def _step(objective, opt, b, device, cfg: FitConfig, run: _Run, total_steps: int
 
 def _result(run: _Run, stopped: str, resumed: bool) -> FitResult:
     return FitResult(round(run.train_s, 2), round(run.train_cpu_s, 2), round(run.eval_s, 2), run.step,
-                     round(run.epoch_f, 3), run.best or {}, run.best_step, stopped, resumed, run.history, run.curve)
+                     round(run.epoch_f, 3), run.best or {}, run.best_step, stopped, resumed, run.best_weights,
+                     run.history, run.curve)
 
 
 def plot_curve(curve: list, path: Path, history: list | None = None) -> Path:

@@ -93,6 +93,7 @@ class Recipe:
     lr: float = 3e-3
     batch_size: int = 16
     weight_decay: float = 0.0
+    ema: float = 0.0                   # moving average of the weights, validated beside them (fm.fit); 0: off
     time_budget_s: float = 120.0       # inf: until max_epochs or early stopping
     clock: str = "wall"                # wall | cpu: what the budget counts
     max_epochs: int = 10_000
@@ -187,7 +188,7 @@ def target_canvas_ids(model: FoundationModel) -> np.ndarray | None:
 
 def fit_config(r: Recipe, desc: str = "train", checkpoint_every_s: float = 0.0) -> FitConfig:
     return FitConfig(budget_s=r.time_budget_s, clock=r.clock, max_epochs=r.max_epochs, batch_size=r.batch_size,
-                     lr=r.lr, weight_decay=r.weight_decay, n_evals=r.n_evals, patience=r.patience,
+                     lr=r.lr, weight_decay=r.weight_decay, ema=r.ema, n_evals=r.n_evals, patience=r.patience,
                      window_mode=r.window_mode, seed=r.seed, device=r.device,
                      checkpoint_every_s=checkpoint_every_s, desc=desc)
 

@@ -23,7 +23,7 @@ META = "state.json"
 FORMAT = 2
 # the counters of fm.fit._Run that a state carries (JSON)
 RUN_FIELDS = ("step", "epoch", "next_batch", "best_step", "train_s", "train_cpu_s", "eval_s", "epoch_f",
-              "best", "since_best", "history", "curve", "epoch_rng")
+              "best", "best_weights", "since_best", "history", "curve", "epoch_rng")
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -53,6 +53,8 @@ def save(directory: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, ru
     if run.best_state is not None:
         tensors.update({f"best.{k}": v.detach().contiguous().cpu() for k, v in run.best_state.items()})
     tensors.update(opt_tensors)
+    if run.avg is not None:
+        tensors.update(run.avg.tensors())
     tensors["torch_rng"] = torch.get_rng_state()
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -98,6 +100,8 @@ def load(directory: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, ru
     best = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")}
     run.best_state = best or None
     opt.load_state_dict(_unflatten_optimizer(tensors, meta["param_groups"]))
+    if run.avg is not None:
+        run.avg.load(tensors)
     torch.set_rng_state(tensors["torch_rng"])
     cuda = [tensors[f"cuda_rng.{i}"] for i in range(sum(k.startswith("cuda_rng.") for k in tensors))]
     if cuda and torch.cuda.is_available():

@@ -72,8 +72,9 @@ def model_version(cfg: TrainJobConfig, day: dt.date) -> str:
         key.pop("rel_bias", None)
     if not key.get("target_canvases"):  # likewise
         key.pop("target_canvases", None)
-    for name, before in (("cold_titles", "content"), ("cold_bias_quantile", None), ("cold_content_scale", 1.0)):
-        if key.get(name, before) == before:  # likewise: settings that only say how never-trained titles are served
+    for name, before in (("cold_titles", "content"), ("cold_bias_quantile", None), ("cold_content_scale", 1.0),
+                         ("ema", 0.0)):
+        if key.get(name, before) == before:  # likewise: settings added later, at their old behaviour
             key.pop(name, None)
     return f"fm-{day:%Y%m%d}-{cfg.init}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]}"
 

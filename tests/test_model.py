@@ -100,13 +100,15 @@ def _validate_on_last(model, seqs):
     return lambda: P.evaluate(P.fm_scores(model), seqs, es, model.cfg.max_len)
 
 
-def test_resumed_training_is_bit_identical_to_an_uninterrupted_run(tmp_path, one_thread, monkeypatch):
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_resumed_training_is_bit_identical_to_an_uninterrupted_run(tmp_path, one_thread, monkeypatch, ema):
     """Interrupted after 7 steps (a state saved at every step, the last at step 6), resumed: same parameters, bit for bit,
     the same validation history and best checkpoint. The infinite budget makes the LR schedule
-    step-bound; dropout, sampled negatives and held-out titles exercise the RNGs and the objective."""
+    step-bound; dropout, sampled negatives and held-out titles exercise the RNGs and the objective;
+    with ``ema`` the weight average travels in the state too."""
     seqs = learnable_sequences()
     cfg = FitConfig(batch_size=16, lr=1e-2, max_epochs=3, budget_s=float("inf"), device="cpu",
-                    checkpoint_every_s=1e-9)
+                    checkpoint_every_s=1e-9, ema=ema)
     held_out = np.zeros(12, bool)
     held_out[5] = True
     make = lambda: (lambda m: (m, Objective(m, n_negatives=4, exclude_titles=held_out, mask_history=True)))(
@@ -125,6 +127,8 @@ def test_resumed_training_is_bit_identical_to_an_uninterrupted_run(tmp_path, one
     assert [c[1] for c in out.curve] == [c[1] for c in ref.curve]
     same = lambda h: [(s, ep, m) for s, _, ep, m in h]                      # noqa: E731 (wall time differs)
     assert same(out.history) == same(ref.history) and out.best_step == ref.best_step
+    assert out.best_weights == ref.best_weights
+    assert ("ema_ndcg@10" in out.history[0][3]) == bool(ema)
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match=r"another config \(differs in \['lr'\]\)"):
@@ -148,6 +152,56 @@ def test_fit_keeps_the_best_checkpoint_and_stops_early():
     assert res.stopped_by == "early_stopping" and len(res.history) == 3 and res.best == {"ndcg@10": 0.5}
     for k, v in m.state_dict().items():
         assert torch.equal(v, snapshots[0][k]), k
+
+
+def test_the_weight_average_is_validated_beside_the_trained_weights_and_kept_when_better():
+    """``ema``: each validation scores the trained weights, then their moving average; the average
+    is kept when it scores better, and training goes on from the trained weights, not the average."""
+    seqs = learnable_sequences()
+    m = tiny_model(12)
+    scores = iter([0.30, 0.35, 0.40, 0.38, 0.20, 0.10])      # (trained, average) per validation
+    snapshots = []
+
+    def validate():
+        snapshots.append({k: v.clone() for k, v in m.state_dict().items()})
+        return {"ndcg@10": next(scores)}
+
+    res = fit(Objective(m), seqs, 16, FitConfig(batch_size=16, lr=1e-2, max_epochs=3, budget_s=float("inf"),
+                                                 ema=0.5), validate=validate)
+    assert len(res.history) == 3 and res.best == {"ndcg@10": 0.40} and res.best_weights == "trained"
+    assert res.history[0][3] == {"ndcg@10": 0.30, "ema_ndcg@10": 0.35}
+    trained1, avg1, trained2 = snapshots[0], snapshots[1], snapshots[2]
+    assert any(not torch.equal(trained1[k], avg1[k]) for k in trained1)       # the average differs ...
+    assert any(not torch.equal(avg1[k], trained2[k]) for k in avg1)          # ... and never replaces the trained weights
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, trained2[k]), k
+    scores = iter([0.30, 0.35, 0.20, 0.25, 0.10, 0.15])
+    snapshots.clear()
+    m2 = tiny_model(12)
+    m = m2
+    res = fit(Objective(m2), seqs, 16, FitConfig(batch_size=16, lr=1e-2, max_epochs=3, budget_s=float("inf"),
+                                                  ema=0.5), validate=validate)
+    assert res.best == {"ndcg@10": 0.35} and res.best_weights == "ema" and res.best_step == res.history[0][0]
+    for k, v in m2.state_dict().items():
+        assert torch.equal(v, snapshots[1][k]), k
+
+
+def test_weight_average_is_the_exponential_moving_average():
+    """The average after updates with decay d: d * previous + (1 - d) * current, from the initial weights."""
+    from fm.fit import WeightAverage
+    lin = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+    avg = WeightAverage(lin, 0.75)
+    for value in (5.0, 9.0):
+        with torch.no_grad():
+            lin.weight.fill_(value)
+        avg.update()
+    expected = 0.75 * (0.75 * 1.0 + 0.25 * 5.0) + 0.25 * 9.0
+    assert avg.avg[0].item() == pytest.approx(expected)
+    with avg.applied():
+        assert lin.weight.item() == pytest.approx(expected)
+    assert lin.weight.item() == 9.0
 
 
 def test_padding_does_not_change_real_positions():
