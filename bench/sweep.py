@@ -122,7 +122,18 @@ def train_valid(args, day: str, home, over: dict) -> dict:
                                                      "seed": args.seed, "checkpoint_every_s": 0, **over})
     out = train_job.run(cfg, home)
     return {"valid_ndcg@10": out["valid"]["ndcg@10"], "valid_hr@10": out["valid"]["hr@10"],
-            "train_cpu_s": out["train_cpu_s"], "steps": out["steps"], "epochs": out["epochs"], "model_path": out["path"]}
+            "train_cpu_s": out["train_cpu_s"], "steps": out["steps"], "epochs": out["epochs"], "model_path": out["path"],
+            **weights_compared(Path(out["path"]), out.get("best_weights", "trained"))}
+
+
+def weights_compared(model_dir: Path, kept: str) -> dict:
+    """With ``ema`` on, the run validated the trained weights and their average side by side: the best
+    train-time validation NDCG@10 of each, and which one the run kept (nothing when ``ema`` is off)."""
+    history = json.loads((model_dir / "config.json").read_text())["metrics"].get("history") or []
+    if not history or "ema_ndcg@10" not in history[-1][3]:
+        return {}
+    return {"kept_weights": kept, "best_trained_ndcg@10": max(h[3]["ndcg@10"] for h in history),
+            "best_ema_ndcg@10": max(h[3]["ema_ndcg@10"] for h in history)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,6 +255,12 @@ def write(res: dict, args) -> None:
         note = f" ({r['note']})" if r.get("note") else ""
         lines.append(f"| {r['axis']} | {r['value']}{mark}{note} | {r['valid_ndcg@10']:.4f} | {r['valid_hr@10']:.4f} | "
                      f"{r.get('train_valid_ndcg@10', r['valid_ndcg@10']):.4f} | {r['train_cpu_s']:.0f} | {r['epochs']:.1f} |")
+    compared = [r for r in res["runs"] if "kept_weights" in r]
+    if compared:
+        lines += ["", "Runs that validated the weight average beside the trained weights (train-time validation NDCG@10, "
+                  "best of each over the run):", "", "| axis | value | trained weights | average | kept |", "|---|---|---:|---:|---|"]
+        lines += [f"| {r['axis']} | {r['value']} | {r['best_trained_ndcg@10']:.4f} | {r['best_ema_ndcg@10']:.4f} | "
+                  f"{r['kept_weights']} |" for r in compared]
     lines += ["", "| axis | default | validation prefers |", "|---|---|---|"]
     lines += [f"| {a} | {c['default']} | {c['best']}{'' if c['default_is_best'] else ' (differs)'} |"
               for a, c in res["chosen"].items()]
