@@ -51,6 +51,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -62,7 +63,7 @@ from fm import protocol as P  # noqa: E402
 from fm.data import Sequences, data_root  # noqa: E402
 from fm.fit import FitConfig, fit  # noqa: E402
 from fm.evaluate import one_vs_rest_auc  # noqa: E402
-from fm.recipe import held_out_back, validation_set  # noqa: E402
+from fm.recipe import cold_calibration, held_out_back, validation_set  # noqa: E402
 from fm.sasrec import SASRec, SASRecConfig  # noqa: E402
 from fm.schema import ACTIONS, N_SPECIAL, vocab_index  # noqa: E402
 from jobs import evaluate as ev  # noqa: E402
@@ -222,7 +223,10 @@ def trained(model_dir: str, cfg) -> dict:
     aside: it only samples which validation targets pick the checkpoint)."""
     meta = json.loads((Path(model_dir) / "config.json").read_text())
     want = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items() if k != "valid_users"}
-    diff = {k: (meta["train_config"].get(k), v) for k, v in want.items() if meta["train_config"].get(k) != v}
+    theirs = {"ema": 0.0, **meta["train_config"]}                       # trained before the option existed: off
+    for d, c in ((want, cfg), (theirs, SimpleNamespace(**theirs))):    # "auto" compares as what it resolves to
+        d["cold_bias_quantile"], d["cold_content_scale"] = cold_calibration(c)
+    diff = {k: (theirs.get(k), v) for k, v in want.items() if theirs.get(k) != v}
     if diff:
         raise SystemExit(f"--trained {model_dir}: trained with other settings than this part's (theirs, ours): {diff}")
     m = meta["metrics"]

@@ -53,6 +53,14 @@ from fm.model import FoundationModel, ModelConfig, init_weights
 from fm.schema import ACTIONS, CANVASES, vocab_index
 
 
+AUTO = "auto"
+# How a never-trained title is served with each content encoder: (bias quantile, content scale), chosen
+# on cold validation users pooled over three seeds (bench/results/cold_start.md: TF-IDF keeps the
+# projection with the bias at the 75th percentile; MiniLM's stronger content needs the projection at
+# 0.75x and the bias at the 99th -- with TF-IDF's calibration it costs warm users 6%).
+COLD_CALIBRATION: dict[str, tuple[float | None, float]] = {"tfidf": (0.75, 1.0), "minilm": (0.99, 0.75)}
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Model, objective and fit settings. Defaults: chosen on validation (see module docstring)."""
@@ -73,9 +81,9 @@ class Recipe:
     id_dropout: float = 0.1            # cold start: content alone must carry a title (bench/results/cold_start_previous_harness.md)
     exposure_gate: bool = False        # ID part scaled by a learned gate of log(1 + interactions) (fm.model)
     cold_titles: str = "content"       # how a never-trained title is served: content | ridge | neighbours (fm.model)
-    cold_bias_quantile: float | None = 0.75  # content: its bias, this quantile of trained biases (None: 0);
-                                             # chosen on pooled cold validation (bench/results/cold_start.md)
-    cold_content_scale: float = 1.0    # content: its vector, this times the content projection (same evidence)
+    cold_bias_quantile: float | str | None = "auto"  # content: its bias, this quantile of trained biases (None: 0;
+                                                     # auto: the encoder's, COLD_CALIBRATION)
+    cold_content_scale: float | str = "auto"    # content: its vector, this times the content projection (auto: likewise)
     surfaces: str = ""                 # "home,search,kids": canvas-conditioned queries (fm.model); "" = off
     rel_bias: str = "pos"              # relative attention bias: none | pos | time | pos_time (fm.model.RelativeBias)
     target_canvases: str = ""          # "kids": only next events on these canvases are title targets (a
@@ -107,6 +115,10 @@ class Recipe:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        for name in ("cold_bias_quantile", "cold_content_scale"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value != AUTO:
+                raise ValueError(f"{name}: expected a number or {AUTO!r} (the content encoder's calibration), got {value!r}")
         unknown = set(self.target_actions) - set(ACTIONS)
         if unknown:
             raise ValueError(f"target_actions: unknown action(s) {sorted(unknown)}; valid: {list(ACTIONS)}")
@@ -133,13 +145,21 @@ def recipe_of(cfg) -> Recipe:
     return Recipe(**{k: getattr(cfg, k) for k in RECIPE_FIELDS})
 
 
+def cold_calibration(r) -> tuple[float | None, float]:
+    """(bias quantile, content scale) for never-trained titles: the values given, or where ``auto``
+    the ones validated for the recipe's content encoder (``COLD_CALIBRATION``)."""
+    q, scale = COLD_CALIBRATION.get(r.content_encoder, COLD_CALIBRATION["tfidf"])
+    return (q if r.cold_bias_quantile == AUTO else r.cold_bias_quantile,
+            scale if r.cold_content_scale == AUTO else float(r.cold_content_scale))
+
+
 def model_config(r: Recipe, n_titles: int, target_actions: tuple[str, ...], content_dim: int | None = None) -> ModelConfig:
     return ModelConfig(n_titles=n_titles, content_dim=content_dim or r.content_dim, d_model=r.d_model, n_layers=r.n_layers,
                        n_heads=r.n_heads, max_len=r.max_len, dropout=r.dropout, mtp_k=r.mtp_k,
                        use_content=r.use_content, emb_norm=r.emb_norm, title_bias=r.title_bias,
                        detach_heads=r.detach_heads, id_dropout=r.id_dropout, exposure_gate=r.exposure_gate,
-                       cold_titles=r.cold_titles, cold_bias_quantile=r.cold_bias_quantile,
-                       cold_content_scale=r.cold_content_scale,
+                       cold_titles=r.cold_titles, cold_bias_quantile=cold_calibration(r)[0],
+                       cold_content_scale=cold_calibration(r)[1],
                        surfaces=surface_names(r.surfaces), rel_bias=r.rel_bias,
                        target_canvases=surface_names(r.target_canvases),
                        w_mtp=r.w_mtp,

@@ -106,7 +106,14 @@ def _coerce(tp: typing.Any, raw: str) -> typing.Any:
         return tuple(_coerce(inner, x) for x in raw.split(",") if x)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if raw.lower() in ("none", "null", "") else _coerce(args[0], raw)
+        if raw.lower() in ("none", "null", ""):
+            return None
+        for i, a in enumerate(args):           # the first member that takes the text (float | str: 0.5, auto)
+            try:
+                return _coerce(a, raw)
+            except ValueError:
+                if i == len(args) - 1:
+                    raise
     return tp(raw)
 
 

@@ -36,7 +36,7 @@ from fm.content import Encoder, content_matrix, fit_encoder
 from fm.data import Sequences
 from fm.fit import plot_curve
 from fm.model import FoundationModel
-from fm.recipe import Recipe, build, held_out_back, recipe_of, train
+from fm.recipe import Recipe, build, cold_calibration, held_out_back, recipe_of, train
 from fm.schema import N_SPECIAL
 from jobs.io import atomic_write_json, partition
 from jobs.settings import Paths, parse_date, run_cli
@@ -66,6 +66,7 @@ def model_version(cfg: TrainJobConfig, day: dt.date) -> str:
     """Deterministic version name: a resumed run writes the same version as the run it continues;
     a re-run whose version exists gets a new suffix (``fresh_version``)."""
     key = {k: v for k, v in asdict(cfg).items() if k not in _RUN_ONLY}
+    key["cold_bias_quantile"], key["cold_content_scale"] = cold_calibration(cfg)   # auto names what it resolves to
     if not key.get("surfaces"):        # added later: a config without surfaces keeps its old version name
         key.pop("surfaces", None)
     if key.get("rel_bias") == "none":  # likewise
