@@ -25,7 +25,8 @@ What each part runs (every part is the product's code, with the product's defaul
   and a count baseline (the user's most frequent action so far), and next-title NDCG@10 with the
   side heads on (detached, the default), off, and sharing the state.
 * ``ablate:KEY=VALUE``: the product path with one recipe setting changed.
-* ``sasrec:dropout=X`` / ``beauty_sasrec:dropout=X``: the baseline with another dropout (the README
+* ``sasrec:dropout=X`` / ``beauty_sasrec:dropout=X`` / ``sasrec_converged:ema=D`` (``+`` joins settings):
+  the baseline with another dropout, or with the fit loop's weight average (the README
   fixes 0.2; SASRec's authors used 0.5 on sparse data). The merged report's SASRec for a dataset is
   the variant with the best *validation* NDCG@10, so the baseline gets the same choice the FM gets.
 
@@ -121,8 +122,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.seeds = [a.seed] if a.seed is not None else [int(s) for s in a.seeds.split(",") if s]
     a.parts = [a.cold_start_only] if a.cold_start_only else [p for p in a.only.split(",") if p] or list(PARTS)
     for p in a.parts:
-        if p not in PARTS and not p.startswith(("ablate:", "sasrec:dropout=", "beauty_sasrec:dropout=")):
-            ap.error(f"unknown part {p!r}; valid: {', '.join(PARTS)}, ablate:KEY=VALUE, [beauty_]sasrec:dropout=X")
+        if p not in PARTS and not p.startswith(("ablate:", *SASREC_VARIANT_BASES)):
+            ap.error(f"unknown part {p!r}; valid: {', '.join(PARTS)}, ablate:KEY=VALUE, "
+                     "[beauty_]sasrec[_converged]:KEY=VALUE[+KEY=VALUE] (KEY: dropout, ema)")
+        if p.startswith(SASREC_VARIANT_BASES):
+            try:
+                baseline_variant(p)
+            except ValueError as e:
+                ap.error(str(e))
     return a
 
 
@@ -253,7 +260,8 @@ def product(dataset: str, args, seed: int, overrides: dict | None = None) -> dic
             "cold_start": e.get("cold_start"), "recipe": {k: v for k, v in cfg.__dict__.items()}}
 
 
-def sasrec(dataset: str, args, seed: int, converged: bool = False, dropout: float | None = None) -> dict:
+def sasrec(dataset: str, args, seed: int, converged: bool = False, dropout: float | None = None,
+           ema: float = 0.0) -> dict:
     """Our SASRec on the product's history table: same fit loop, same validation targets, same budget
     (``dropout``: instead of the README's 0.2)."""
     home, day = prepare(dataset, args)
@@ -276,14 +284,37 @@ def sasrec(dataset: str, args, seed: int, converged: bool = False, dropout: floa
     cfg = FitConfig(budget_s=args.converged_cap_s if converged else args.budget_s, clock=args.clock, seed=seed,
                     max_epochs=(30 if args.quick else 1000) if converged else 10_000,
                     patience=args.patience if converged else 0, schedule="constant" if converged else "cosine",
-                    n_evals=8, desc=f"sasrec {dataset}",
+                    n_evals=8, desc=f"sasrec {dataset}", ema=ema,
                     **{**SASREC["fit"], **({"lr": args.converged_lr} if converged else {})})
     r = fit(model, train_seqs, max_len, cfg, validate=validate)
     seqs, cand = eval_data(dataset, home, day, args)
     test = P.evaluate(P.among(model.scores, cand, n_titles), seqs, P.eval_set(seqs, 1), max_len)
     return {**{k: test[k] for k in METRICS}, "users": test["users"], "train_s": r.train_s, "train_cpu_s": r.train_cpu_s,
             "steps": r.steps, "epochs": r.epochs, "stopped_by": r.stopped_by, "valid_ndcg@10": r.best.get("ndcg@10"),
-            "n_params": model.n_params(), "config": {**SASREC, "model": spec, "max_len": max_len, **({"lr": cfg.lr} if converged else {})}}
+            "best_weights": r.best_weights, "n_params": model.n_params(),
+            "config": {**SASREC, "model": spec, "max_len": max_len, **({"lr": cfg.lr} if converged else {}),
+                       **({"ema": ema} if ema else {})}}
+
+
+SASREC_VARIANT_BASES = ("sasrec:", "sasrec_converged:", "beauty_sasrec:")
+SASREC_VARIANT_KEYS = {"dropout": float, "ema": float}
+
+
+def baseline_variant(part: str) -> tuple[str, dict]:
+    """``sasrec_converged:ema=0.999+dropout=0.5`` -> ("sasrec_converged", {"ema": 0.999, "dropout": 0.5}):
+    the baseline with settings of its own (``dropout``: the model's; ``ema``: the fit loop's weight
+    average, the option the foundation model's recipe has, so the two are compared with the same loop)."""
+    base, _, spec = part.partition(":")
+    settings = {}
+    for item in spec.split("+"):
+        key, _, value = item.partition("=")
+        if key not in SASREC_VARIANT_KEYS or not value:
+            raise ValueError(f"part {part!r}: expected {base}:KEY=VALUE[+KEY=VALUE] with KEY in {sorted(SASREC_VARIANT_KEYS)}")
+        try:
+            settings[key] = SASREC_VARIANT_KEYS[key](value)
+        except ValueError:
+            raise ValueError(f"part {part!r}: {key} needs a number, got {value!r}") from None
+    return base, settings
 
 
 def popularity(dataset: str, args, seed: int) -> dict:
@@ -316,9 +347,10 @@ def run_part(part: str, args, seed: int) -> dict:
         if args.rescore:                     # score the models a former run saved, without training
             prev = json.loads(part_file(args, part, seed).read_text())["result"]["models"]
         return cold_start.run(args, seed, prepare, eval_data, prev, dataset=COLD_START_PARTS[part])
-    if part.startswith(("sasrec:", "beauty_sasrec:")):
-        base, _, value = part.partition(":dropout=")
-        return sasrec("beauty" if base == "beauty_sasrec" else "ml-1m", args, seed, dropout=float(value))
+    if part.startswith(SASREC_VARIANT_BASES):
+        base, settings = baseline_variant(part)
+        return sasrec("beauty" if base == "beauty_sasrec" else "ml-1m", args, seed, converged=base == "sasrec_converged",
+                      **settings)
     key, _, value = part[len("ablate:"):].partition("=")
     return product("ml-1m", args, seed, {key: value})
 

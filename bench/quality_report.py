@@ -42,7 +42,7 @@ def stats(rows: list[dict], key: str) -> tuple[float, float]:
 
 
 def best_variant(summary: dict, base: str) -> str:
-    """``base`` or its ``base:dropout=X`` variant with the best mean validation NDCG@10 (test unread)."""
+    """``base`` or its ``base:KEY=X`` variant (dropout, ema) with the best mean validation NDCG@10 (test unread)."""
     names = [p for p in summary if p == base or p.startswith(base + ":")]
     return max(names, key=lambda p: summary[p].get("valid_ndcg@10", -1.0)) if names else base
 
@@ -71,9 +71,9 @@ def merge(args) -> dict:
     pick = lambda p: {k: summary[p][k] for k in summary[p] if k.startswith(("ndcg@10", "hr@10", "seeds", "train"))} \
         if p in summary else None  # noqa: E731
     res["product"], res["sasrec"], res["sasrec_converged"] = pick("product"), pick(best_variant(summary, "sasrec")), \
-        pick("sasrec_converged")
+        pick(best_variant(summary, "sasrec_converged"))
     res["beauty"] = {"fm": pick("beauty_fm"), "sasrec": pick(best_variant(summary, "beauty_sasrec"))}
-    res["sasrec_variants_chosen"] = {b: best_variant(summary, b) for b in ("sasrec", "beauty_sasrec")}
+    res["sasrec_variants_chosen"] = {b: best_variant(summary, b) for b in ("sasrec", "sasrec_converged", "beauty_sasrec")}
     if res["product"] and res["sasrec_converged"]:
         res["ratio_vs_converged_sasrec"] = round(res["product"]["ndcg@10"] / res["sasrec_converged"]["ndcg@10"], 3)
     if res["product"] and res["sasrec"]:

@@ -108,3 +108,21 @@ def test_cold_start_calibration_is_chosen_on_pooled_validation_and_the_summary_h
     assert summary["content_knn_hr@50"] == 0.1 and summary["hr@50_vs_content_knn"] == 2.5
     assert summary["warm_ndcg@10_change"] == -0.01 and summary["seeds"] == 2
     assert "**fm_b**" in (tmp_path / "cold_start_quick.md").read_text()
+
+
+def test_baseline_variants_parse_and_the_report_picks_each_baselines_variant_on_validation():
+    """``sasrec_converged:ema=0.999+dropout=0.5`` names a baseline with its own settings; a bad key or
+    value is refused by name; the merged report takes, per baseline, the variant that validates best
+    (test unread), converged SASRec included, so a fit-loop option the FM uses is the baseline's too."""
+    from bench.quality import baseline_variant
+    from bench.quality_report import best_variant
+    assert baseline_variant("sasrec_converged:ema=0.999+dropout=0.5") == ("sasrec_converged", {"ema": 0.999, "dropout": 0.5})
+    assert baseline_variant("beauty_sasrec:dropout=0.5") == ("beauty_sasrec", {"dropout": 0.5})
+    with pytest.raises(ValueError, match="KEY in"):
+        baseline_variant("sasrec:lr=1")
+    with pytest.raises(ValueError, match="ema needs a number"):
+        baseline_variant("sasrec:ema=high")
+    summary = {"sasrec_converged": {"valid_ndcg@10": 0.19}, "sasrec_converged:ema=0.999": {"valid_ndcg@10": 0.20},
+               "sasrec": {"valid_ndcg@10": 0.21}, "product": {"valid_ndcg@10": 0.30}}
+    assert best_variant(summary, "sasrec_converged") == "sasrec_converged:ema=0.999"
+    assert best_variant(summary, "sasrec") == "sasrec"
