@@ -28,7 +28,7 @@ def _budget(rec: dict) -> str:
         b = float(words[words.index("--budget-s") + 1]) if "--budget-s" in words else float("nan")
     if rec["part"] == "popularity":
         return "none"
-    if rec["part"] == "sasrec_converged":
+    if rec["part"].split(":")[0] == "sasrec_converged":
         cap = rec.get("converged_cap_s", float("inf"))
         return "none (early stopping)" if not math.isfinite(cap) else f"early stopping, cap {cap:.0f} s {rec.get('clock', 'cpu')}"
     return f"{b:.0f} s {rec.get('clock', 'cpu')}"
