@@ -249,20 +249,24 @@ def fit(objective: torch.nn.Module, train: Sequences, max_len: int, cfg: FitConf
             return False
         t = time.perf_counter()
         objective.eval()
-        m, weights, state = validate(), "trained", None
+        gains = lambda x: run.best is None or x[select] > run.best[select]     # noqa: E731
+        m, avg_state = validate(), None
         entry = dict(m)
         if run.avg is not None:
             with run.avg.applied():
                 m_avg = validate()
                 if m_avg[select] > m[select]:
-                    m, weights, state = m_avg, "ema", copy.deepcopy(objective.state_dict())
+                    m = m_avg
+                    if gains(m):                 # copied only when it becomes the kept checkpoint
+                        avg_state = copy.deepcopy(objective.state_dict())
             entry.update({f"ema_{k}": v for k, v in m_avg.items()})
         objective.train()
         run.eval_s += time.perf_counter() - t
         run.history.append((run.step, round(run.train_s, 1), round(run.epoch_f, 3), entry))
-        if run.best is None or m[select] > run.best[select]:
+        if gains(m):
             run.best, run.best_step, run.since_best = m, run.step, 0
-            run.best_state, run.best_weights = state or copy.deepcopy(objective.state_dict()), weights
+            run.best_state = avg_state or copy.deepcopy(objective.state_dict())
+            run.best_weights = "trained" if avg_state is None else "ema"
         else:
             run.since_best += 1
         bar.set_postfix(valid=f"{m[select]:.4f}", best=f"{run.best[select]:.4f}")

@@ -162,12 +162,12 @@ def cold_calibration(r) -> tuple[float | None, float]:
 
 
 def model_config(r: Recipe, n_titles: int, target_actions: tuple[str, ...], content_dim: int | None = None) -> ModelConfig:
+    cold_q, cold_scale = cold_calibration(r)
     return ModelConfig(n_titles=n_titles, content_dim=content_dim or r.content_dim, d_model=r.d_model, n_layers=r.n_layers,
                        n_heads=r.n_heads, max_len=r.max_len, dropout=r.dropout, mtp_k=r.mtp_k,
                        use_content=r.use_content, emb_norm=r.emb_norm, title_bias=r.title_bias,
                        detach_heads=r.detach_heads, id_dropout=r.id_dropout, exposure_gate=r.exposure_gate,
-                       cold_titles=r.cold_titles, cold_bias_quantile=cold_calibration(r)[0],
-                       cold_content_scale=cold_calibration(r)[1],
+                       cold_titles=r.cold_titles, cold_bias_quantile=cold_q, cold_content_scale=cold_scale,
                        surfaces=surface_names(r.surfaces), rel_bias=r.rel_bias,
                        target_canvases=surface_names(r.target_canvases),
                        w_mtp=r.w_mtp,

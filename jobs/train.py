@@ -62,20 +62,18 @@ _RUN_ONLY = ("resume", "checkpoint_every_s", "device")
 DATASET_META = "dataset.json"
 
 
+# Settings added after version names were first pinned, each with the value that behaves as before it existed.
+_ADDED_LATER = (("surfaces", ""), ("rel_bias", "none"), ("target_canvases", ""), ("cold_titles", "content"),
+                ("cold_bias_quantile", None), ("cold_content_scale", 1.0), ("ema", 0.0))
+
+
 def model_version(cfg: TrainJobConfig, day: dt.date) -> str:
     """Deterministic version name: a resumed run writes the same version as the run it continues;
     a re-run whose version exists gets a new suffix (``fresh_version``)."""
     key = {k: v for k, v in asdict(cfg).items() if k not in _RUN_ONLY}
     key["cold_bias_quantile"], key["cold_content_scale"] = cold_calibration(cfg)   # auto names what it resolves to
-    if not key.get("surfaces"):        # added later: a config without surfaces keeps its old version name
-        key.pop("surfaces", None)
-    if key.get("rel_bias") == "none":  # likewise
-        key.pop("rel_bias", None)
-    if not key.get("target_canvases"):  # likewise
-        key.pop("target_canvases", None)
-    for name, before in (("cold_titles", "content"), ("cold_bias_quantile", None), ("cold_content_scale", 1.0),
-                         ("ema", 0.0)):
-        if key.get(name, before) == before:  # likewise: settings added later, at their old behaviour
+    for name, before in _ADDED_LATER:   # at its old behaviour, a setting added later keeps the old version name
+        if key.get(name, before) == before:
             key.pop(name, None)
     return f"fm-{day:%Y%m%d}-{cfg.init}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]}"
 
