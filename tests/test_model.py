@@ -135,20 +135,24 @@ def test_resumed_training_is_bit_identical_to_an_uninterrupted_run(tmp_path, one
         fit(make()[1], seqs, 16, FitConfig(**{**cfg.__dict__, "lr": 1e-3}), state_dir=tmp_path / "state", resume=True)
 
 
-def test_fit_keeps_the_best_checkpoint_and_stops_early():
-    """Validation that only gets worse after the first check: the first weights are kept, and
-    patience=2 stops the run after two more checks."""
-    seqs = learnable_sequences()
-    m = tiny_model(12)
-    scores = iter([0.5, 0.4, 0.3, 0.2, 0.1])
-    snapshots = []
+def scripted_fit(scores: list[float], **cfg) -> tuple:
+    """Fit a tiny model whose validations return ``scores`` in turn; also the model and a snapshot of
+    its weights at each validation."""
+    m, it, snapshots = tiny_model(12), iter(scores), []
 
     def validate():
         snapshots.append({k: v.clone() for k, v in m.state_dict().items()})
-        return {"ndcg@10": next(scores)}
+        return {"ndcg@10": next(it)}
 
-    res = fit(Objective(m), seqs, 16, FitConfig(batch_size=16, lr=1e-2, max_epochs=10, budget_s=float("inf"),
-                                                 patience=2), validate=validate)
+    res = fit(Objective(m), learnable_sequences(), 16, FitConfig(batch_size=16, lr=1e-2, budget_s=float("inf"), **cfg),
+              validate=validate)
+    return res, m, snapshots
+
+
+def test_fit_keeps_the_best_checkpoint_and_stops_early():
+    """Validation that only gets worse after the first check: the first weights are kept, and
+    patience=2 stops the run after two more checks."""
+    res, m, snapshots = scripted_fit([0.5, 0.4, 0.3, 0.2, 0.1], max_epochs=10, patience=2)
     assert res.stopped_by == "early_stopping" and len(res.history) == 3 and res.best == {"ndcg@10": 0.5}
     for k, v in m.state_dict().items():
         assert torch.equal(v, snapshots[0][k]), k
@@ -157,17 +161,8 @@ def test_fit_keeps_the_best_checkpoint_and_stops_early():
 def test_the_weight_average_is_validated_beside_the_trained_weights_and_kept_when_better():
     """``ema``: each validation scores the trained weights, then their moving average; the average
     is kept when it scores better, and training goes on from the trained weights, not the average."""
-    seqs = learnable_sequences()
-    m = tiny_model(12)
-    scores = iter([0.30, 0.35, 0.40, 0.38, 0.20, 0.10])      # (trained, average) per validation
-    snapshots = []
-
-    def validate():
-        snapshots.append({k: v.clone() for k, v in m.state_dict().items()})
-        return {"ndcg@10": next(scores)}
-
-    res = fit(Objective(m), seqs, 16, FitConfig(batch_size=16, lr=1e-2, max_epochs=3, budget_s=float("inf"),
-                                                 ema=0.5), validate=validate)
+    # (trained, average) per validation
+    res, m, snapshots = scripted_fit([0.30, 0.35, 0.40, 0.38, 0.20, 0.10], max_epochs=3, ema=0.5)
     assert len(res.history) == 3 and res.best == {"ndcg@10": 0.40} and res.best_weights == "trained"
     assert res.history[0][3] == {"ndcg@10": 0.30, "ema_ndcg@10": 0.35}
     trained1, avg1, trained2 = snapshots[0], snapshots[1], snapshots[2]
@@ -175,14 +170,9 @@ def test_the_weight_average_is_validated_beside_the_trained_weights_and_kept_whe
     assert any(not torch.equal(avg1[k], trained2[k]) for k in avg1)          # ... and never replaces the trained weights
     for k, v in m.state_dict().items():
         assert torch.equal(v, trained2[k]), k
-    scores = iter([0.30, 0.35, 0.20, 0.25, 0.10, 0.15])
-    snapshots.clear()
-    m2 = tiny_model(12)
-    m = m2
-    res = fit(Objective(m2), seqs, 16, FitConfig(batch_size=16, lr=1e-2, max_epochs=3, budget_s=float("inf"),
-                                                  ema=0.5), validate=validate)
+    res, m, snapshots = scripted_fit([0.30, 0.35, 0.20, 0.25, 0.10, 0.15], max_epochs=3, ema=0.5)
     assert res.best == {"ndcg@10": 0.35} and res.best_weights == "ema" and res.best_step == res.history[0][0]
-    for k, v in m2.state_dict().items():
+    for k, v in m.state_dict().items():
         assert torch.equal(v, snapshots[1][k]), k
 
 
