@@ -76,7 +76,7 @@ class ModelConfig:
     # How a title that was never trained (new since training) is served: "content" (the content
     # projection alone, the path ID dropout trains; untrained bias), "ridge" (vector and bias a ridge
     # map from content predicts) or "neighbours" (the nearest trained titles by content). Chosen on
-    # cold validation users (bench/results/cold_start.md, mean of 3 seeds: content at the 75th bias
+    # cold validation users (bench/results/cold_start_before_ema.md, mean of 3 seeds: content at the 75th bias
     # percentile 0.145 HR@50, bias 0 0.136, ridge 0.038, neighbours 0.062).
     cold_titles: str = "content"
     # Calibration of a never-trained title's score (``cold_titles="content"``): its bias is this

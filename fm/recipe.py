@@ -63,7 +63,7 @@ from fm.schema import ACTIONS, CANVASES, vocab_index
 
 AUTO = "auto"
 # How a never-trained title is served with each content encoder: (bias quantile, content scale), chosen
-# on cold validation users pooled over three seeds (bench/results/cold_start.md: TF-IDF keeps the
+# on cold validation users pooled over three seeds (bench/results/cold_start_before_ema.md: TF-IDF keeps the
 # projection with the bias at the 75th percentile; MiniLM's stronger content needs the projection at
 # 0.75x and the bias at the 99th -- with TF-IDF's calibration it costs warm users 6%).
 COLD_CALIBRATION: dict[str, tuple[float | None, float]] = {"tfidf": (0.75, 1.0), "minilm": (0.99, 0.75)}

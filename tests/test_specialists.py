@@ -191,7 +191,7 @@ def test_fm_scores_ask_with_the_surface_query():
 
 def test_cold_title_calibration_follows_the_content_encoder_unless_given():
     """``auto`` (the default) resolves to the calibration validated for the encoder: MiniLM with
-    TF-IDF's would cost warm users 6% (bench/results/cold_start.md). Given values win; text that is
+    TF-IDF's would cost warm users 6% (bench/results/cold_start_before_ema.md). Given values win; text that is
     neither a number nor ``auto`` is refused by name; a version names what ``auto`` resolves to."""
     from fm.recipe import COLD_CALIBRATION, cold_calibration
     from jobs.settings import parse_overrides
