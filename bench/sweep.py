@@ -56,6 +56,7 @@ AXES: dict[str, list] = {
     "exposure_gate": [False, True],
     "rel_bias": ["none", "pos", "time", "pos_time"],
     "ema": [0.0, 0.999],
+    "title_bias": [True, False],      # the learned per-title popularity prior
     "n_evals": [8, 32],             # how finely validation picks the kept checkpoint
 }
 
