@@ -16,7 +16,10 @@ What each part runs (every part is the product's code, with the product's defaul
   ``fm.protocol`` on the same test targets.
 * ``sasrec_converged``: the same SASRec with no budget: constant learning rate after warm-up,
   validation after every epoch, early stopping after ``--patience`` validations without a gain;
-  reports its training time.
+  reports its training time. ``--converged-cap-s`` bounds one sitting (CPU or wall seconds in all):
+  the run saves its state under the work home, and the same command with a larger cap continues it
+  exactly where it stopped, so convergence that takes hours still runs in parts under an hour.
+  (Its state lives in ``<work>/ml-1m/states/``; delete it to start over.)
 * ``beauty_fm`` / ``beauty_sasrec``: the same two on Amazon Beauty (``fmpipe import beauty``), with
   the same defaults (no per-dataset tuning) and the same budget.
 * ``popularity``: the most-popular floor (counts on the training part).
@@ -101,7 +104,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--converged-lr", type=float, default=1e-3,
                     help="sasrec_converged: the constant learning rate (RecBole's 1e-3; 3e-3 unscheduled does not learn)")
     ap.add_argument("--converged-cap-s", type=float, default=float("inf"),
-                    help="sasrec_converged: stop anyway after this many seconds (then stopped_by says budget)")
+                    help="sasrec_converged: stop anyway after this many seconds in all (then stopped_by says budget); "
+                         "the same command with a larger cap resumes the saved state")
     ap.add_argument("--cold-start-only", nargs="?", const="cold_start", default=None, choices=("cold_start", "beauty_cold_start"),
                     help="only a cold-start part (bench/cold_start.py): ML-1M (default) or beauty_cold_start")
     ap.add_argument("--rescore", action="store_true",
@@ -284,14 +288,16 @@ def sasrec(dataset: str, args, seed: int, converged: bool = False, dropout: floa
     cfg = FitConfig(budget_s=args.converged_cap_s if converged else args.budget_s, clock=args.clock, seed=seed,
                     max_epochs=(30 if args.quick else 1000) if converged else 10_000,
                     patience=args.patience if converged else 0, schedule="constant" if converged else "cosine",
-                    n_evals=8, desc=f"sasrec {dataset}", ema=ema,
+                    n_evals=8, desc=f"sasrec {dataset}", ema=ema, checkpoint_every_s=600.0 if converged else 0.0,
                     **{**SASREC["fit"], **({"lr": args.converged_lr} if converged else {})})
-    r = fit(model, train_seqs, max_len, cfg, validate=validate)
+    # training to convergence goes on in sittings: a capped run saves its state, a larger cap resumes it
+    state = home / "states" / f"sasrec_converged-d{spec['dropout']}-ema{ema}-lr{cfg.lr}-seed{seed}" if converged else None
+    r = fit(model, train_seqs, max_len, cfg, validate=validate, state_dir=state, resume=converged)
     seqs, cand = eval_data(dataset, home, day, args)
     test = P.evaluate(P.among(model.scores, cand, n_titles), seqs, P.eval_set(seqs, 1), max_len)
     return {**{k: test[k] for k in METRICS}, "users": test["users"], "train_s": r.train_s, "train_cpu_s": r.train_cpu_s,
             "steps": r.steps, "epochs": r.epochs, "stopped_by": r.stopped_by, "valid_ndcg@10": r.best.get("ndcg@10"),
-            "best_weights": r.best_weights, "n_params": model.n_params(),
+            "best_weights": r.best_weights, "n_params": model.n_params(), "resumed": r.resumed,
             "config": {**SASREC, "model": spec, "max_len": max_len, **({"lr": cfg.lr} if converged else {}),
                        **({"ema": ema} if ema else {})}}
 

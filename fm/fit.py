@@ -20,7 +20,9 @@ through :func:`fit`.
 * **Resumable:** with ``state_dir`` a state (weights, optimizer, RNGs, position, the best weights so
   far, the validation history) is saved every ``checkpoint_every_s`` seconds; ``resume=True``
   continues from it. On CPU with a step-bound schedule the result is bit-identical to a run that
-  never stopped.
+  never stopped. A run stopped by its budget saves its state too, so training to convergence
+  (``schedule="constant"``, whose steps do not depend on the budget) can go on in sittings, each
+  resuming with a larger budget.
 
 Deterministic for a seed on CPU. CUDA with bf16 autocast is used when a GPU is present.
 """
@@ -228,7 +230,9 @@ def fit(objective: torch.nn.Module, train: Sequences, max_len: int, cfg: FitConf
     run.avg = WeightAverage(objective, cfg.ema) if cfg.ema else None
     per_epoch = n_batches_per_epoch(train.lengths, max_len, cfg.batch_size, cfg.window_mode)
     total_steps = cfg.max_epochs * per_epoch
-    state_cfg = {**{k: v for k, v in asdict(cfg).items() if k not in ("checkpoint_every_s", "device", "desc")},
+    # a constant schedule does not depend on the budget, so a later sitting may continue with a larger one
+    run_only = ("checkpoint_every_s", "device", "desc") + (("budget_s",) if cfg.schedule == "constant" else ())
+    state_cfg = {**{k: v for k, v in asdict(cfg).items() if k not in run_only},
                  "rows": len(train), "tokens": int(train.offsets[-1]), "max_len": max_len,
                  "n_params": sum(p.numel() for p in objective.parameters())}
     resumed = bool(resume and state_dir is not None and train_state.exists(state_dir))
@@ -292,6 +296,8 @@ def fit(objective: torch.nn.Module, train: Sequences, max_len: int, cfg: FitConf
                 bar.set_postfix_str(f"loss={loss:.3f} ep={run.epoch_f:.1f}" + (f" best={run.best[select]:.4f}" if run.best else ""))
             if run.spent() >= cfg.budget_s:
                 stopped = "budget"
+                if state_dir is not None and cfg.checkpoint_every_s:    # before the closing validation,
+                    train_state.save(state_dir, objective, opt, run, state_cfg)   # which a longer run would not do
                 break
             if run.spent() >= next_eval:
                 next_eval += eval_every

@@ -135,6 +135,34 @@ def test_resumed_training_is_bit_identical_to_an_uninterrupted_run(tmp_path, one
         fit(make()[1], seqs, 16, FitConfig(**{**cfg.__dict__, "lr": 1e-3}), state_dir=tmp_path / "state", resume=True)
 
 
+def test_training_to_convergence_continues_in_sittings_with_a_larger_budget(tmp_path, one_thread):
+    """A constant-schedule run stopped by its budget (here after its first step) saves its state before
+    the closing validation; a second sitting with no budget resumes it and ends bit-identical to a run
+    that never stopped -- weights, loss curve, validation history. A cosine schedule, whose steps depend
+    on the budget, refuses the larger one."""
+    seqs = learnable_sequences()
+    cfg = FitConfig(batch_size=16, lr=1e-2, max_epochs=3, budget_s=float("inf"), schedule="constant", device="cpu",
+                    checkpoint_every_s=1e9)
+    make = lambda: (lambda m: (m, Objective(m, n_negatives=4)))(tiny_model(12, dropout=0.2))   # noqa: E731
+    full, full_obj = make()
+    ref = fit(full_obj, seqs, 16, cfg, validate=_validate_on_last(full, seqs))
+    first, first_obj = make()
+    cut = fit(first_obj, seqs, 16, FitConfig(**{**cfg.__dict__, "budget_s": 1e-12}), validate=_validate_on_last(first, seqs),
+              state_dir=tmp_path / "state")
+    assert cut.stopped_by == "budget" and cut.steps == 1 and len(cut.history) == 1
+    rest, rest_obj = make()
+    out = fit(rest_obj, seqs, 16, cfg, validate=_validate_on_last(rest, seqs), state_dir=tmp_path / "state", resume=True)
+    assert out.resumed and out.steps == ref.steps == 12 and out.stopped_by == ref.stopped_by
+    assert [c[1] for c in out.curve] == [c[1] for c in ref.curve]
+    assert [(s, ep, m) for s, _, ep, m in out.history] == [(s, ep, m) for s, _, ep, m in ref.history]
+    for (name, a), b in zip(full.state_dict().items(), rest.state_dict().values()):
+        assert torch.equal(a, b), name
+    cosine = FitConfig(**{**cfg.__dict__, "schedule": "cosine", "budget_s": 1e-12})
+    fit(make()[1], seqs, 16, cosine, state_dir=tmp_path / "cosine")
+    with pytest.raises(ValueError, match=r"differs in \['budget_s'\]"):
+        fit(make()[1], seqs, 16, FitConfig(**{**cosine.__dict__, "budget_s": 10.0}), state_dir=tmp_path / "cosine", resume=True)
+
+
 def scripted_fit(scores: list[float], **cfg) -> tuple:
     """Fit a tiny model whose validations return ``scores`` in turn; also the model and a snapshot of
     its weights at each validation."""
