@@ -40,6 +40,16 @@ has annealed), Beauty 0.0645 / **0.0689** (+6.8%, at the first validation, epoch
 postpones Beauty's over-fitting). Validation keeps the average on both, and it can only be kept
 where it validates better, so it is on by default.
 
+**Checked and kept** (Beauty, where the FM loses most from validation to test; 1800 s CPU, seed 0,
+AMD, validation only): no per-title bias 0.0688 vs 0.0689 with it (a tie, so the popularity prior
+is not what validation can trade away; ``sweep_beauty_title_bias.md``); a cosine annealed over 450 s
+instead of 1800 s 0.0688 (the early peak is not a schedule that anneals too late;
+``sweep_beauty_budget450.md``); 32 validations instead of 8 0.0694 at epoch 10.5 (``sweep_beauty_n_evals.md``).
+The 32-point grid validates the same trajectory (its 225 s and 450 s points equal the 8-point run's),
+so it can only find a higher maximum of the same noisy curve: +0.0005 is a third of the standard
+error of a 20,000-profile validation NDCG@10 (~0.0014) and costs four times the validation time, so
+``n_evals`` stays 8.
+
 Validation: each profile's last target event (``leave_one_out=False``: training sees everything
 before it) or its second-last (``leave_one_out=True``: the last is the test target of ``fmpipe
 evaluate``). No profile is withheld from training; the kept checkpoint is the best on validation.
