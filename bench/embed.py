@@ -279,6 +279,51 @@ def job_run(spec: dict, n: int, mean_len: int, workdir: Path, overrides: list[st
             "peak_rss_mb": round(res["peak_rss_mb"], 1), "build_s": round(built, 1)}
 
 
+def bf16_drift(model: FoundationModel, L: int, n: int, device: torch.device) -> dict:
+    """How far the GPU's bf16 embeddings are from the float32 CPU path on the same profiles (the
+    embed job's streaming path on both): relative norm error and the lowest cosine, per layer column."""
+    table = history_table(model.cfg, n, L, np.random.default_rng(7))
+    specs = default_layers(model.cfg.n_layers)
+    out = {}
+    for dev in (torch.device("cpu"), device):
+        enc = ProfileEncoder(model, specs).to(dev)
+        out[dev.type] = pa.Table.from_batches(list(embed_batches(enc, table.to_batches(max_chunksize=1024), device=dev)))
+        model.cpu()
+    drift = {}
+    for s in specs:
+        ref = np.stack(out["cpu"][s.name].to_numpy(zero_copy_only=False)).astype(np.float64)
+        got = np.stack(out[device.type][s.name].to_numpy(zero_copy_only=False)).astype(np.float64)
+        cos = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
+        drift[s.name] = {"rel_error": round(float(np.linalg.norm(got - ref) / np.linalg.norm(ref)), 5),
+                         "min_cosine": round(float(cos.min()), 5)}
+    return drift
+
+
+def gpu_section(quick: bool, rounds: int) -> dict:
+    """The production shape on the GPU under bf16 autocast: the fast path against a bf16 matmul
+    bound measured in the same rounds, its drift from float32, and the whole embed job
+    (``jobs.embed.run device=cuda``: Parquet in, Parquet out) on a synthetic home."""
+    device = torch.device("cuda")
+    gpu_peak = matmul_flops(8192, 5, device, torch.bfloat16)
+    gpu = {"name": torch.cuda.get_device_name(0), "matmul_bf16_flops": gpu_peak, "contexts": {}}
+    gmodel = make_model(REALISTIC).to(device)
+    for L, n in ((200, 8192 if quick else 32768), (512, 2048 if quick else 8192)):
+        r = bench_context(gmodel, L, n, rounds, device, False, 8192, torch.bfloat16)
+        gpu_peak = max(gpu_peak, r["matmul_flops_during"])
+        r["bound_profiles_per_s"] = gpu_peak / r["flops_per_profile"]
+        r["fast_ratio_to_bound"] = r["fast_profiles_per_s"] / r["bound_profiles_per_s"]
+        gpu["contexts"][L] = r
+        log(f"GPU bf16 L={L}: {r['fast_profiles_per_s']:.0f}/s = {r['fast_ratio_to_bound']:.0%} of the bf16 bound "
+            f"(median of rounds {r['fast_ratio_median_of_rounds']:.0%})")
+    gpu["matmul_bf16_flops"] = gpu_peak
+    gpu["drift_vs_fp32_cpu"] = bf16_drift(make_model(REALISTIC), 200, 256, device)
+    log("GPU bf16 drift vs float32 CPU:", gpu["drift_vs_fp32_cpu"])
+    with tempfile.TemporaryDirectory(prefix="fmpipe-bench-gpu-") as tmp:
+        gpu["job"] = job_run(REALISTIC, 20_000 if quick else 100_000, 200, Path(tmp), ["device=cuda"])
+    log(f"GPU job d=256 n={gpu['job']['profiles']}: {gpu['job']['profiles_per_s']}/s, wall {gpu['job']['job_wall_s']}s")
+    return gpu
+
+
 # ------------------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -287,6 +332,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     ap.add_argument("--scale-profiles", type=int, default=1_000_000, help="full mode: profiles in the big job run")
     ap.add_argument("--no-scale", action="store_true", help="full mode without the big job run")
+    ap.add_argument("--gpu-only", action="store_true", help="only the GPU section (needs CUDA; the JSON's figures are the GPU's)")
     ap.add_argument("--job-child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.job_child:
@@ -303,6 +349,10 @@ def main() -> None:
                "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
                "load_avg_start": os.getloadavg()[0]}
     log("machine", machine)
+    if args.gpu_only:
+        if device.type != "cuda":
+            raise SystemExit("--gpu-only needs a visible CUDA device (torch.cuda.is_available() is False)")
+        return print(json.dumps(gpu_only_result(gpu_section(quick, rounds), quick, machine, t_start)))
 
     cpu = torch.device("cpu")
     peak = matmul_flops(mm_n, mm_trials, cpu)
@@ -326,18 +376,7 @@ def main() -> None:
             f"{r['fast_ratio_median_of_rounds']:.0%}, stock {r.get('stock_ratio_median_of_rounds', 0):.0%}, "
             f"TransformerEncoderLayer {r.get('torch_encoder_layer_ratio_median_of_rounds', 0):.0%}")
 
-    gpu = None
-    if device.type == "cuda":
-        gpu_peak = matmul_flops(8192, 5, device, torch.bfloat16)
-        gpu = {"name": torch.cuda.get_device_name(0), "matmul_bf16_flops": gpu_peak, "contexts": {}}
-        gmodel = make_model(REALISTIC).to(device)
-        for L, n in ((200, 4096 if quick else 32768), (512, 1024 if quick else 8192)):
-            r = bench_context(gmodel, L, n, rounds, device, False, 8192, torch.bfloat16)
-            gpu_peak = max(gpu_peak, r["matmul_flops_during"])
-            r["bound_profiles_per_s"] = gpu_peak / r["flops_per_profile"]
-            r["fast_ratio_to_bound"] = r["fast_profiles_per_s"] / r["bound_profiles_per_s"]
-            gpu["contexts"][L] = r
-            log(f"GPU bf16 L={L}: {r['fast_profiles_per_s']:.0f}/s = {r['fast_ratio_to_bound']:.0%} of bound")
+    gpu = gpu_section(quick, rounds) if device.type == "cuda" else None
 
     jobs = []
     with tempfile.TemporaryDirectory(prefix="fmpipe-bench-") as tmp:
@@ -371,6 +410,18 @@ def main() -> None:
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
     print(json.dumps(result))
+
+
+def gpu_only_result(gpu: dict, quick: bool, machine: dict, t_start: float) -> dict:
+    head = gpu["contexts"][200]
+    return {"bench": "embed", "mode": ("quick" if quick else "full") + "-gpu-only", "seq_len": 200,
+            "device": gpu["name"], "profiles_per_s": round(head["fast_profiles_per_s"], 1),
+            "bound_profiles_per_s": round(head["bound_profiles_per_s"], 1),
+            "ratio_to_bound": round(head["fast_ratio_to_bound"], 4),
+            "ratio_median_of_rounds": round(head["fast_ratio_median_of_rounds"], 4),
+            "ratio_to_bound_512": round(gpu["contexts"][512]["fast_ratio_to_bound"], 4),
+            "job_profiles_per_s": gpu["job"]["profiles_per_s"], "model": REALISTIC, "gpu": gpu,
+            "machine": {**machine, "load_avg_end": os.getloadavg()[0]}, "wall_s": round(time.perf_counter() - t_start, 1)}
 
 
 if __name__ == "__main__":
