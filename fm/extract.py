@@ -41,6 +41,17 @@ from fm.schema import HEAD_CLASSES, N_SPECIAL, PAD, TOKEN_FIELDS
 
 DEFAULT_BATCH_TOKENS = 8192
 DEFAULT_CHUNK_PROFILES = 4096
+# Forward-batch limits per device: (padded tokens, profiles). On CPU cores 8,192 tokens keep one
+# batch's activations near the caches (bench/embed.py). A GPU needs far more work per launch to get
+# past launch and host overhead: on an H200 (bench/gpu_check.sh) 8,192-token batches reached 2% of
+# the bf16 matmul bound on the production shape.
+BATCH_LIMITS = {"cpu": (DEFAULT_BATCH_TOKENS, 1024), "cuda": (262_144, 4096)}
+
+
+def batch_limits(device: torch.device | str, batch_tokens: int = 0, max_batch: int = 0) -> tuple[int, int]:
+    """(padded tokens, profiles) per forward batch on ``device``; a non-zero argument overrides its default."""
+    tokens, rows = BATCH_LIMITS.get(torch.device(device).type, BATCH_LIMITS["cpu"])
+    return batch_tokens or tokens, max_batch or rows
 
 
 @dataclass(frozen=True)
@@ -300,10 +311,12 @@ def _amp(device: torch.device):
 
 
 @torch.inference_mode()
-def encode_sequences(encoder: ProfileEncoder, seqs: Sequences, *, batch_tokens: int = DEFAULT_BATCH_TOKENS,
-                     max_batch: int = 1024, device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
-    """Vectors of every row of ``seqs`` in row order: {column: (N, D) float32}."""
+def encode_sequences(encoder: ProfileEncoder, seqs: Sequences, *, batch_tokens: int = 0,
+                     max_batch: int = 0, device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
+    """Vectors of every row of ``seqs`` in row order: {column: (N, D) float32}. Batch limits of 0 are
+    the device's (:data:`BATCH_LIMITS`)."""
     device = torch.device(device)
+    batch_tokens, max_batch = batch_limits(device, batch_tokens, max_batch)
     if device.type == "cpu":
         keep_freed_buffers()
     n = len(seqs)

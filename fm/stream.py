@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import torch
 
 from fm.data import Sequences
-from fm.extract import DEFAULT_BATCH_TOKENS, DEFAULT_CHUNK_PROFILES, ProfileEncoder, encode_sequences
+from fm.extract import DEFAULT_CHUNK_PROFILES, ProfileEncoder, encode_sequences
 from fm.schema import TOKEN_FIELDS
 
 def vector_array(v: np.ndarray) -> pa.Array:
@@ -51,8 +51,8 @@ def _chunks(batches: Iterable[pa.RecordBatch], rows: int) -> Iterator[pa.Table]:
 
 
 def embed_batches(encoder: ProfileEncoder, batches: Iterable[pa.RecordBatch], *,
-                  chunk_profiles: int = DEFAULT_CHUNK_PROFILES, batch_tokens: int = DEFAULT_BATCH_TOKENS,
-                  max_batch: int = 1024, device: torch.device | str = "cpu",
+                  chunk_profiles: int = DEFAULT_CHUNK_PROFILES, batch_tokens: int = 0,
+                  max_batch: int = 0, device: torch.device | str = "cpu",
                   rotations: dict[str, np.ndarray] | None = None) -> Iterator[pa.RecordBatch]:
     """History record batches (``profile_id`` + one list column per token field) -> record batches
     of ``profile_id`` + one vector column per spec, one per chunk of ``chunk_profiles`` profiles,

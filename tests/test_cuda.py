@@ -90,3 +90,4 @@ def test_bf16_embeddings_on_cuda_match_the_float32_cpu_reference():
         got = torch.tensor(np.stack(out["cuda"][name].to_numpy(zero_copy_only=False)))
         assert torch.isfinite(got).all() and _rel(got, ref) < 2e-2, (name, _rel(got, ref))
         assert torch.nn.functional.cosine_similarity(got, ref).min() > 0.995, name
+

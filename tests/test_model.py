@@ -10,7 +10,7 @@ from fm import checkpoint
 from fm.content import ContentEncoder
 from fm.data import Sequences
 from fm.evaluate import metrics_from_ranks, rank_of_target
-from fm.extract import LayerSpec, default_layers, pool, profile_embeddings
+from fm.extract import LayerSpec, ProfileEncoder, default_layers, encode_sequences, pool, profile_embeddings
 from fm.model import FoundationModel, ModelConfig, init_weights
 from fm.schema import ACTIONS, N_SPECIAL, TOKEN_FIELDS, vocab_index
 from fm.fit import FitConfig, fit
@@ -478,6 +478,25 @@ def test_relative_attention_bias_is_causal_and_the_inference_encoder_matches(rel
     for name in want:
         np.testing.assert_allclose(got[name], want[name], atol=2e-5, rtol=1e-4)
     assert "rel_bias" in m.cfg.to_dict() and "rel_bias" not in tiny_model().cfg.to_dict()
+
+
+def test_forward_batches_follow_the_device_limits_unless_overridden():
+    """0 means the device's limits (fm.extract.BATCH_LIMITS); every batch stays within them, and the
+    vectors do not depend on how the rows were batched."""
+    from fm.extract import BATCH_LIMITS, batch_limits, token_batches
+    assert batch_limits("cpu") == BATCH_LIMITS["cpu"] and batch_limits("cuda") == BATCH_LIMITS["cuda"]
+    assert batch_limits("cuda", 64, 3) == (64, 3) and batch_limits("cpu", 0, 5) == (BATCH_LIMITS["cpu"][0], 5)
+    lengths = np.random.default_rng(0).integers(1, 40, 500)
+    for tokens, rows in ((64, 1024), (4096, 7)):
+        batches = list(token_batches(lengths, 16, tokens, rows))
+        assert sorted(np.concatenate(batches).tolist()) == list(range(500))
+        assert all(len(b) <= rows and len(b) * min(16, lengths[b].max()) <= max(tokens, 16) for b in batches)
+    m = tiny_model()
+    seqs = learnable_sequences(n=40, L=12, n_titles=30)
+    specs = default_layers(2)
+    default, small = (encode_sequences(ProfileEncoder(m, specs), seqs, batch_tokens=t) for t in (0, 24))
+    for name in default:
+        np.testing.assert_allclose(default[name], small[name], atol=2e-5, rtol=1e-4)
 
 
 def test_sampled_softmax_over_the_touched_titles_equals_the_whole_table():
