@@ -324,12 +324,24 @@ def encode_sequences(encoder: ProfileEncoder, seqs: Sequences, *, batch_tokens: 
     if n == 0:
         return out
     stacked = np.stack([seqs.values[f] for f in TOKEN_FIELDS], axis=1)
+    # On a GPU the host must not wait for each batch: inputs go through pinned buffers (copied
+    # asynchronously while the host gathers the next batch) and the vectors stay on the device until
+    # the whole chunk is done, one copy back per column instead of one per batch.
+    gpu = device.type == "cuda"
+    kept = {name: torch.empty((n, d), dtype=torch.float32, device=device) for name, d in zip(encoder.names, encoder.dims)} if gpu else {}
     for rows in token_batches(seqs.lengths, encoder.max_len, batch_tokens, max_batch):
         ids, lens = batch_ids(seqs, rows, encoder.max_len, stacked)
+        if gpu:
+            ids, lens, at = ids.pin_memory(), lens.pin_memory(), torch.from_numpy(rows).pin_memory().to(device, non_blocking=True)
         with _amp(device):
             vecs = encoder(ids.to(device, non_blocking=True), lens.to(device, non_blocking=True))
         for name, v in zip(encoder.names, vecs):
-            out[name][rows] = v.float().cpu().numpy()
+            if gpu:
+                kept[name].index_copy_(0, at, v.float())
+            else:
+                out[name][rows] = v.float().numpy()
+    for name, v in kept.items():
+        out[name][:] = v.cpu().numpy()
     return out
 
 
