@@ -499,6 +499,29 @@ def test_forward_batches_follow_the_device_limits_unless_overridden():
         np.testing.assert_allclose(default[name], small[name], atol=2e-5, rtol=1e-4)
 
 
+def test_the_accelerator_path_gathers_the_same_batches_and_vectors():
+    """gather_batch (ids gathered where the flat token table lives) equals batch_ids, and the
+    accelerator's encode loop, run here on the CPU, gives the CPU loop's vectors."""
+    from fm.extract import _encode_on_device, batch_ids, gather_batch
+    m = tiny_model()
+    seqs = learnable_sequences(n=40, L=12, n_titles=30).take(np.arange(40))
+    seqs = seqs.keep_tokens(np.random.default_rng(1).random(int(seqs.offsets[-1])) < 0.7)   # ragged rows
+    seqs = seqs.take(np.flatnonzero(seqs.lengths > 0))
+    flat = torch.stack([torch.from_numpy(seqs.values[f]) for f in TOKEN_FIELDS], dim=1)
+    for rows in (np.arange(len(seqs)), np.array([5, 2, 9])):
+        for max_len in (4, 16):
+            want, got = batch_ids(seqs, rows, max_len), gather_batch(flat, seqs.offsets, rows, max_len)
+            assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+    specs = default_layers(2)
+    enc = ProfileEncoder(m, specs)
+    ref = encode_sequences(enc, seqs, batch_tokens=24)
+    out = {n: np.empty((len(seqs), d), np.float32) for n, d in zip(enc.names, enc.dims)}
+    with torch.inference_mode():
+        got = _encode_on_device(enc, seqs, 24, 1024, torch.device("cpu"), out)
+    for name in ref:
+        np.testing.assert_allclose(got[name], ref[name], atol=2e-5, rtol=1e-4)
+
+
 def test_sampled_softmax_over_the_touched_titles_equals_the_whole_table():
     """The objective computes only the titles a step touches; loss and gradients are those of the
     whole-table computation (ID dropout off, where both are deterministic)."""
