@@ -27,7 +27,7 @@ Parts (``--only``; a part not run, or not built yet, reports null -- never a mad
   budget; ``student_plain`` is the same small model trained by the recipe alone (no teacher), the
   control that says what distillation adds. ``student_quality_ratio`` = student / teacher test
   NDCG@10; ``student_speedup`` = student / teacher profiles per second through the product's
-  inference encoder (``fm.extract.encode_sequences``, every profile of the world, ``--threads``
+  inference encoder (``fm.stream.encode_sequences``, every profile of the world, ``--threads``
   threads, best of 3 interleaved runs, wall clock).
 
 * ``finetune`` / ``prompt`` -- a downstream task on the same world: "does the profile's next event
@@ -72,7 +72,8 @@ from fm.distill import StudentShape, agreement, distill  # noqa: E402
 from fm.diversity import intra_list_similarity, rerank  # noqa: E402
 from fm.finetune import TaskHead, auc, fit_task, labels_of, n_trainable, predict, task_sequences  # noqa: E402
 from fm.prompts import PromptTask, weights_checksum  # noqa: E402
-from fm.extract import ProfileEncoder, default_layers, encode_sequences, title_embeddings  # noqa: E402
+from fm.extract import ProfileEncoder, default_layers, title_embeddings  # noqa: E402
+from fm.stream import encode_sequences  # noqa: E402
 from fm.recipe import Recipe, build, target_ids, train  # noqa: E402
 from jobs.io import partition  # noqa: E402
 from jobs.retrieve import title_genres  # noqa: E402

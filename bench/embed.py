@@ -55,8 +55,8 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 from fm.data import Sequences  # noqa: E402
-from fm.extract import BATCH_LIMITS, ProfileEncoder, default_layers, reference_embeddings  # noqa: E402
-from fm.stream import embed_batches
+from fm.extract import ProfileEncoder, default_layers, reference_embeddings  # noqa: E402
+from fm.stream import BATCH_LIMITS, embed_batches
 from fm.model import FoundationModel, ModelConfig, init_weights  # noqa: E402
 from fm.schema import HISTORY_SCHEMA, N_SPECIAL, TOKEN_FIELDS  # noqa: E402
 

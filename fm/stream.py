@@ -1,5 +1,10 @@
 """Streaming inference over Arrow: history rows in, vector rows out, memory bounded by one chunk.
 
+How the vectors are computed at scale lives here; what they are (layer specs, the encoder, pooling,
+the eager reference) lives in :mod:`fm.extract`. :func:`encode_sequences` runs the encoder over
+length-bucketed batches sized per device (:data:`BATCH_LIMITS`); on an accelerator the batches are
+gathered there (:func:`gather_batch`).
+
 :func:`embed_batches` is the core both execution paths share (single process and Spark
 ``mapInArrow``). :func:`iter_history` reads a history partition row group by row group and skips
 the row groups whose ``last_dt`` statistics exclude the day: the history is written sorted by
@@ -8,6 +13,10 @@ profiles are read without scanning every profile (:func:`history_scan` measures 
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import platform
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -18,8 +27,99 @@ import pyarrow.parquet as pq
 import torch
 
 from fm.data import Sequences
-from fm.extract import DEFAULT_CHUNK_PROFILES, ProfileEncoder, encode_sequences
-from fm.schema import TOKEN_FIELDS
+from fm.extract import DEFAULT_BATCH_TOKENS, DEFAULT_CHUNK_PROFILES, ProfileEncoder, autocast, batch_ids, token_batches
+from fm.schema import PAD, TOKEN_FIELDS
+
+# Forward-batch limits per device: (padded tokens, profiles). On CPU cores 8,192 tokens keep one
+# batch's activations near the caches (bench/embed.py). A GPU needs far more work per launch to get
+# past launch and host overhead: on an H200 (bench/gpu_check.sh) 8,192-token batches reached 2% of
+# the bf16 matmul bound on the production shape.
+BATCH_LIMITS = {"cpu": (DEFAULT_BATCH_TOKENS, 1024), "cuda": (262_144, 4096)}
+
+
+def batch_limits(device: torch.device | str, batch_tokens: int = 0, max_batch: int = 0) -> tuple[int, int]:
+    """(padded tokens, profiles) per forward batch on ``device``; a non-zero argument overrides its default."""
+    tokens, rows = BATCH_LIMITS.get(torch.device(device).type, BATCH_LIMITS["cpu"])
+    return batch_tokens or tokens, max_batch or rows
+
+
+@functools.cache
+def keep_freed_buffers(limit: int = 1 << 30) -> bool:
+    """Ask glibc to keep freed buffers up to ``limit`` bytes for reuse (once per process; False
+    where the C library is not glibc, which changes nothing).
+
+    Why: one batch's widest activation (8,192 tokens x 4 d_model float32: 32 MiB at d_model 256) is
+    above glibc's largest automatic mmap threshold (32 MiB), so each free hands it back to the OS and
+    the next batch's allocation page-faults it in again, zero-filled: about a tenth of CPU encode
+    time on the production shape (``bench/embed.py``). With the mmap and trim thresholds raised the
+    pages stay in the heap; the process keeps its peak working set instead of shrinking between
+    batches, which an inference process wants anyway."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    m_trim_threshold, m_mmap_threshold = -1, -3                 # <malloc.h>
+    return bool(libc.mallopt(m_mmap_threshold, limit)) and bool(libc.mallopt(m_trim_threshold, limit))
+
+
+@torch.inference_mode()
+def encode_sequences(encoder: ProfileEncoder, seqs: Sequences, *, batch_tokens: int = 0,
+                     max_batch: int = 0, device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
+    """Vectors of every row of ``seqs`` in row order: {column: (N, D) float32}. Batch limits of 0 are
+    the device's (:data:`BATCH_LIMITS`)."""
+    device = torch.device(device)
+    batch_tokens, max_batch = batch_limits(device, batch_tokens, max_batch)
+    if device.type == "cpu":
+        keep_freed_buffers()
+    n = len(seqs)
+    out = {name: np.empty((n, d), np.float32) for name, d in zip(encoder.names, encoder.dims)}
+    if n == 0:
+        return out
+    if device.type != "cpu":
+        return _encode_on_device(encoder, seqs, batch_tokens, max_batch, device, out)
+    stacked = np.stack([seqs.values[f] for f in TOKEN_FIELDS], axis=1)
+    for rows in token_batches(seqs.lengths, encoder.max_len, batch_tokens, max_batch):
+        ids, lens = batch_ids(seqs, rows, encoder.max_len, stacked)
+        for name, v in zip(encoder.names, encoder(ids, lens)):
+            out[name][rows] = v.float().numpy()
+    return out
+
+
+def gather_batch(flat: torch.Tensor, offsets: np.ndarray, rows: np.ndarray, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`batch_ids` computed where ``flat`` ((T, F) ids of every token, fields in TOKEN_FIELDS
+    order) lives: the same (B, L, F) ids and (B,) lengths, gathered on that device."""
+    ends = offsets[rows + 1]
+    starts = np.maximum(offsets[rows], ends - max_len)
+    lens = (ends - starts).astype(np.int64)
+    L = int(max(lens.max(initial=1), 1))
+    dev = flat.device
+    start, n = torch.from_numpy(starts.astype(np.int64)).to(dev), torch.from_numpy(lens).to(dev)
+    pos = torch.arange(L, device=dev)
+    valid = pos[None, :] < n[:, None]
+    ids = flat[torch.where(valid, start[:, None] + pos[None, :], 0)]
+    ids[~valid] = PAD
+    return ids, n
+
+
+def _encode_on_device(encoder: ProfileEncoder, seqs: Sequences, batch_tokens: int, max_batch: int,
+                      device: torch.device, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """encode_sequences on an accelerator. The host must not feed it batch by batch: the chunk's
+    token ids go over once, every batch is gathered there (:func:`gather_batch`), and the vectors
+    stay there until the chunk is done (one copy back per column). On an H200 the host-side
+    gathering and the per-batch copies held the production shape to 2-8% of the bf16 bound."""
+    flat = torch.stack([torch.from_numpy(seqs.values[f]).to(device) for f in TOKEN_FIELDS], dim=1)
+    kept = {name: torch.empty((len(seqs), d), dtype=torch.float32, device=device)
+            for name, d in zip(encoder.names, encoder.dims)}
+    for rows in token_batches(seqs.lengths, encoder.max_len, batch_tokens, max_batch):
+        ids, lens = gather_batch(flat, seqs.offsets, rows, encoder.max_len)
+        at = torch.from_numpy(rows).to(device)
+        with autocast(device):
+            vecs = encoder(ids, lens)
+        for name, v in zip(encoder.names, vecs):
+            kept[name].index_copy_(0, at, v.float())
+    for name, v in kept.items():
+        out[name][:] = v.cpu().numpy()
+    return out
+
 
 def vector_array(v: np.ndarray) -> pa.Array:
     """(N, D) float32 -> list<float32> Arrow array (zero-copy values)."""

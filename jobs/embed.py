@@ -63,7 +63,7 @@ class EmbedConfig:
     prompts: str = ""
     engine: str = "local"                # local | spark
     batch_size: int = 0                  # at most this many profiles per forward batch ...
-    batch_tokens: int = 0                # ... and padded tokens (0: the device's, fm.extract.BATCH_LIMITS)
+    batch_tokens: int = 0                # ... and padded tokens (0: the device's, fm.stream.BATCH_LIMITS)
     chunk_profiles: int = 4096           # profiles read, embedded and written per row group
     device: str = "auto"
     threads: int = 0                     # local engine: 0 = all cores

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from fm import align, checkpoint
-from fm.extract import (LayerSpec, ProfileEncoder, batch_ids, default_layers, encode_sequences, parse_layers,
-                        reference_embeddings, title_embeddings)
+from fm.extract import (LayerSpec, ProfileEncoder, batch_ids, default_layers, parse_layers, reference_embeddings,
+                        title_embeddings)
+from fm.stream import encode_sequences
 from fm.model import content_map
 from fm.schema import HEAD_CLASSES, N_SPECIAL, TITLE_VOCAB_SCHEMA
 from jobs import alignment, checksum, embed

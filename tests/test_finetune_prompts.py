@@ -137,7 +137,8 @@ def test_task_jobs_refuse_bad_input_in_one_line(home, tmp_path, capsys):
 
 
 def test_the_inference_encoder_with_a_prompt_equals_encode_with_the_prefix():
-    from fm.extract import LayerSpec, ProfileEncoder, encode_sequences, reference_embeddings
+    from fm.extract import LayerSpec, ProfileEncoder, reference_embeddings
+    from fm.stream import encode_sequences
     fm = tiny(rel_bias="pos")
     seqs = random_task(n=12)
     specs = (LayerSpec(1, "last"), LayerSpec(2, "last"), LayerSpec(2, "mean"))

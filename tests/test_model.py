@@ -10,7 +10,8 @@ from fm import checkpoint
 from fm.content import ContentEncoder
 from fm.data import Sequences
 from fm.evaluate import metrics_from_ranks, rank_of_target
-from fm.extract import LayerSpec, ProfileEncoder, default_layers, encode_sequences, pool, profile_embeddings
+from fm.extract import LayerSpec, ProfileEncoder, default_layers, pool, profile_embeddings
+from fm.stream import encode_sequences
 from fm.model import FoundationModel, ModelConfig, init_weights
 from fm.schema import ACTIONS, N_SPECIAL, TOKEN_FIELDS, vocab_index
 from fm.fit import FitConfig, fit
@@ -458,7 +459,7 @@ def test_rank_metrics_on_hand_computed_cases():
 def test_relative_attention_bias_is_causal_and_the_inference_encoder_matches(rel_bias):
     """With a relative attention bias the state at t still sees nothing after t, the bias changes
     the states (it is used), and the fused inference encoder gives the eager path's vectors."""
-    from fm.extract import ProfileEncoder, encode_sequences, reference_embeddings
+    from fm.extract import ProfileEncoder, reference_embeddings
     m, toks = tiny_model(rel_bias=rel_bias), random_tokens()
     plain = m.encode(toks)[-1]
     with torch.no_grad():
@@ -481,9 +482,10 @@ def test_relative_attention_bias_is_causal_and_the_inference_encoder_matches(rel
 
 
 def test_forward_batches_follow_the_device_limits_unless_overridden():
-    """0 means the device's limits (fm.extract.BATCH_LIMITS); every batch stays within them, and the
+    """0 means the device's limits (fm.stream.BATCH_LIMITS); every batch stays within them, and the
     vectors do not depend on how the rows were batched."""
-    from fm.extract import BATCH_LIMITS, batch_limits, token_batches
+    from fm.extract import token_batches
+    from fm.stream import BATCH_LIMITS, batch_limits
     assert batch_limits("cpu") == BATCH_LIMITS["cpu"] and batch_limits("cuda") == BATCH_LIMITS["cuda"]
     assert batch_limits("cuda", 64, 3) == (64, 3) and batch_limits("cpu", 0, 5) == (BATCH_LIMITS["cpu"][0], 5)
     lengths = np.random.default_rng(0).integers(1, 40, 500)
@@ -502,7 +504,8 @@ def test_forward_batches_follow_the_device_limits_unless_overridden():
 def test_the_accelerator_path_gathers_the_same_batches_and_vectors():
     """gather_batch (ids gathered where the flat token table lives) equals batch_ids, and the
     accelerator's encode loop, run here on the CPU, gives the CPU loop's vectors."""
-    from fm.extract import _encode_on_device, batch_ids, gather_batch
+    from fm.extract import batch_ids
+    from fm.stream import _encode_on_device, gather_batch
     m = tiny_model()
     seqs = learnable_sequences(n=40, L=12, n_titles=30).take(np.arange(40))
     seqs = seqs.keep_tokens(np.random.default_rng(1).random(int(seqs.offsets[-1])) < 0.7)   # ragged rows
