@@ -58,9 +58,14 @@ from fm.data import Sequences  # noqa: E402
 from fm.extract import ProfileEncoder, default_layers, reference_embeddings  # noqa: E402
 from fm.stream import BATCH_LIMITS, embed_batches
 from fm.model import FoundationModel, ModelConfig, init_weights  # noqa: E402
+from fm.recipe import Recipe  # noqa: E402
 from fm.schema import HISTORY_SCHEMA, N_SPECIAL, TOKEN_FIELDS  # noqa: E402
 
 REALISTIC = dict(n_titles=20000, content_dim=64, d_model=256, n_layers=4, n_heads=4, max_len=512)
+# The same shape with the recipe's architecture switches (relative position bias, embedding LayerNorm,
+# title bias): what `fmpipe train` builds. The position bias makes attention take a mask instead of
+# the causal shortcut, so it costs more than the plain shape (reported beside it).
+RECIPE_ARCH = {**REALISTIC, "rel_bias": Recipe.rel_bias, "emb_norm": Recipe.emb_norm, "title_bias": Recipe.title_bias}
 SMALL = dict(n_titles=5000, content_dim=32, d_model=64, n_layers=2, n_heads=2, max_len=64)
 TINY = dict(n_titles=5000, content_dim=16, d_model=32, n_layers=1, n_heads=2, max_len=32)    # the 1M run: I/O + memory
 
@@ -142,7 +147,7 @@ def history_table(cfg: ModelConfig, n: int, lengths, rng: np.random.Generator, f
 # in-process timings
 # ------------------------------------------------------------------------------------------------
 def bench_context(model: FoundationModel, L: int, n: int, rounds: int, device: torch.device, stock: bool,
-                  mm_n: int, mm_dtype=torch.float32) -> dict:
+                  mm_n: int, mm_dtype=torch.float32, others: dict[str, FoundationModel] | None = None) -> dict:
     """Rounds of [matmul window, one pass of each path] so that every path and the bound see the
     same machine state (the 2-core machine is shared). Per path: best profiles/s over the rounds,
     and the median over rounds of (profiles/s x FLOPs/profile) / (that round's matmul FLOP/s)."""
@@ -159,6 +164,14 @@ def bench_context(model: FoundationModel, L: int, n: int, rounds: int, device: t
             pass
         sync()
     paths = {"fast": (fast, n)}
+    for name, other in (others or {}).items():          # same shape, other switches: timed in the same rounds
+        other_encoder = ProfileEncoder(other, specs).to(device)
+
+        def other_fast(enc=other_encoder):
+            for _ in embed_batches(enc, batches, device=device):
+                pass
+            sync()
+        paths[f"{name}_fast"] = (other_fast, n)
     if device.type == "cuda":                # the same path with the CPU's batch limits, for the ratio
         def cpu_batches():
             for _ in embed_batches(encoder, batches, device=device, batch_tokens=BATCH_LIMITS["cpu"][0],
@@ -369,14 +382,14 @@ def main() -> None:
     model = make_model(REALISTIC)
     contexts = {}
     for L, n in ((200, 48 if quick else 256), (512, 16 if quick else 96)):
-        r = bench_context(model, L, n, rounds, cpu, True, mm_n)
+        r = bench_context(model, L, n, rounds, cpu, True, mm_n, others={"recipe_arch": make_model(RECIPE_ARCH)} if L == 200 else None)
         contexts[L] = r
         log(f"L={L}: fast {r['fast_profiles_per_s']:.1f}/s, stock(model.encode, 256/batch) "
             f"{r.get('stock_profiles_per_s', 0):.1f}/s, nn.TransformerEncoderLayer {r.get('torch_encoder_layer_profiles_per_s', 0):.1f}/s")
     peak = max([peak, matmul_flops(mm_n, mm_trials, cpu)] + [r["matmul_flops_during"] for r in contexts.values()])
     for L, r in contexts.items():
         r["bound_profiles_per_s"] = peak / r["flops_per_profile"]
-        for k in ("fast", "stock", "torch_encoder_layer"):
+        for k in ("fast", "stock", "torch_encoder_layer", "recipe_arch_fast"):
             if f"{k}_profiles_per_s" in r:
                 r[f"{k}_ratio_to_bound"] = r[f"{k}_profiles_per_s"] / r["bound_profiles_per_s"]
         log(f"L={L}: bound {r['bound_profiles_per_s']:.1f}/s (matmul {peak / 1e9:.0f} GFLOP/s) -> best-of ratio: fast "
@@ -410,6 +423,9 @@ def main() -> None:
         "stock_ratio_to_bound": round(head.get("stock_ratio_to_bound", float("nan")), 3),
         "ratio_median_of_rounds": round(head["fast_ratio_median_of_rounds"], 3),
         "ratio_to_bound_512": round(contexts[512]["fast_ratio_to_bound"], 3),
+        "ratio_to_bound_recipe_arch": round(head["recipe_arch_fast_ratio_to_bound"], 3),
+        "ratio_median_of_rounds_recipe_arch": round(head["recipe_arch_fast_ratio_median_of_rounds"], 3),
+        "recipe_arch": {k: RECIPE_ARCH[k] for k in ("rel_bias", "emb_norm", "title_bias")},
         "peak_rss_mb": max(j["peak_rss_mb"] for j in jobs),          # the embed job processes
         "bench_process_peak_rss_mb": round(peak_rss_mb(), 1),
         "matmul_gflop_s": round(peak / 1e9, 1),
