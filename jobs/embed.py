@@ -69,6 +69,8 @@ class EmbedConfig:
     threads: int = 0                     # local engine: 0 = all cores
     spark_threads: int = 1               # torch threads per Spark task
     spark_partitions: int = 0            # spark engine: repartition the day's profiles (0 = as read)
+    spark_device: str = "cpu"            # spark engine: cpu | cuda | auto (a task's GPU when its executor has one;
+                                         # give tasks one with spark.task.resource.gpu.amount)
     align: bool = True                   # rotate a new model's space onto the previous publication
     align_rank: int = 0                  # truncated-SVD rank (0 = smallest rank holding align_energy)
     align_energy: float = 0.99
@@ -187,6 +189,8 @@ def run(cfg: EmbedConfig, paths: Paths, spark=None) -> dict:
     day = parse_date(cfg.date)
     if cfg.engine not in ("local", "spark"):
         raise ValueError(f"engine must be 'local' or 'spark', got {cfg.engine!r}")
+    if cfg.spark_device not in ("cpu", "cuda", "auto"):
+        raise ValueError(f"spark_device must be 'cpu', 'cuda' or 'auto', got {cfg.spark_device!r}")
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     device = pick_device(cfg.device)
     ids = title_ids_by_idx(read_vocab(paths))
@@ -270,7 +274,7 @@ def run(cfg: EmbedConfig, paths: Paths, spark=None) -> dict:
             "new_titles": n_new, "layers": [s.name for s in specs], **surface_manifest(surfaces),
             **outputs_manifest(heads, prompt_names),
             "dim": model.cfg.d_model,
-            "device": str(device), "engine": cfg.engine, "alignment": alignment.get("mode"),
+            "device": str(device) if cfg.engine == "local" else f"spark tasks: {cfg.spark_device}", "engine": cfg.engine, "alignment": alignment.get("mode"),
             "seconds": round(elapsed, 3), "profiles_per_s": round(n / elapsed, 1) if elapsed > 0 else None}
 
 

@@ -57,10 +57,13 @@ def _embed_partition(batches: Iterator[pa.RecordBatch], *, ckpt: str, version: s
                      specs: tuple[LayerSpec, ...], rotations: dict[str, np.ndarray], threads: int,
                      chunk_profiles: int, batch_tokens: int, max_batch: int,
                      surfaces: tuple[str, ...] = (), heads: tuple[str, ...] = (),
-                     prompts: dict[str, dict[str, np.ndarray]] | None = None) -> Iterator[pa.RecordBatch]:
-    """One Spark task: load the model once, then stream this partition's record batches through it."""
+                     prompts: dict[str, dict[str, np.ndarray]] | None = None,
+                     device: str = "cpu") -> Iterator[pa.RecordBatch]:
+    """One Spark task: load the model once, then stream this partition's record batches through it
+    on ``device`` as the executor sees it ('auto': its GPU when it has one)."""
     import torch
 
+    from fm.fit import pick_device
     from fm.stream import embed_batches
     from fm.prompts import inference_encoder
     from jobs.embed import load_for_inference
@@ -69,11 +72,12 @@ def _embed_partition(batches: Iterator[pa.RecordBatch], *, ckpt: str, version: s
     if first is None:                       # an empty partition never loads the model
         return
     torch.set_num_threads(max(1, threads))
-    model = load_for_inference(_resolve(ckpt), version, new_content)
-    states = {n: {k: torch.from_numpy(v) for k, v in st.items()} for n, st in (prompts or {}).items()}
-    encoder = inference_encoder(model, specs, surfaces, heads, states)
+    dev = pick_device(device)
+    model = load_for_inference(_resolve(ckpt), version, new_content, device=dev)
+    states = {n: {k: torch.from_numpy(v).to(dev) for k, v in st.items()} for n, st in (prompts or {}).items()}
+    encoder = inference_encoder(model, specs, surfaces, heads, states).to(dev)
     yield from embed_batches(encoder, itertools.chain([first], batches), chunk_profiles=chunk_profiles,
-                             batch_tokens=batch_tokens, max_batch=max_batch, rotations=rotations)
+                             batch_tokens=batch_tokens, max_batch=max_batch, rotations=rotations, device=dev)
 
 
 def write_profiles_spark(spark, *, source: Path, day: dt.date, ckpt: Path, version: str, new_content: np.ndarray,
@@ -100,7 +104,8 @@ def write_profiles_spark(spark, *, source: Path, day: dt.date, ckpt: Path, versi
                            new_content=new_content if len(new_content) else None, specs=tuple(specs),
                            rotations=dict(rotations), threads=cfg.spark_threads,
                            chunk_profiles=cfg.chunk_profiles, batch_tokens=cfg.batch_tokens, max_batch=cfg.batch_size,
-                           surfaces=tuple(surfaces), heads=tuple(heads), prompts=dict(prompts or {}))
+                           surfaces=tuple(surfaces), heads=tuple(heads), prompts=dict(prompts or {}),
+                           device=cfg.spark_device)
     emb = df.mapInArrow(fn, out_schema)
     emb = (emb.select(F.col("profile_id"),
                       F.lit(stamp).cast("timestamp").alias("event_timestamp"),

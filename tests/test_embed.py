@@ -203,7 +203,8 @@ def test_local_and_spark_engines_publish_the_same_table(world, home, spark):
     local = run(paths, day, chunk_profiles=40)
     a = pq.read_table(partition(paths.profile_embeddings, day)).sort_by("profile_id")
     man_a = json.loads((partition(paths.profile_embeddings, day) / "_manifest.json").read_text())
-    res = embed.run(embed.EmbedConfig(date=day.isoformat(), engine="spark", spark_partitions=2), paths, spark)
+    res = embed.run(embed.EmbedConfig(date=day.isoformat(), engine="spark", spark_partitions=2, spark_device="auto"),
+                    paths, spark)
     part = partition(paths.profile_embeddings, day)
     b = pq.read_table(part).sort_by("profile_id")
     man_b = json.loads((part / "_manifest.json").read_text())
