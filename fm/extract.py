@@ -37,6 +37,8 @@ from fm.schema import HEAD_CLASSES, N_SPECIAL, PAD, TOKEN_FIELDS
 
 DEFAULT_BATCH_TOKENS = 8192
 DEFAULT_CHUNK_PROFILES = 4096
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     """One output column: transformer layer (1-based) and pooling ('last' or 'mean')."""
@@ -242,19 +244,26 @@ class ProfileEncoder(nn.Module):
         return tuple(out)
 
 
+def row_windows(offsets: np.ndarray, rows: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Where each row's last ``max_len`` tokens start in the flat token arrays, how many there are
+    (int64), and the padded width of the batch; shared by :func:`batch_ids` and its on-device twin
+    :func:`fm.stream.gather_batch`."""
+    ends = offsets[rows + 1]
+    starts = np.maximum(offsets[rows], ends - max_len).astype(np.int64)
+    lens = (ends - starts).astype(np.int64)
+    return starts, lens, int(max(lens.max(initial=1), 1))
+
+
 def batch_ids(seqs: Sequences, rows: np.ndarray, max_len: int, stacked: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, L, F) int32 ids (last ``max_len`` tokens per row, right-padded) and (B,) int64 lengths."""
     if stacked is None:
         stacked = np.stack([seqs.values[f] for f in TOKEN_FIELDS], axis=1)
-    ends = seqs.offsets[rows + 1]
-    starts = np.maximum(seqs.offsets[rows], ends - max_len)
-    lens = ends - starts
-    L = int(max(lens.max(initial=1), 1))
+    starts, lens, L = row_windows(seqs.offsets, rows, max_len)
     pos = np.arange(L)[None, :]
     valid = pos < lens[:, None]
     ids = stacked[np.where(valid, starts[:, None] + pos, 0)]
     ids[~valid] = PAD
-    return torch.from_numpy(ids), torch.from_numpy(lens.astype(np.int64))
+    return torch.from_numpy(ids), torch.from_numpy(lens)
 
 
 def token_batches(lengths: np.ndarray, max_len: int, batch_tokens: int = DEFAULT_BATCH_TOKENS,

@@ -27,7 +27,8 @@ import pyarrow.parquet as pq
 import torch
 
 from fm.data import Sequences
-from fm.extract import DEFAULT_BATCH_TOKENS, DEFAULT_CHUNK_PROFILES, ProfileEncoder, autocast, batch_ids, token_batches
+from fm.extract import (DEFAULT_BATCH_TOKENS, DEFAULT_CHUNK_PROFILES, ProfileEncoder, autocast, batch_ids, row_windows,
+                        token_batches)
 from fm.schema import PAD, TOKEN_FIELDS
 
 # Forward-batch limits per device: (padded tokens, profiles). On CPU cores 8,192 tokens keep one
@@ -87,12 +88,9 @@ def encode_sequences(encoder: ProfileEncoder, seqs: Sequences, *, batch_tokens: 
 def gather_batch(flat: torch.Tensor, offsets: np.ndarray, rows: np.ndarray, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`batch_ids` computed where ``flat`` ((T, F) ids of every token, fields in TOKEN_FIELDS
     order) lives: the same (B, L, F) ids and (B,) lengths, gathered on that device."""
-    ends = offsets[rows + 1]
-    starts = np.maximum(offsets[rows], ends - max_len)
-    lens = (ends - starts).astype(np.int64)
-    L = int(max(lens.max(initial=1), 1))
+    starts, lens, L = row_windows(offsets, rows, max_len)
     dev = flat.device
-    start, n = torch.from_numpy(starts.astype(np.int64)).to(dev), torch.from_numpy(lens).to(dev)
+    start, n = torch.from_numpy(starts).to(dev), torch.from_numpy(lens).to(dev)
     pos = torch.arange(L, device=dev)
     valid = pos[None, :] < n[:, None]
     ids = flat[torch.where(valid, start[:, None] + pos[None, :], 0)]

@@ -74,7 +74,7 @@ def _embed_partition(batches: Iterator[pa.RecordBatch], *, ckpt: str, version: s
     torch.set_num_threads(max(1, threads))
     dev = pick_device(device)
     model = load_for_inference(_resolve(ckpt), version, new_content, device=dev)
-    states = {n: {k: torch.from_numpy(v).to(dev) for k, v in st.items()} for n, st in (prompts or {}).items()}
+    states = {n: {k: torch.from_numpy(v) for k, v in st.items()} for n, st in (prompts or {}).items()}
     encoder = inference_encoder(model, specs, surfaces, heads, states).to(dev)
     yield from embed_batches(encoder, itertools.chain([first], batches), chunk_profiles=chunk_profiles,
                              batch_tokens=batch_tokens, max_batch=max_batch, rotations=rotations, device=dev)
