@@ -58,6 +58,7 @@ AXES: dict[str, list] = {
     "ema": [0.0, 0.999],
     "title_bias": [True, False],      # the learned per-title popularity prior
     "n_evals": [8, 32],             # how finely validation picks the kept checkpoint
+    "weight_decay": [0.0, 0.01, 0.1],  # AdamW's decoupled decay: also shrinks rarely sampled titles' rows
 }
 
 
