@@ -95,7 +95,8 @@ def _content_bias(q: float, scale: float = 1.0):
 
 
 BIAS_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
-CONTENT_SCALES = (0.5, 0.75)
+CONTENT_SCALES = (0.75, 0.85, 0.9, 0.95)   # 0.5 and 0.75 serve almost no cold title, 1.0 costs warm users: the
+                                                # frontier between them was unmeasured
 CANDIDATES.update({f"content_bias_q{round(q * 100):02d}": _content_bias(q) for q in BIAS_QUANTILES})
 CANDIDATES.update({f"content_x{s:g}_bias_q{round(q * 100):02d}": _content_bias(q, s)
                    for s in CONTENT_SCALES for q in BIAS_QUANTILES})
