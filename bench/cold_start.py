@@ -196,7 +196,8 @@ def _section(recs: list[dict]) -> tuple[list[str], dict]:
              f"{r0['cold_users']} test users whose target is one of them; full ranking over {r0['candidates']} titles; "
              f"seeds {[r['seed'] for r in recs]}; budget {recs[0]['budget_s']:.0f} s {recs[0]['clock']} per model. "
              "", "### Cold users", "", "| variant | HR@10 | NDCG@10 | HR@50 | NDCG@50 |", "|---|---:|---:|---:|---:|"]
-    for v in r0["cold"]:
+    common = lambda part: [v for v in r0[part] if all(v in x[part] for x in res)]  # noqa: E731 (seeds scored before a grid grew)
+    for v in common("cold"):
         cells = [fmt([x["cold"][v][k] for x in res]) if k in r0["cold"][v] else "" for k in METRICS]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     lines += ["", f"Calibration chosen on validation, pooled over the seeds (``choose``): **{chosen}**.", "",
@@ -207,7 +208,7 @@ def _section(recs: list[dict]) -> tuple[list[str], dict]:
                               for k, v in r["result"]["calibration_valid"].items()) + ")"
                           for r in recs), "",
               "### Warm users", "", "| variant | NDCG@10 | HR@10 |", "|---|---:|---:|"]
-    for v in r0["warm"]:
+    for v in common("warm"):
         lines.append(f"| {v} | {fmt([x['warm'][v]['ndcg@10'] for x in res])} | {fmt([x['warm'][v]['hr@10'] for x in res])} |")
     mean = lambda part, v, k: ms([x[part][v][k] for x in res])[0]  # noqa: E731
     hr, hr_sd = ms([x["cold"][chosen]["hr@50"] for x in res])
