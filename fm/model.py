@@ -78,7 +78,7 @@ class ModelConfig:
     # map from content predicts) or "neighbours" (the nearest trained titles by content). Chosen on
     # cold validation users (bench/results/cold_start_before_ema.md, mean of 3 seeds: content at the 75th bias
     # percentile 0.145 HR@50, bias 0 0.136, ridge 0.038, neighbours 0.062; at the current defaults the
-    # bias quantile is the median, fm.recipe.COLD_CALIBRATION).
+    # calibration is the one fm.recipe.COLD_CALIBRATION names per encoder).
     cold_titles: str = "content"
     # Calibration of a never-trained title's score (``cold_titles="content"``): its bias is this
     # quantile of the trained titles' biases, so a new title ranks as a title of that popularity

@@ -18,6 +18,7 @@ from fm.extract import (LayerSpec, ProfileEncoder, batch_ids, default_layers, pa
                         title_embeddings)
 from fm.stream import encode_sequences
 from fm.model import content_map
+from fm.recipe import Recipe, cold_calibration
 from fm.schema import HEAD_CLASSES, N_SPECIAL, TITLE_VOCAB_SCHEMA
 from jobs import alignment, checksum, embed
 from jobs.io import partition
@@ -173,9 +174,11 @@ def test_new_titles_get_the_vectors_their_content_predicts(world, home):
         trained = base.title.table().numpy()[N_SPECIAL:]
     np.testing.assert_allclose(tv[:n_trained], trained, atol=1e-6)    # known titles: the model's table, unchanged
     model, *_ = world_model(paths)
+    scale = model.cfg.cold_content_scale                  # the validated calibration (fm.recipe.COLD_CALIBRATION)
+    assert scale == pytest.approx(cold_calibration(Recipe())[1])
     with torch.no_grad():                                 # served by content (the validated cold_titles default)
-        content_part = model.title.proj(model.title.content[N_SPECIAL + n0:]).numpy()
-        twin = model.title.proj(model.title.content[[title_ids_by_idx(vocab).index(t)
+        content_part = scale * model.title.proj(model.title.content[N_SPECIAL + n0:]).numpy()
+        twin = scale * model.title.proj(model.title.content[[title_ids_by_idx(vocab).index(t)
                                                      for t in cat["title_id"].to_pylist()[:3]]]).numpy()
     np.testing.assert_allclose(tv_unseen, content_part, atol=1e-5)
     assert (np.linalg.norm(tv_unseen, axis=1) > 0).all()

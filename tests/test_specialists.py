@@ -195,16 +195,16 @@ def test_cold_title_calibration_follows_the_content_encoder_unless_given():
     neither a number nor ``auto`` is refused by name; a version names what ``auto`` resolves to."""
     from fm.recipe import COLD_CALIBRATION, cold_calibration
     from jobs.settings import parse_overrides
-    assert cold_calibration(Recipe()) == COLD_CALIBRATION["tfidf"] == (0.5, 1.0)
+    assert cold_calibration(Recipe()) == COLD_CALIBRATION["tfidf"] == (0.99, 0.9)
     minilm = parse_overrides(TrainJobConfig, ["content_encoder=minilm"])
     assert cold_calibration(minilm) == (0.99, 0.75)
     assert model_config(minilm, 10, ()).cold_bias_quantile == 0.99 and model_config(minilm, 10, ()).cold_content_scale == 0.75
     given = parse_overrides(TrainJobConfig, ["content_encoder=minilm", "cold_bias_quantile=0.5", "cold_content_scale=1"])
     assert cold_calibration(given) == (0.5, 1.0)
-    assert cold_calibration(parse_overrides(TrainJobConfig, ["cold_bias_quantile=none"])) == (None, 1.0)
+    assert cold_calibration(parse_overrides(TrainJobConfig, ["cold_bias_quantile=none"])) == (None, 0.9)
     with pytest.raises(ValueError, match="cold_bias_quantile: expected a number or 'auto'"):
         parse_overrides(TrainJobConfig, ["cold_bias_quantile=high"])
     day = dt.date(2026, 11, 14)
-    assert model_version(TrainJobConfig(), day) == model_version(TrainJobConfig(cold_bias_quantile=0.5, cold_content_scale=1.0), day)
+    assert model_version(TrainJobConfig(), day) == model_version(TrainJobConfig(cold_bias_quantile=0.99, cold_content_scale=0.9), day)
     assert model_version(minilm, day) == model_version(
         TrainJobConfig(content_encoder="minilm", cold_bias_quantile=0.99, cold_content_scale=0.75), day)
