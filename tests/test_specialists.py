@@ -190,15 +190,15 @@ def test_fm_scores_ask_with_the_surface_query():
 
 
 def test_cold_title_calibration_follows_the_content_encoder_unless_given():
-    """``auto`` (the default) resolves to the calibration validated for the encoder: MiniLM with
-    TF-IDF's would cost warm users 6% (bench/results/cold_start_before_ema.md). Given values win; text that is
+    """``auto`` (the default) resolves to the calibration pooled validation chose for the encoder
+    (bench/results/cold_start.md, one section per encoder). Given values win; text that is
     neither a number nor ``auto`` is refused by name; a version names what ``auto`` resolves to."""
     from fm.recipe import COLD_CALIBRATION, cold_calibration
     from jobs.settings import parse_overrides
     assert cold_calibration(Recipe()) == COLD_CALIBRATION["tfidf"] == (0.99, 0.9)
     minilm = parse_overrides(TrainJobConfig, ["content_encoder=minilm"])
-    assert cold_calibration(minilm) == (0.99, 0.75)
-    assert model_config(minilm, 10, ()).cold_bias_quantile == 0.99 and model_config(minilm, 10, ()).cold_content_scale == 0.75
+    assert cold_calibration(minilm) == COLD_CALIBRATION["minilm"] == (0.95, 0.9)
+    assert model_config(minilm, 10, ()).cold_bias_quantile == 0.95 and model_config(minilm, 10, ()).cold_content_scale == 0.9
     given = parse_overrides(TrainJobConfig, ["content_encoder=minilm", "cold_bias_quantile=0.5", "cold_content_scale=1"])
     assert cold_calibration(given) == (0.5, 1.0)
     assert cold_calibration(parse_overrides(TrainJobConfig, ["cold_bias_quantile=none"])) == (None, 0.9)
@@ -207,4 +207,4 @@ def test_cold_title_calibration_follows_the_content_encoder_unless_given():
     day = dt.date(2026, 11, 14)
     assert model_version(TrainJobConfig(), day) == model_version(TrainJobConfig(cold_bias_quantile=0.99, cold_content_scale=0.9), day)
     assert model_version(minilm, day) == model_version(
-        TrainJobConfig(content_encoder="minilm", cold_bias_quantile=0.99, cold_content_scale=0.75), day)
+        TrainJobConfig(content_encoder="minilm", cold_bias_quantile=0.95, cold_content_scale=0.9), day)
