@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-from bench.fault_harness import kill, power_loss, run_step, start, steps_code, tail, wait_reached
+from bench.fault_harness import kill, power_loss, run_step, start, steps_code, wait_reached
 from bench.fault_tables import describe_serving, same_serving, served
 from jobs.pipeline import STEPS
 

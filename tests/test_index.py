@@ -2,7 +2,6 @@
 raw inner-product title index, and `fmpipe index` attaching to / reusing the current publication."""
 from __future__ import annotations
 
-import datetime as dt
 import json
 
 import numpy as np
