@@ -49,6 +49,9 @@ The 32-point grid validates the same trajectory (its 225 s and 450 s points equa
 so it can only find a higher maximum of the same noisy curve: +0.0005 is a third of the standard
 error of a 20,000-profile validation NDCG@10 (~0.0014) and costs four times the validation time, so
 ``n_evals`` stays 8.
+d_model 128 with the weight average (does the average's postponed over-fitting let the wider model win
+now?): ML-1M 0.2227 vs 0.2271, Beauty peak 0.0675 vs 0.0689 (stopped at 900 s; both on a loaded
+machine; ``sweep_{ml1m,beauty}_dmodel_128_ema.md``), so d_model stays 64.
 
 Validation: each profile's last target event (``leave_one_out=False``: training sees everything
 before it) or its second-last (``leave_one_out=True``: the last is the test target of ``fmpipe
