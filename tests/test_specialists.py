@@ -97,9 +97,9 @@ def test_default_config_and_version_are_unchanged():
     assert set(spec.state_dict()) == set(m.state_dict())              # no new parameters or buffers saved
     # version names computed with the code before target_canvases existed (commit d09c557)
     # (with that commit's defaults of the settings changed since: dropout 0.1, valid_users 2000, content_dim 64,
-    # cold_bias_quantile None, ema 0)
+    # cold_bias_quantile None, ema 0, cold_content_scale 1, weight_decay 0)
     day, then = dt.date(2026, 11, 14), {"dropout": 0.1, "valid_users": 2000, "content_dim": 64, "cold_bias_quantile": None,
-                                        "ema": 0.0}
+                                        "ema": 0.0, "cold_content_scale": 1.0, "weight_decay": 0.0}
     assert model_version(TrainJobConfig(date="2026-11-14", **then), day) == "fm-20261114-scratch-f89e7c1c"
     assert model_version(TrainJobConfig(date="2026-11-14", surfaces="home,kids", rel_bias="none", **then), day) == \
         "fm-20261114-scratch-2f358893"
