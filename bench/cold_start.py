@@ -95,11 +95,17 @@ def _content_bias(q: float, scale: float = 1.0):
 
 
 BIAS_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
-CONTENT_SCALES = (0.75, 0.85, 0.9, 0.95)   # 0.5 and 0.75 serve almost no cold title, 1.0 costs warm users: the
-                                                # frontier between them was unmeasured
+CONTENT_SCALES = (0.75, 0.85, 0.9, 0.95)   # 0.75 serves almost no cold title (0.5 nothing, dropped) and 1.0 (plain
+                                           # ``content``) costs warm users: the scales between them are the frontier
 CANDIDATES.update({f"content_bias_q{round(q * 100):02d}": _content_bias(q) for q in BIAS_QUANTILES})
 CANDIDATES.update({f"content_x{s:g}_bias_q{round(q * 100):02d}": _content_bias(q, s)
                    for s in CONTENT_SCALES for q in BIAS_QUANTILES})
+
+
+def scored_by_all(per_seed: list[dict]) -> list[str]:
+    """The variants every seed scored, in the first seed's order (seeds scored before a grid grew
+    lack the new variants)."""
+    return [k for k in per_seed[0] if all(k in x for x in per_seed[1:])]
 
 
 def choose(results: list[dict], tolerance: float = 0.01) -> str:
@@ -111,7 +117,7 @@ def choose(results: list[dict], tolerance: float = 0.01) -> str:
     Results from before the reference was scored on validation keep the choice they made."""
     if any("reference_warm_valid" not in x for x in results):
         return results[0]["calibration_chosen"].removeprefix("fm_")
-    keys = [k for k in results[0]["calibration_valid"] if all(k in x["calibration_valid"] for x in results)]
+    keys = scored_by_all([x["calibration_valid"] for x in results])
     warm = {k: float(np.mean([x["calibration_warm_valid"][k]["ndcg@10"] / x["reference_warm_valid"]["ndcg@10"]
                               for x in results])) for k in keys}
     cold = {k: float(np.mean([x["calibration_valid"][k]["hr@50"] for x in results])) for k in keys}
@@ -196,8 +202,7 @@ def _section(recs: list[dict]) -> tuple[list[str], dict]:
              f"{r0['cold_users']} test users whose target is one of them; full ranking over {r0['candidates']} titles; "
              f"seeds {[r['seed'] for r in recs]}; budget {recs[0]['budget_s']:.0f} s {recs[0]['clock']} per model. "
              "", "### Cold users", "", "| variant | HR@10 | NDCG@10 | HR@50 | NDCG@50 |", "|---|---:|---:|---:|---:|"]
-    common = lambda part: [v for v in r0[part] if all(v in x[part] for x in res)]  # noqa: E731 (seeds scored before a grid grew)
-    for v in common("cold"):
+    for v in scored_by_all([x["cold"] for x in res]):
         cells = [fmt([x["cold"][v][k] for x in res]) if k in r0["cold"][v] else "" for k in METRICS]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     lines += ["", f"Calibration chosen on validation, pooled over the seeds (``choose``): **{chosen}**.", "",
@@ -208,7 +213,7 @@ def _section(recs: list[dict]) -> tuple[list[str], dict]:
                               for k, v in r["result"]["calibration_valid"].items()) + ")"
                           for r in recs), "",
               "### Warm users", "", "| variant | NDCG@10 | HR@10 |", "|---|---:|---:|"]
-    for v in common("warm"):
+    for v in scored_by_all([x["warm"] for x in res]):
         lines.append(f"| {v} | {fmt([x['warm'][v]['ndcg@10'] for x in res])} | {fmt([x['warm'][v]['hr@10'] for x in res])} |")
     mean = lambda part, v, k: ms([x[part][v][k] for x in res])[0]  # noqa: E731
     hr, hr_sd = ms([x["cold"][chosen]["hr@50"] for x in res])
