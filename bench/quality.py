@@ -29,8 +29,8 @@ What each part runs (every part is the product's code, with the product's defaul
   side heads on (detached, the default), off, and sharing the state.
 * ``ablate:KEY=VALUE``: the product path with one recipe setting changed.
 * ``sasrec:dropout=X`` / ``beauty_sasrec:dropout=X`` / ``sasrec_converged:ema=D`` (``+`` joins settings):
-  the baseline with another dropout, or with the fit loop's weight average (the README
-  fixes 0.2; SASRec's authors used 0.5 on sparse data). The merged report's SASRec for a dataset is
+  the baseline with another dropout, or with the fit loop's weight average or weight decay (the
+  options the FM's recipe uses; the README fixes dropout 0.2; SASRec's authors used 0.5 on sparse data). The merged report's SASRec for a dataset is
   the variant with the best *validation* NDCG@10, so the baseline gets the same choice the FM gets.
 
 Each part writes ``<out>/quality/<part>-seed<K>.json`` (commit, command, machine, load); the merge
@@ -128,7 +128,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for p in a.parts:
         if p not in PARTS and not p.startswith(("ablate:", *SASREC_VARIANT_BASES)):
             ap.error(f"unknown part {p!r}; valid: {', '.join(PARTS)}, ablate:KEY=VALUE, "
-                     "[beauty_]sasrec[_converged]:KEY=VALUE[+KEY=VALUE] (KEY: dropout, ema)")
+                     "[beauty_]sasrec[_converged]:KEY=VALUE[+KEY=VALUE] (KEY: dropout, ema, weight_decay)")
         if p.startswith(SASREC_VARIANT_BASES):
             try:
                 baseline_variant(p)
@@ -265,9 +265,10 @@ def product(dataset: str, args, seed: int, overrides: dict | None = None) -> dic
 
 
 def sasrec(dataset: str, args, seed: int, converged: bool = False, dropout: float | None = None,
-           ema: float = 0.0) -> dict:
+           ema: float = 0.0, weight_decay: float = 0.0) -> dict:
     """Our SASRec on the product's history table: same fit loop, same validation targets, same budget
-    (``dropout``: instead of the README's 0.2)."""
+    (``dropout``: instead of the README's 0.2; ``ema`` and ``weight_decay``: the fit loop's options the
+    foundation model's recipe uses, so the baseline may have them too)."""
     home, day = prepare(dataset, args)
     hist = Sequences.read(partition(home.history, __import__("datetime").date.fromisoformat(day)))
     n_titles = len(title_ids_by_idx(read_vocab(home)))
@@ -288,10 +289,11 @@ def sasrec(dataset: str, args, seed: int, converged: bool = False, dropout: floa
     cfg = FitConfig(budget_s=args.converged_cap_s if converged else args.budget_s, clock=args.clock, seed=seed,
                     max_epochs=(30 if args.quick else 1000) if converged else 10_000,
                     patience=args.patience if converged else 0, schedule="constant" if converged else "cosine",
-                    n_evals=8, desc=f"sasrec {dataset}", ema=ema, checkpoint_every_s=600.0 if converged else 0.0,
+                    n_evals=8, desc=f"sasrec {dataset}", ema=ema, weight_decay=weight_decay, checkpoint_every_s=600.0 if converged else 0.0,
                     **{**SASREC["fit"], **({"lr": args.converged_lr} if converged else {})})
     # training to convergence goes on in sittings: a capped run saves its state, a larger cap resumes it
-    state = home / "states" / f"sasrec_converged-d{spec['dropout']}-ema{ema}-lr{cfg.lr}-seed{seed}" if converged else None
+    state = home / "states" / (f"sasrec_converged-d{spec['dropout']}-ema{ema}-lr{cfg.lr}"
+                                    f"{f'-wd{weight_decay}' if weight_decay else ''}-seed{seed}") if converged else None
     r = fit(model, train_seqs, max_len, cfg, validate=validate, state_dir=state, resume=converged)
     seqs, cand = eval_data(dataset, home, day, args)
     test = P.evaluate(P.among(model.scores, cand, n_titles), seqs, P.eval_set(seqs, 1), max_len)
@@ -299,11 +301,11 @@ def sasrec(dataset: str, args, seed: int, converged: bool = False, dropout: floa
             "steps": r.steps, "epochs": r.epochs, "stopped_by": r.stopped_by, "valid_ndcg@10": r.best.get("ndcg@10"),
             "best_weights": r.best_weights, "n_params": model.n_params(), "resumed": r.resumed,
             "config": {**SASREC, "model": spec, "max_len": max_len, **({"lr": cfg.lr} if converged else {}),
-                       **({"ema": ema} if ema else {})}}
+                       **({"ema": ema} if ema else {}), **({"weight_decay": weight_decay} if weight_decay else {})}}
 
 
 SASREC_VARIANT_BASES = ("sasrec:", "sasrec_converged:", "beauty_sasrec:")
-SASREC_VARIANT_KEYS = {"dropout": float, "ema": float}
+SASREC_VARIANT_KEYS = {"dropout": float, "ema": float, "weight_decay": float}
 
 
 def baseline_variant(part: str) -> tuple[str, dict]:

@@ -118,6 +118,8 @@ def test_baseline_variants_parse_and_the_report_picks_each_baselines_variant_on_
     from bench.quality_report import best_variant
     assert baseline_variant("sasrec_converged:ema=0.999+dropout=0.5") == ("sasrec_converged", {"ema": 0.999, "dropout": 0.5})
     assert baseline_variant("beauty_sasrec:dropout=0.5") == ("beauty_sasrec", {"dropout": 0.5})
+    assert baseline_variant("sasrec_converged:ema=0.999+weight_decay=0.01") == (
+        "sasrec_converged", {"ema": 0.999, "weight_decay": 0.01})
     with pytest.raises(ValueError, match="KEY in"):
         baseline_variant("sasrec:lr=1")
     with pytest.raises(ValueError, match="ema needs a number"):
