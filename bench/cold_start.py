@@ -9,7 +9,7 @@ ranked over **all** movies (the protocol of ``fm/protocol.py``), with:
   bias predicted from content by a ridge map fitted on the trained titles, ``fm.model.
   regress_cold_titles``), ``fm_ridge_median_bias`` (the same vector, the median trained bias),
   ``fm_neighbours`` (vector and bias of the 20 nearest trained titles by content cosine,
-  ``fm.model.impute_cold_titles``), ``fm_content`` (the content projection alone, the path ID
+  ``fm.cold.impute_cold_titles``), ``fm_content`` (the content projection alone, the path ID
   dropout trains; bias 0) and ``fm_content_bias_qNN`` (the same with the bias at the NN-th
   percentile of the trained titles' biases, ``cold_bias_quantile``: a calibration offset that trades
   cold titles' rank against warm ones') and ``fm_content_xS_bias_qNN`` (the projection scaled by S,
@@ -40,7 +40,7 @@ from fm import checkpoint
 from fm import protocol as P
 from fm.content_knn import content_knn_scores, title_tfidf
 from fm.evaluate import as_cold, content_only, regressed
-from fm.model import impute_cold_titles, serve_cold_titles
+from fm.cold import impute_cold_titles, serve_cold_titles
 from fm.schema import N_SPECIAL
 from jobs import evaluate as ev
 from jobs import train as train_job
@@ -60,7 +60,7 @@ def _train(args, home, day: str, seed: int, over: dict) -> Path:
 
 
 def _imputed(model, held: np.ndarray):
-    """Held-out titles by neighbour imputation (``fm.model.impute_cold_titles``)."""
+    """Held-out titles by neighbour imputation (``fm.cold.impute_cold_titles``)."""
     return as_cold(model, held, impute_cold_titles)
 
 

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from fm.data import Sequences, length_bucketed
-from fm.model import FoundationModel, regress_cold_titles, serve_cold_titles
+from fm.cold import regress_cold_titles, serve_cold_titles
+from fm.model import FoundationModel
 from fm.schema import ACTIONS, DEVICES, N_SPECIAL
 
 
@@ -109,7 +110,7 @@ def regressed(model: FoundationModel, titles: np.ndarray) -> FoundationModel:
 
 def served(model: FoundationModel, titles: np.ndarray) -> FoundationModel:
     """A copy whose ``titles`` are what serving gives a title that arrives after training
-    (``grow_titles``, by the model's ``cold_titles`` method)."""
+    (``fm.cold.add_titles``, by the model's ``cold_titles`` method)."""
     return as_cold(model, titles, serve_cold_titles)
 
 

@@ -139,7 +139,7 @@ class ProfileEncoder(nn.Module):
     ``heads`` entry: that side head's class probabilities at the last event (softmax over the real
     classes, :data:`fm.schema.HEAD_CLASSES` order; ``dims`` gives each output's width). Shares the
     blocks' parameters with ``model``; the fused embedding table is a snapshot, so build the
-    encoder after ``grow_titles``. ``prompt`` (P, D): a task's soft prompt (``fm.prompts``) placed
+    encoder after ``fm.cold.add_titles``. ``prompt`` (P, D): a task's soft prompt (``fm.prompts``) placed
     before every row's events, the model's weights unchanged (the vectors of that task's view).
     """
 

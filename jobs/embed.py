@@ -34,6 +34,7 @@ import torch
 
 from fm import checkpoint
 from fm.checkpoint import CheckpointError
+from fm.cold import add_titles
 from fm.content import content_matrix
 from fm.data import Sequences
 from fm.extract import ProfileEncoder, head_column, parse_heads, parse_layers, title_embeddings
@@ -116,7 +117,7 @@ def load_model(paths: Paths, cfg: EmbedConfig, ids: list[str | None], device: to
     new_ids = ids[n_trained:]
     if new_ids:
         cat = pq.read_table(paths.catalogue)
-        model.grow_titles(torch.from_numpy(content_matrix(encoder, new_ids, cat, cache=paths.content_cache)))
+        add_titles(model, torch.from_numpy(content_matrix(encoder, new_ids, cat, cache=paths.content_cache)))
     return model.to(device), meta, n_trained
 
 
@@ -127,7 +128,7 @@ def load_for_inference(ckpt: str | Path, model_version: str, new_content: np.nda
     if meta.get("model_version") != model_version:
         raise CheckpointError(f"checkpoint {ckpt} now holds {meta.get('model_version')}, expected {model_version}")
     if new_content is not None and len(new_content):
-        model.grow_titles(torch.from_numpy(np.asarray(new_content, np.float32)))
+        add_titles(model, torch.from_numpy(np.asarray(new_content, np.float32)))
     return model.to(device).eval()
 
 

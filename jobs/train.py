@@ -32,6 +32,7 @@ import torch
 
 from fm import checkpoint
 from fm import protocol as P
+from fm.cold import add_titles
 from fm.content import Encoder, content_matrix, fit_encoder
 from fm.data import Sequences
 from fm.fit import plot_curve
@@ -116,7 +117,7 @@ def load_grown(directory: Path, ids: list, cat, paths: Paths) -> tuple[Foundatio
     model, encoder, meta = checkpoint.load(directory, expected_vocab=ids[2:])
     new_ids = ids[model.cfg.n_titles:]
     if new_ids:
-        model.grow_titles(torch.from_numpy(content_matrix(encoder, new_ids, cat, cache=paths.content_cache)))
+        add_titles(model, torch.from_numpy(content_matrix(encoder, new_ids, cat, cache=paths.content_cache)))
     return model, encoder, meta
 
 

@@ -17,7 +17,7 @@ from fm import align, checkpoint
 from fm.extract import (LayerSpec, ProfileEncoder, batch_ids, default_layers, parse_layers, reference_embeddings,
                         title_embeddings)
 from fm.stream import encode_sequences
-from fm.model import content_map
+from fm.cold import add_titles, content_map
 from fm.recipe import Recipe, cold_calibration
 from fm.schema import HEAD_CLASSES, N_SPECIAL, TITLE_VOCAB_SCHEMA
 from jobs import alignment, checksum, embed
@@ -188,7 +188,7 @@ def test_new_titles_get_the_vectors_their_content_predicts(world, home):
     trained_mask[N_SPECIAL:] = True
     w = content_map(base, trained_mask)
     base.cfg.cold_titles = "ridge"
-    base.grow_titles(model.title.content[base.cfg.n_titles:])
+    add_titles(base, model.title.content[base.cfg.n_titles:])
     d = base.cfg.d_model
     with_one = lambda c: torch.cat([c, torch.ones_like(c[:, :1])], dim=1)  # noqa: E731 (content + intercept)
     with torch.no_grad():

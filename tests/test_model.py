@@ -12,6 +12,7 @@ from fm.data import Sequences
 from fm.evaluate import metrics_from_ranks, rank_of_target
 from fm.extract import LayerSpec, ProfileEncoder, default_layers, pool, profile_embeddings
 from fm.stream import encode_sequences
+from fm.cold import add_titles
 from fm.model import FoundationModel, ModelConfig, init_weights
 from fm.schema import ACTIONS, N_SPECIAL, TOKEN_FIELDS, vocab_index
 from fm.fit import FitConfig, fit
@@ -276,7 +277,7 @@ def test_growing_the_vocabulary_keeps_old_rows_bit_identical():
     m = tiny_model()
     old_ids = m.title.id.weight.detach().clone()
     old_table = m.title.table().detach().clone()
-    m.grow_titles(torch.randn(5, 8), regress=False)
+    m.grow_titles(torch.randn(5, 8))
     assert m.cfg.n_titles == 35
     assert torch.equal(m.title.id.weight[:30], old_ids) and torch.equal(m.title.table()[:30], old_table)
     assert torch.equal(m.title.id.weight[30:], torch.zeros(5, 16))
@@ -292,7 +293,7 @@ def test_grown_titles_are_served_by_content_by_default():
     with torch.no_grad():
         m.bias.normal_()
     old_table, old_bias = m.title.table().detach().clone(), m.bias.detach().clone()
-    m.grow_titles(torch.randn(3, 8))
+    add_titles(m, torch.randn(3, 8))
     assert torch.equal(m.title.table()[:200], old_table) and torch.equal(m.bias[:200], old_bias)
     assert torch.allclose(m.title.table()[200:], m.title.proj(m.title.content[200:]))
     assert torch.equal(m.bias[200:], torch.zeros(3))
@@ -309,7 +310,7 @@ def test_grown_titles_get_the_vector_their_content_predicts():
         m.title.id.weight.copy_(m.title.content @ w0 - m.title.proj(m.title.content))
     old_table = m.title.table().detach().clone()
     new_content = torch.randn(6, 8)
-    m.grow_titles(new_content)
+    add_titles(m, new_content)
     assert torch.equal(m.title.table()[:200], old_table)
     assert torch.allclose(m.title.table()[200:], new_content @ w0, atol=5e-2)
     assert not torch.allclose(m.title.table()[200:], m.title.proj(new_content), atol=5e-2)
@@ -319,7 +320,7 @@ def test_cold_titles_are_calibrated_from_content():
     """The ridge map predicts the bias as well as the vector (a bias that is a linear function of
     content is recovered); neighbour imputation copies the nearest trained title's vector and bias
     when a cold title's text equals it."""
-    from fm.model import impute_cold_titles, regress_cold_titles
+    from fm.cold import impute_cold_titles, regress_cold_titles
     m = tiny_model(n_titles=200, title_bias=True)
     w0, b0 = torch.randn(8, 16), torch.randn(8)
     with torch.no_grad():
@@ -348,7 +349,7 @@ def test_a_new_titles_bias_is_the_chosen_quantile_of_the_trained_biases():
         with torch.no_grad():
             m.bias.copy_(torch.arange(200, dtype=m.bias.dtype) - 1.0)      # trained titles 2..199: biases 1..198
             m.bias[:N_SPECIAL] = -1000.0                                    # specials never count
-        m.grow_titles(torch.randn(3, 8))
+        add_titles(m, torch.randn(3, 8))
         assert torch.allclose(m.bias[200:], torch.full((3,), want)), (q, m.bias[200:])
         assert (m.title.id.weight[200:] == 0).all()
     with pytest.raises(ValueError, match="cold_bias_quantile must be in"):
@@ -359,7 +360,7 @@ def test_a_new_titles_vector_is_its_content_projection_times_the_configured_scal
     m = tiny_model(n_titles=200, cold_content_scale=0.5)
     old = m.title.table().detach().clone()
     new_content = torch.randn(3, 8)
-    m.grow_titles(new_content)
+    add_titles(m, new_content)
     assert torch.allclose(m.title.table()[200:], 0.5 * m.title.proj(new_content), atol=1e-6)
     assert torch.equal(m.title.table()[:200], old)                        # trained titles untouched
     with pytest.raises(ValueError, match="cold_content_scale must be in"):
@@ -383,7 +384,7 @@ def test_exposure_gate_mixes_id_and_content_by_interactions_and_survives_growth(
     with torch.no_grad():
         m.title.id.weight.copy_((m.title.content @ w0 - m.title.proj(m.title.content)) / m.title.id_scale())
     new_content = torch.randn(4, 8)
-    m.grow_titles(new_content)
+    add_titles(m, new_content)
     assert m.title.exposure.shape == (204,) and (m.title.exposure[200:] == 0).all()
     assert torch.allclose(m.title.table()[200:], new_content @ w0, atol=0.1)
 
@@ -412,7 +413,7 @@ def test_id_dropout_trains_titles_through_content_alone_and_never_applies_at_ser
 
 
 def test_cold_titles_get_the_vector_their_content_predicts_and_warm_rows_stay():
-    from fm.model import regress_cold_titles
+    from fm.cold import regress_cold_titles
     m = tiny_model(n_titles=200)
     w0 = torch.randn(8, 16)
     with torch.no_grad():                       # trained titles whose whole vector is a linear function of content
