@@ -44,8 +44,8 @@ from fm.cold import impute_cold_titles, serve_cold_titles
 from fm.schema import N_SPECIAL
 from jobs import evaluate as ev
 from jobs import train as train_job
-from jobs.settings import parse_overrides
-from jobs.vocab import read_vocab, title_ids_by_idx
+from jobs.core.settings import parse_overrides
+from jobs.core.vocab import read_vocab, title_ids_by_idx
 
 METRICS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50")
 NAMES = {"ml-1m": "ML-1M", "beauty": "Amazon Beauty"}

@@ -75,9 +75,9 @@ from fm.prompts import PromptTask, weights_checksum  # noqa: E402
 from fm.extract import ProfileEncoder, default_layers, title_embeddings  # noqa: E402
 from fm.stream import encode_sequences  # noqa: E402
 from fm.recipe import Recipe, build, target_ids, train  # noqa: E402
-from jobs.io import partition  # noqa: E402
-from jobs.retrieve import title_genres  # noqa: E402
-from jobs.settings import parse_overrides  # noqa: E402
+from jobs.core.io import partition  # noqa: E402
+from jobs.tools.retrieve import title_genres  # noqa: E402
+from jobs.core.settings import parse_overrides  # noqa: E402
 
 PARTS = ("mmr", "distill", "finetune", "prompt")
 KEYS = ("student_quality_ratio", "student_speedup", "prompt_over_finetune_ratio", "prompt_param_share",

@@ -7,7 +7,7 @@ it read of the state's total (``fm.stream.history_scan``).
     .venv/bin/python bench/daily.py --profiles 100000 --titles 5000
     .venv/bin/python bench/daily.py --profiles 1000000 --titles 20000 --sessions 4   # ~10M events/day
 
-What runs is the product: ``jobs.generate``, a ``full`` tokenize backfill and a short ``fmpipe
+What runs is the product: ``jobs.tools.generate``, a ``full`` tokenize backfill and a short ``fmpipe
 train`` to set up (timed, not part of the per-day figures), then for each of the last two days the
 same functions the DAG's tasks call (``jobs.pipeline.check_raw`` ... ``report``), each in a fresh
 Python process as an Airflow task runs (so a step's peak RSS is its own). The machine is
@@ -111,7 +111,7 @@ def world(args, paths) -> dict:
     takes ~30 min of Python to generate, and it is set-up, not part of the daily figures)."""
     from dataclasses import asdict
 
-    from jobs import generate
+    from jobs.tools import generate
     cfg = generate.GenerateConfig(days=args.days, profiles=args.profiles, titles=args.titles,
                                   sessions_per_day=args.sessions, malformed_per_day=5)
     key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:16]
@@ -156,8 +156,8 @@ def history_read(day: str) -> dict:
     import datetime as dt
 
     from fm.stream import history_scan
-    from jobs.io import partition
-    from jobs.settings import Paths
+    from jobs.core.io import partition
+    from jobs.core.settings import Paths
     d = dt.date.fromisoformat(day)
     return history_scan(partition(Paths.from_env().history, d), d)
 
@@ -215,7 +215,7 @@ def publish_fraction(paths, rows_per_s: float | None) -> dict:
     import tempfile
 
     from bench.publish import raw_sqlite
-    from jobs.feast_store import sqlite_online_path
+    from jobs.core.feast_store import sqlite_online_path
     db = sqlite_online_path(paths)
     if db is None or not rows_per_s:
         return {"fraction": None, "why": "online store is not SQLite" if db is None else "no publish rate"}
@@ -232,7 +232,7 @@ def main(argv=None) -> dict:
         emit(res)
         return res
     from bench.quality import provenance
-    from jobs.settings import Paths
+    from jobs.core.settings import Paths
     paths = Paths(Path(args.work) / ("quick" if args.quick else f"p{args.profiles}"))
     os.environ["FMPIPE_HOME"] = str(paths.home)
     prov = provenance(argv)

@@ -223,8 +223,8 @@ def build_home(home: Path, spec: dict, n: int, mean_len: int, max_len: int, seed
     from fm import checkpoint
     from fm.content import ContentEncoder, title_text
     from fm.schema import CATALOGUE_SCHEMA, TITLE_VOCAB_SCHEMA
-    from jobs.io import atomic_write_json
-    from jobs.settings import Paths
+    from jobs.core.io import atomic_write_json
+    from jobs.core.settings import Paths
 
     paths = Paths(home)
     rng = np.random.default_rng(seed)
@@ -262,7 +262,7 @@ def job_child(home: str, overrides: list[str]) -> None:
     """Run the embed job on ``home``; print its result + this process's peak RSS as JSON."""
     os.environ["FMPIPE_HOME"] = home
     from jobs import embed
-    from jobs.settings import Paths, parse_overrides
+    from jobs.core.settings import Paths, parse_overrides
     cfg = parse_overrides(embed.EmbedConfig, [f"date={DAY}", *overrides])
     t0 = time.perf_counter()
     res = embed.run(cfg, Paths.from_env())

@@ -1,7 +1,7 @@
 """Fault-injection machinery for ``bench/faults.py``: kill -9 at a failpoint, simulated power loss, ENOSPC.
 
 * :func:`run_step` runs pipeline steps in a subprocess (its own session, so ``kill -9`` takes its
-  Spark JVM too). With ``point`` set (``FMPIPE_FAILPOINT``, :mod:`jobs.failpoints`) it waits until
+  Spark JVM too). With ``point`` set (``FMPIPE_FAILPOINT``, :mod:`jobs.core.failpoints`) it waits until
   the process blocks there and kills it: the crash lands exactly at that write boundary.
 * Power loss: the subprocess also loads :data:`HOOK` (a ``sitecustomize`` on a PYTHONPATH directory
   given to that subprocess only). It logs, with one sequence number, every ``os.fsync`` (file or

@@ -14,7 +14,7 @@ from pathlib import Path
 from bench.fault_harness import drop_unsynced, kill, run_step, snapshot_home, start, wait_reached
 from bench.fault_kinds import Outcome
 from bench.fault_tables import _parquet_rows
-from jobs.settings import Paths
+from jobs.core.settings import Paths
 
 
 def write_logs(root: Path) -> dict[str, Path]:
@@ -36,7 +36,7 @@ def write_logs(root: Path) -> dict[str, Path]:
 
 def import_code(src: Path, catalogue: Path | None = None) -> str:
     cat = f", catalogue={str(catalogue)!r}, catalogue_map='title_id:item_id,name:title'" if catalogue else ""
-    return ("from jobs.event_import import run, ImportConfig; from jobs.settings import Paths; "
+    return ("from jobs.tools.event_import import run, ImportConfig; from jobs.core.settings import Paths; "
             f"run(ImportConfig(source={str(src)!r}{cat}), Paths.from_env())")
 
 

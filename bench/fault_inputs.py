@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bench.fault_kinds import Outcome, expect_whole, run_day
-from jobs.io import atomic_write_table, partition, raw_partition
-from jobs.settings import Paths
+from jobs.core.io import atomic_write_table, partition, raw_partition
+from jobs.core.settings import Paths
 
 
 def input_fault(mutate: Callable[[pa.Table], pa.Table], must_fail: str | None, check: Callable | None = None) -> Callable:

@@ -5,7 +5,7 @@ Every fault gets a fresh copy of the world (yesterday published, today's raw dat
 when the cause is gone; the driver then compares every table with the undisturbed reference
 (:mod:`bench.fault_tables`). Kinds:
 
-* ``kill9@<failpoint>[#n]``: kill -9 at a failpoint (:mod:`jobs.failpoints`; ``#2``: its second hit, e.g.
+* ``kill9@<failpoint>[#n]``: kill -9 at a failpoint (:mod:`jobs.core.failpoints`; ``#2``: its second hit, e.g.
   the commit's settle after the recovery's at the start of publish); while broken, consumers
   must be served yesterday's or today's publication whole, whichever the commit point implies.
 * ``power_loss@<failpoint>``: the same, then every write not fsynced is dropped
@@ -114,12 +114,12 @@ def enospc_at(site: str, step: str, serves: str, n: int = 1) -> Callable:
 
 
 def rollback_code(day: dt.date) -> str:
-    return ("from jobs.rollback import rollback, RollbackConfig; from jobs.settings import Paths; "
+    return ("from jobs.rollback import rollback, RollbackConfig; from jobs.core.settings import Paths; "
             f"rollback(RollbackConfig(to={day.isoformat()!r}), Paths.from_env())")
 
 
 def release_code() -> str:
-    return "from jobs.rollback import release; from jobs.settings import Paths; release(Paths.from_env())"
+    return "from jobs.rollback import release; from jobs.core.settings import Paths; release(Paths.from_env())"
 
 
 def kill_rollback(point: str, serves: str) -> Callable:
@@ -146,7 +146,7 @@ def kill_rollback(point: str, serves: str) -> Callable:
 # Scenarios on the daily world
 # ------------------------------------------------------------------------------------------------
 def torn_journal(w, paths, o: Outcome) -> None:
-    from jobs import publication as pubs
+    from jobs.core import publication as pubs
     with open(pubs.root(paths) / "history.jsonl", "ab") as f:
         f.write(b'{"date": "2026-01-0')                         # power loss in the middle of a line
     expect_whole(w, paths, "yesterday", o, "with_torn_line")
@@ -154,7 +154,7 @@ def torn_journal(w, paths, o: Outcome) -> None:
 
 
 def empty_current(w, paths, o: Outcome) -> None:
-    from jobs import publication as pubs
+    from jobs.core import publication as pubs
     pubs.pointer_path(paths).write_bytes(b"")
     expect_whole(w, paths, "yesterday", o, "with_empty_pointer")
     run_day(w.day)
@@ -188,7 +188,7 @@ def rerun_old_date(w, paths, o: Outcome) -> None:
 def backfill_over(w, paths, o: Outcome) -> None:
     """Today published, then a backfill over yesterday..today: republished forward, same result."""
     from jobs import pipeline
-    from jobs.publication import PublishOrderError
+    from jobs.core.publication import PublishOrderError
     run_day(w.day)
     try:
         pipeline.backfill(w.yesterday.isoformat(), w.day.isoformat())
@@ -239,7 +239,7 @@ def late_events(w, paths, o: Outcome) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
     from jobs import pipeline
-    from jobs.io import partition
+    from jobs.core.io import partition
     def valid_events() -> int:
         return sum(pq.read_table(partition(paths.tokens, w.yesterday), columns=["n_events"])["n_events"].to_pylist())
     before = valid_events()

@@ -34,7 +34,7 @@ N_ENTITIES = 16
 def read_once(store, paths, entities: list[int], features: list[str], cache: dict) -> dict | None:
     """One consistent read, or None when the pointer moved meanwhile (the caller retries)."""
     import faiss
-    from jobs import publication as pubs
+    from jobs.core import publication as pubs
     cur = pubs.current(paths)
     got = store.get_online_features(features=features, entity_rows=[{"profile_id": p} for p in entities]).to_dict()
     d = paths.home / cur["index_dir"]
@@ -55,7 +55,7 @@ def read_once(store, paths, entities: list[int], features: list[str], cache: dic
 
 
 def setup_read(paths):
-    from jobs.feast_store import get_store
+    from jobs.core.feast_store import get_store
     store = get_store(paths)
     fv = store.get_feature_view("profile_embeddings")
     features = [f"profile_embeddings:{f.name}" for f in fv.features]
@@ -64,7 +64,7 @@ def setup_read(paths):
 
 def reader_main(home: str, out: str, entities: str) -> None:
     """Read until ``OUT.stop`` exists; one JSON line per read in ``OUT``, the count in ``OUT.count``."""
-    from jobs.settings import Paths
+    from jobs.core.settings import Paths
     warnings.simplefilter("ignore")
     paths = Paths(Path(home))
     store, features = setup_read(paths)
@@ -97,7 +97,7 @@ def run(w, home_paths, reads: int, min_ops: int, log) -> dict:
     import pyarrow.parquet as pq
     from bench.fault_harness import run_step, steps_code
     from jobs import pipeline
-    from jobs.io import partition
+    from jobs.core.io import partition
     from jobs.rollback import RollbackConfig, release, rollback
     paths = home_paths
     os.environ["FMPIPE_HOME"] = str(paths.home)

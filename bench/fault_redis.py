@@ -90,7 +90,7 @@ class Server:
 def redis_repo(root: Path, port: int) -> Path:
     """A copy of ``feature_repo/`` at ``root/feature_repo`` whose online store is the Redis on ``port``
     (also the fixture of ``tests/test_redis_publication.py``)."""
-    from jobs.feast_store import FEATURE_REPO
+    from jobs.core.feast_store import FEATURE_REPO
     repo = root / "feature_repo"
     shutil.copytree(FEATURE_REPO, repo, ignore=shutil.ignore_patterns("__pycache__", "data"))
     yaml = (repo / "feature_store.yaml").read_text()
@@ -119,7 +119,7 @@ def _env(repo: Path, home: Path):
 def _home(root: Path, server: Server):
     """A home with yesterday's and today's embed outputs, on ``server``."""
     from bench.publish import write_day
-    from jobs.settings import Paths
+    from jobs.core.settings import Paths
     repo, home = redis_repo(root, server.port), root / "var"
     with _env(repo, home):
         paths = Paths.from_env()
@@ -135,7 +135,7 @@ def _publish(repo: Path, paths, day: dt.date) -> dict:
 
 
 def _current(repo: Path, paths) -> str | None:
-    from jobs import publication as pubs
+    from jobs.core import publication as pubs
     with _env(repo, paths.home):
         cur = pubs.current(paths)
     return (cur or {}).get("date")
@@ -144,7 +144,7 @@ def _current(repo: Path, paths) -> str | None:
 def state(client) -> dict:
     """Every key's hash in the live database (the publication marker aside): the whole served state,
     byte for byte -- what readers get."""
-    from jobs.redis_store import marker_key
+    from jobs.core.redis_store import marker_key
     marker = marker_key("fm_embeddings")
     return {k: client.hgetall(k) for k in client.scan_iter() if k != marker}
 

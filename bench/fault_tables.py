@@ -47,7 +47,7 @@ def _partitioned(root: Path) -> Counter:
 
 
 def online_db(paths) -> Path | None:
-    from jobs.feast_store import sqlite_online_path
+    from jobs.core.feast_store import sqlite_online_path
     return sqlite_online_path(paths)
 
 
@@ -57,7 +57,7 @@ def online_rows(paths) -> dict[str, Counter]:
     out: dict[str, Counter] = {}
     if db is None or not db.exists():
         return out
-    from jobs.feast_store import repo_config
+    from jobs.core.feast_store import repo_config
     project = repo_config(paths).project
     with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=60)) as c:
         for view in ("profile_embeddings", "title_embeddings"):
@@ -115,7 +115,7 @@ def rows_lost(reference: dict[str, Counter], got: dict[str, Counter]) -> dict[st
 
 def served(paths) -> dict:
     """What a consumer is served now (see the module docstring)."""
-    from jobs import publication as pubs
+    from jobs.core import publication as pubs
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

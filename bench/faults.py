@@ -49,7 +49,7 @@ from bench import fault_inputs as inp  # noqa: E402
 from bench import fault_kinds as k  # noqa: E402
 from bench.common import emit, provenance  # noqa: E402
 from bench.fault_tables import rows_lost, served, table_rows  # noqa: E402
-from jobs.settings import Paths  # noqa: E402
+from jobs.core.settings import Paths  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORLD = {"profiles": 200, "titles": 150, "days": 4, "new_titles_per_day": 4, "seed": 11}
@@ -141,7 +141,8 @@ def use(paths: Paths) -> Paths:
 
 def setup(root: Path) -> World:
     """World + yesterday published + the undisturbed reference for today."""
-    from jobs import generate, pipeline, tokenize, train
+    from jobs.tools import generate
+    from jobs import pipeline, tokenize, train
     base = use(Paths(root / "base"))
     generate.run(generate.GenerateConfig(**WORLD), base)
     days = sorted(dt.date.fromisoformat(p.name[3:]) for p in base.raw.glob("dt=*"))

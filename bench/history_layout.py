@@ -76,10 +76,10 @@ def measure(path: Path, day: dt.date) -> tuple[dict, list[int], pa.Table]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from jobs import generate
-    from jobs.io import partition
-    from jobs.settings import Paths
-    from jobs.spark import get_spark
+    from jobs.tools import generate
+    from jobs.core.io import partition
+    from jobs.core.settings import Paths
+    from jobs.core.spark import get_spark
     prov = provenance("bench/history_layout.py", argv)
     t0 = time.perf_counter()
     work = Path(args.work)

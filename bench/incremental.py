@@ -86,7 +86,7 @@ def load_model(args) -> FoundationModel:
 def windows(args, model: FoundationModel) -> Sequences:
     """The latest history partition of ``--home``, or synthetic sequences (quick)."""
     if args.home:
-        from jobs.io import latest_partition_before
+        from jobs.core.io import latest_partition_before
         root = Path(args.home) / "history"
         day = latest_partition_before(root, dt.date.max)
         if day is None:

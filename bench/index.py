@@ -33,7 +33,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from bench.common import PeakRSS, emit, machine  # noqa: E402
 from jobs import index as ix  # noqa: E402
-from jobs.settings import REPO_ROOT  # noqa: E402
+from jobs.core.settings import REPO_ROOT  # noqa: E402
 
 
 def real_vectors(layer: str) -> tuple[np.ndarray | None, str]:

@@ -6,7 +6,7 @@ days in a temporary FMPIPE_HOME; day 2 re-activates half of day 1's profiles, so
 carries the other half forward (the steady state). Measured, per entity (one profile = 4 fields):
 
 * ``rows_per_s``: our path (``jobs.publish``, method=write): the day's rows written as Feast's row
-  bytes (``jobs.sqlite_rows``) into the staging table; ``publish_rows_per_s`` adds everything else of the
+  bytes (``jobs.core.sqlite_rows``) into the staging table; ``publish_rows_per_s`` adds everything else of the
   online publication (title view, copy-forward of the carried state, the swap).
 * ``feast_materialize_rows_per_s``: stock ``store.materialize`` of one day (fresh store, a subset of
   the rows: it is slow); ``feast_write_to_online_store_rows_per_s``: stock
@@ -43,8 +43,8 @@ import pyarrow.parquet as pq  # noqa: E402
 from bench.common import PeakRSS, emit, machine, provenance  # noqa: E402
 from fm.schema import profile_embedding_schema, title_embedding_schema  # noqa: E402
 from jobs.embed import published_at  # noqa: E402
-from jobs.io import partition  # noqa: E402
-from jobs.settings import Paths  # noqa: E402
+from jobs.core.io import partition  # noqa: E402
+from jobs.core.settings import Paths  # noqa: E402
 
 LAYERS = ["emb_layer1_last", "emb_layer2_last", "emb_layer2_mean"]
 D1, D2 = dt.date(2026, 11, 1), dt.date(2026, 11, 2)
@@ -97,14 +97,14 @@ def ours(home: Path, n: int, dim: int) -> dict:
 
 def stock(home: Path, n: int, dim: int) -> dict:
     """Stock Feast: materialize one day into a fresh store; then write_to_online_store the same rows."""
-    from jobs.feast_store import get_store, load_definitions
-    from jobs.online_store import materialize_rows
+    from jobs.core.feast_store import get_store, load_definitions
+    from jobs.core.online_store import materialize_rows
     paths = Paths(home)
     write_day(paths, D1, np.arange(n), dim, 1)
     store = get_store(paths)
     store.apply(load_definitions(paths))
     t0, c0 = time.perf_counter(), time.process_time()
-    # the offline sources expose published dates only (jobs.published): Feast's own engine is
+    # the offline sources expose published dates only (jobs.core.published): Feast's own engine is
     # pointed at the unpublished day as ``publish method=materialize`` does
     materialize_rows(store, store.get_feature_view("profile_embeddings"), D1, paths.profile_embeddings)
     mat, mat_cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -142,7 +142,7 @@ def reads(home: Path, n: int, reps_1: int, reps_100: int) -> dict:
     from feast.infra.key_encoding_utils import serialize_entity_key
     from feast.protos.feast.types.EntityKey_pb2 import EntityKey
     from feast.protos.feast.types.Value_pb2 import Value
-    from jobs.feast_store import get_store
+    from jobs.core.feast_store import get_store
     paths = Paths(home)
     store = get_store(paths)
     feats = [f"profile_embeddings:{f}" for f in LAYERS + ["model_version"]]

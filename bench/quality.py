@@ -71,12 +71,13 @@ from fm.recipe import cold_calibration, held_out_back, validation_set  # noqa: E
 from fm.sasrec import SASRec, SASRecConfig  # noqa: E402
 from fm.schema import ACTIONS, N_SPECIAL, vocab_index  # noqa: E402
 from jobs import evaluate as ev  # noqa: E402
-from jobs import dataset_import, event_import, tokenize  # noqa: E402
+from jobs.tools import dataset_import, event_import  # noqa: E402
+from jobs import tokenize
 from jobs import train as train_job  # noqa: E402
-from jobs.io import latest_partition_before, partition  # noqa: E402
-from jobs.locks import exclusive  # noqa: E402
-from jobs.settings import Paths, parse_overrides  # noqa: E402
-from jobs.vocab import read_vocab, title_ids_by_idx  # noqa: E402
+from jobs.core.io import latest_partition_before, partition  # noqa: E402
+from jobs.core.locks import exclusive  # noqa: E402
+from jobs.core.settings import Paths, parse_overrides  # noqa: E402
+from jobs.core.vocab import read_vocab, title_ids_by_idx  # noqa: E402
 
 # The baseline as the data README fixes it (2 layers, d=64, dropout 0.2, full softmax CE; max length
 # 200 on ML-1M, 50 on Beauty); lr / batch size chosen on validation (bench/results/quality.md history).

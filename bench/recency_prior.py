@@ -38,10 +38,10 @@ from fm import protocol as P  # noqa: E402
 from fm.data import Sequences  # noqa: E402
 from fm.recipe import target_ids  # noqa: E402
 from jobs.evaluate import history_seconds  # noqa: E402
-from jobs.io import partition  # noqa: E402
-from jobs.settings import Paths, parse_date  # noqa: E402
+from jobs.core.io import partition  # noqa: E402
+from jobs.core.settings import Paths, parse_date  # noqa: E402
 from jobs.train import load_grown  # noqa: E402
-from jobs.vocab import read_vocab, title_ids_by_idx  # noqa: E402
+from jobs.core.vocab import read_vocab, title_ids_by_idx  # noqa: E402
 
 DAY_S = 86400
 GRID = ((30, (0.1, 0.3, 0.6, 1.0)), (90, (0.1, 0.3, 0.6)), (365, (0.1, 0.3)), (10**6, (0.1, 0.3)))

@@ -69,11 +69,12 @@ from fm.data import Sequences, data_root  # noqa: E402
 from fm.model import ModelConfig  # noqa: E402
 from fm.recipe import Recipe, build, fit_model  # noqa: E402
 from fm.schema import ACTIONS, CANVASES, vocab_index  # noqa: E402
-from jobs import event_import, generate, tokenize  # noqa: E402
-from jobs.io import latest_partition_before, partition  # noqa: E402
-from jobs.settings import Paths, parse_overrides  # noqa: E402
+from jobs.tools import event_import, generate  # noqa: E402
+from jobs import tokenize
+from jobs.core.io import latest_partition_before, partition  # noqa: E402
+from jobs.core.settings import Paths, parse_overrides  # noqa: E402
 from jobs.train import dataset_target_actions  # noqa: E402
-from jobs.vocab import read_vocab, title_ids_by_idx  # noqa: E402
+from jobs.core.vocab import read_vocab, title_ids_by_idx  # noqa: E402
 
 SURFACES = ("home", "search", "kids")
 PARTS = ("generated", "taobao")

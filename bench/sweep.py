@@ -37,7 +37,7 @@ from fm.data import data_root  # noqa: E402
 from fm.recipe import RECIPE_FIELDS, Recipe  # noqa: E402
 from jobs import evaluate as evaluate_job  # noqa: E402
 from jobs import train as train_job  # noqa: E402
-from jobs.settings import parse_overrides  # noqa: E402
+from jobs.core.settings import parse_overrides  # noqa: E402
 
 AXES: dict[str, list] = {
     "lr": [1e-3, 3e-3, 1e-2],

@@ -35,8 +35,8 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from bench.common import PeakRSS, emit, machine  # noqa: E402
 from fm import schema as S  # noqa: E402
-from jobs.io import atomic_write_table, raw_partition  # noqa: E402
-from jobs.settings import Paths  # noqa: E402
+from jobs.core.io import atomic_write_table, raw_partition  # noqa: E402
+from jobs.core.settings import Paths  # noqa: E402
 
 DAY = dt.date(2026, 11, 1)
 
@@ -202,7 +202,7 @@ def main() -> None:
     ap.add_argument("--anchor-memory", default="12GB", help="DuckDB memory_limit (it spills to disk beyond it)")
     args = ap.parse_args()
     sizes = [int(float(x)) for x in args.sizes.split(",") if x] or ([250_000] if args.quick else [1_000_000, 10_000_000])
-    from jobs.spark import get_spark
+    from jobs.core.spark import get_spark
     root = Path(tempfile.mkdtemp(prefix="bench-tokenize-"))
     try:
         t = time.perf_counter()

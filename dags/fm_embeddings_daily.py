@@ -17,7 +17,7 @@ Parquet files (``$FMPIPE_RAW_POKE_S``, default 300 s between checks; fails after
 
 One date is never processed twice at once: ``max_active_runs=1``, ``depends_on_past`` keeps the
 days in order (each builds on the previous day's history and publication, also in a backfill with
-several active runs), and each step holds the date's lock (``jobs.locks``).
+several active runs), and each step holds the date's lock (``jobs.core.locks``).
 """
 from __future__ import annotations
 

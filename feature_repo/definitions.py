@@ -3,10 +3,10 @@
 Reads Entity -> Source -> FeatureView -> FeatureService. The sources are the published dates of
 the date-partitioned Parquet tables written by ``jobs/embed.py``: ``published/profile/dt=*/`` and
 ``published/title/dt=*/`` hold hard links to the partitions of every date that was published and
-not rolled back (``jobs/published.py``), so ``get_historical_features`` never returns a day that
+not rolled back (``jobs/core/published.py``), so ``get_historical_features`` never returns a day that
 failed the gate or was withdrawn. Field names mirror those tables' columns. Vectors are
 ``Array(Float32)``, one field per layer the embed job wrote (recorded by publish in
-``feast/layers.json``, see ``jobs/feature_spec.py``); the services use the deepest layer's columns.
+``feast/layers.json``, see ``jobs/core/feature_spec.py``); the services use the deepest layer's columns.
 """
 import json
 import os
@@ -21,7 +21,7 @@ _HOME = os.environ.get("FMPIPE_HOME") or "../var"
 EMBEDDING_DIM_NOTE = "dimension = model d_model (64 by default); see the table's _manifest.json"
 
 # The profile layer columns follow what the embed job wrote: publish records the day's layers in
-# $FMPIPE_HOME/feast/layers.json (jobs/feature_spec.py); before any publish, the default three.
+# $FMPIPE_HOME/feast/layers.json (jobs/core/feature_spec.py); before any publish, the default three.
 _LAYER_RE = re.compile(r"^emb_layer(\d+)_(last|mean)$")
 try:
     with open(f"{_HOME}/feast/layers.json") as _f:

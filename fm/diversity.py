@@ -15,7 +15,7 @@ vectors, the same vectors the index scores with.
 picks; titles without genres are never capped. When the pool runs out before ``k`` picks, the
 result is shorter rather than breaking the cap.
 
-Pure numpy, no I/O: ``jobs.retrieve`` (``diversity=mmr lambda=0.7 genre_cap=2``) and
+Pure numpy, no I/O: ``jobs.tools.retrieve`` (``diversity=mmr lambda=0.7 genre_cap=2``) and
 ``bench/consumers.py`` (the similarity / NDCG trade-off) both call :func:`rerank`.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Durable file commits shared by everything that writes state (checkpoints, training state, caches).
 
 A rename is durable only once the renamed file's data and then its directory are flushed: without
-both, power loss can leave a committed name pointing at an empty file. ``jobs.io`` builds the
+both, power loss can leave a committed name pointing at an empty file. ``jobs.core.io`` builds the
 pipeline's atomic writes on these; ``fm`` uses them directly (it must not import ``jobs``).
 """
 from __future__ import annotations

@@ -25,9 +25,9 @@ from fm.align import splitmix64
 from fm.extract import LayerSpec, ProfileEncoder, surface_column
 from fm.stream import embed_batches, history_files, iter_history
 from fm.model import FoundationModel
-from jobs.checksum import ROW_GROUP, list_matrix
-from jobs.io import partition
-from jobs.settings import Paths
+from jobs.core.checksum import ROW_GROUP, list_matrix
+from jobs.core.io import partition
+from jobs.core.settings import Paths
 
 if TYPE_CHECKING:                       # jobs.embed imports this module: annotation only, no cycle
     from jobs.embed import EmbedConfig

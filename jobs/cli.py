@@ -5,12 +5,12 @@ import importlib
 import sys
 
 COMMANDS = {
-    "generate": "jobs.generate", "tokenize": "jobs.tokenize", "train": "jobs.train", "evaluate": "jobs.evaluate",
+    "generate": "jobs.tools.generate", "tokenize": "jobs.tokenize", "train": "jobs.train", "evaluate": "jobs.evaluate",
     "embed": "jobs.embed", "validate": "jobs.validate", "publish": "jobs.publish",
-    "index": "jobs.index", "report": "jobs.report", "demo": "jobs.demo", "retrieve": "jobs.retrieve",
-    "sql": "jobs.sql", "import": "jobs.importers", "rollback": "jobs.rollback",
+    "index": "jobs.index", "report": "jobs.report", "demo": "jobs.tools.demo", "retrieve": "jobs.tools.retrieve",
+    "sql": "jobs.tools.sql", "import": "jobs.tools.importers", "rollback": "jobs.rollback",
     "backfill": "jobs.pipeline", "export": "jobs.export",
-    "status": "jobs.status", "distill": "jobs.distill", "finetune-task": "jobs.finetune_task",
+    "status": "jobs.tools.status", "distill": "jobs.distill", "finetune-task": "jobs.finetune_task",
     "prompt-tune": "jobs.prompt_tune",
 }
 LOCKED = 75          # EX_TEMPFAIL: another run holds the lock; retry later
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    from jobs.locks import LockBusy
+    from jobs.core.locks import LockBusy
     try:
         importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
     except LockBusy as e:                    # another run holds the date or shared state: say who, no traceback
@@ -50,7 +50,7 @@ def store_unreachable() -> tuple[type[BaseException], ...]:
 
     Why apart from :func:`expected_errors`: redis-py's errors are not ``OSError``s, and the message
     must say what a half-done publish means (nothing committed; the publication commit is one
-    swap in the store, :mod:`jobs.redis_store`)."""
+    swap in the store, :mod:`jobs.core.redis_store`)."""
     try:
         from redis.exceptions import ConnectionError as RedisConnectionError
         from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -64,8 +64,8 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     history chain, a bad checkpoint): one message naming what, where and how, no traceback."""
     from fm.checkpoint import CheckpointError
     from fm.content import EncoderUnavailable
-    from jobs.publication import PublishOrderError
-    from jobs.history import HistoryGapError
+    from jobs.core.publication import PublishOrderError
+    from jobs.core.history import HistoryGapError
     from jobs.validate import GateFailed
     return (ValueError, LookupError, OSError, CheckpointError, EncoderUnavailable, GateFailed, HistoryGapError,
             PublishOrderError)

@@ -25,10 +25,10 @@ from fm import protocol as P
 from fm.data import Sequences
 from fm.distill import StudentShape, distill
 from fm.recipe import Recipe
-from jobs.io import latest_partition_before, partition
-from jobs.settings import Paths, parse_date, run_cli
+from jobs.core.io import latest_partition_before, partition
+from jobs.core.settings import Paths, parse_date, run_cli
 from jobs.train import current_model_dir, fresh_version, load_grown
-from jobs.vocab import read_vocab, title_ids_by_idx
+from jobs.core.vocab import read_vocab, title_ids_by_idx
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ engines give the same table (up to float rounding): ``engine=local`` (this proce
 ``engine=spark`` (``mapInArrow``; every task loads the checkpoint once, see :mod:`jobs.embed_spark`).
 Every vocabulary title that exists on day D is embedded too, including titles new today
 (content-only vectors); titles the catalogue releases later are not, so re-running an old date
-after later ones writes the same title table as before (:func:`jobs.vocab.known_on`).
+after later ones writes the same title table as before (:func:`jobs.core.vocab.known_on`).
 
 When the model version differs from the previous publication's, the new space is rotated onto the
 published one (:mod:`jobs.alignment`).
@@ -44,12 +44,12 @@ from fm.prompts import PromptViews, inference_encoder, prompt_column, prompt_sco
 from fm.schema import HEAD_CLASSES, N_SPECIAL, profile_embedding_schema, title_embedding_schema
 from fm.fit import pick_device
 from jobs.alignment import ALIGNMENT_FILE, layer_groups, plan_alignment, surface_manifest, surface_rotations
-from jobs.checksum import CHECKSUM_ALGO, Checksum, table_checksum
-from jobs.failpoints import failpoint
-from jobs.io import atomic_write_json, partition, swap_dir, temp_sibling
-from jobs.settings import run_cli, Paths, parse_date
+from jobs.core.checksum import CHECKSUM_ALGO, Checksum, table_checksum
+from jobs.core.failpoints import failpoint
+from jobs.core.io import atomic_write_json, partition, swap_dir, temp_sibling
+from jobs.core.settings import run_cli, Paths, parse_date
 from jobs.train import current_model_dir
-from jobs.vocab import known_on, read_vocab, title_ids_by_idx
+from jobs.core.vocab import known_on, read_vocab, title_ids_by_idx
 
 @dataclass(frozen=True)
 class EmbedConfig:

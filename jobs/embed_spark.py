@@ -89,7 +89,7 @@ def write_profiles_spark(spark, *, source: Path, day: dt.date, ckpt: Path, versi
     from pyspark.sql.types import ArrayType, FloatType, LongType, StructField, StructType
 
     from fm.schema import TOKEN_FIELDS
-    from jobs.spark import get_spark
+    from jobs.core.spark import get_spark
 
     spark = spark or get_spark("fmpipe-embed")
     df = (spark.read.parquet(str(source))

@@ -34,10 +34,10 @@ from fm.data import Sequences
 from fm.evaluate import content_only, head_accuracy, regressed, served
 from fm.model import FoundationModel
 from fm.schema import CATALOGUE_SCHEMA, N_SPECIAL, OOV
-from jobs.io import atomic_write_json, latest_partition_before, partition
-from jobs.settings import Paths, parse_date, run_cli
+from jobs.core.io import atomic_write_json, latest_partition_before, partition
+from jobs.core.settings import Paths, parse_date, run_cli
 from jobs.train import current_model_dir, load_grown
-from jobs.vocab import read_vocab, title_ids_by_idx
+from jobs.core.vocab import read_vocab, title_ids_by_idx
 
 
 @dataclass(frozen=True)

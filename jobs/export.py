@@ -23,10 +23,10 @@ import torch
 from fm.export import FORMATS, export_encoder
 from fm.extract import LayerSpec, default_layers
 from jobs import alignment, embed
-from jobs.io import partition
-from jobs.settings import Paths, parse_date, run_cli
+from jobs.core.io import partition
+from jobs.core.settings import Paths, parse_date, run_cli
 from jobs.train import current_model_dir
-from jobs.vocab import read_vocab, title_ids_by_idx
+from jobs.core.vocab import read_vocab, title_ids_by_idx
 
 
 @dataclass

@@ -26,10 +26,10 @@ from fm.data import Sequences
 from fm.finetune import TaskHead, fit_task, labels_of, n_trainable, task_sequences, write_artefact
 from fm.recipe import Recipe
 from jobs.distill import history_day, teacher_dir
-from jobs.io import partition
-from jobs.settings import Paths, run_cli
+from jobs.core.io import partition
+from jobs.core.settings import Paths, run_cli
 from jobs.train import load_grown
-from jobs.vocab import read_vocab, title_ids_by_idx
+from jobs.core.vocab import read_vocab, title_ids_by_idx
 
 WEIGHTS, META = "task.safetensors", "task.json"
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")

@@ -1,12 +1,12 @@
 """FAISS indexes of one date: titles (cosine and raw inner product) and profiles, saved with id maps.
 
 Three indexes per date, written aside into the date's publication folder and made current with it
-(:mod:`jobs.publication`; ``TitleIndex.current`` / ``ProfileIndex.current`` follow
+(:mod:`jobs.core.publication`; ``TitleIndex.current`` / ``ProfileIndex.current`` follow
 ``publications/CURRENT.json``):
 
 * ``titles.faiss`` — L2-normalised title vectors, inner product = cosine: "titles like this title".
 * ``titles_ip.faiss`` — the raw title vectors, inner product: the model's score of a title for a
-  profile is the raw dot product profile·title, so retrieval (:mod:`jobs.retrieve`) searches this
+  profile is the raw dot product profile·title, so retrieval (:mod:`jobs.tools.retrieve`) searches this
   one (normalising would rank by cosine and drop each title's norm, which carries popularity).
 * ``profiles.faiss`` — normalised profile vectors (``profile_layer``, default the mean-pooled last
   layer) of the profiles active that day: "similar profiles".
@@ -38,9 +38,9 @@ import faiss
 import numpy as np
 import pyarrow.parquet as pq
 
-from jobs.io import atomic_write_json, atomic_write_table, partition, swap_dir, temp_sibling
-from jobs.failpoints import failpoint
-from jobs.settings import run_cli, Paths, parse_date
+from jobs.core.io import atomic_write_json, atomic_write_table, partition, swap_dir, temp_sibling
+from jobs.core.failpoints import failpoint
+from jobs.core.settings import run_cli, Paths, parse_date
 
 INDEX_FILE, IDS_FILE, META_FILE = "titles.faiss", "title_ids.parquet", "index_meta.json"
 IP_FILE = "titles_ip.faiss"
@@ -233,7 +233,7 @@ def build_publication_indexes(cfg: IndexConfig, paths: Paths, out: Path) -> dict
 def run(cfg: IndexConfig, paths: Paths) -> dict:
     """Indexes for ``cfg.date``: attached to the current publication of that date (atomic pointer
     update), reused when it already has indexes built with the same settings."""
-    from jobs import publication as pubs
+    from jobs.core import publication as pubs
     day = parse_date(cfg.date)
     t0 = time.perf_counter()
     with pubs.lock(paths):
@@ -284,7 +284,7 @@ def _summary(directory: Path, meta: dict) -> dict:
 
 def current_dir(paths: Paths) -> Path:
     """The folder of the current indexes: the current publication's, else a standalone build's."""
-    from jobs import publication as pubs
+    from jobs.core import publication as pubs
     cur = pubs.current(paths)
     if cur is not None:
         if not cur.get("index_dir"):

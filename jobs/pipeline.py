@@ -4,7 +4,7 @@ Each step builds its job config from the date plus optional overrides (Airflow P
 job, and records its result and wall time under ``reports/dt=D/steps/<step>.json`` so the report
 (and a person) can see what happened without Airflow's UI. No Airflow imports here.
 
-Each daily step holds the date's lock while it runs (:mod:`jobs.locks`), and steps that rewrite
+Each daily step holds the date's lock while it runs (:mod:`jobs.core.locks`), and steps that rewrite
 state shared by every date also hold that state's lock, so a second run for the same date fails
 with a message naming the date and the holder instead of racing the first one; ``fmpipe <step>``
 from the command line takes the same locks (:func:`cli_locks`). Between steps the
@@ -24,17 +24,17 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from jobs import locks
-from jobs.io import atomic_write_json, partition, raw_partition
-from jobs.redact import redact
-from jobs.settings import Paths, parse_date, parse_overrides, restrict_umask
+from jobs.core import locks
+from jobs.core.io import atomic_write_json, partition, raw_partition
+from jobs.core.redact import redact
+from jobs.core.settings import Paths, parse_date, parse_overrides, restrict_umask
 
 STEPS = ("check_raw", "tokenize", "embed", "validate", "publish", "index", "report")
 # state that every date reads and rewrites: tokenize grows the title vocabulary and chains the history
 # states; validate updates the one GE file context; training moves models/CURRENT.json
 SHARED_STATE = {"tokenize": "state-tokenize", "validate": "state-gx",
                 "finetune": "state-models", "pretrain": "state-models", "train": "state-models"}
-# the job configs whose CLI (``fmpipe <step>``, :func:`jobs.settings.run_cli`) runs a locked step
+# the job configs whose CLI (``fmpipe <step>``, :func:`jobs.core.settings.run_cli`) runs a locked step
 CLI_STEPS = {"TokenizeConfig": "tokenize", "EmbedConfig": "embed", "ValidateConfig": "validate",
              "PublishConfig": "publish", "IndexConfig": "index", "ReportConfig": "report", "TrainJobConfig": "train"}
 
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def latest_history_date(at_most: str | None = None) -> str:
     """The newest history state (optionally not after ``at_most``): what the model DAGs train on."""
-    from jobs.io import latest_partition_before
+    from jobs.core.io import latest_partition_before
     paths = Paths.from_env()
     bound = parse_date(at_most) + dt.timedelta(days=1) if at_most else dt.date.max
     day = latest_partition_before(paths.history, bound)

@@ -18,7 +18,7 @@ from fm.finetune import fit_task, labels_of, n_trainable
 from fm.prompts import PromptTask, save_prompt, weights_checksum
 from fm.recipe import Recipe
 from jobs.finetune_task import check_task, task_data
-from jobs.settings import Paths, run_cli
+from jobs.core.settings import Paths, run_cli
 
 
 @dataclass(frozen=True)

@@ -2,17 +2,17 @@
 
 The offline store is the embed job's Parquet of the published dates only: every pointer move
 hard-links the partitions of published, not rolled-back dates into ``published/`` (the Feast
-sources' folder, :mod:`jobs.published`), so point-in-time ``get_historical_features`` works across
+sources' folder, :mod:`jobs.core.published`), so point-in-time ``get_historical_features`` works across
 every published day without a copy and never returns a day that failed the gate or was rolled back.
 Online, the day's complete state is built aside and swapped in atomically with the day's indexes
-(see :mod:`jobs.publication` for the design, rollback and failure behaviour).
+(see :mod:`jobs.core.publication` for the design, rollback and failure behaviour).
 
 ``method=write`` (default) writes the day's rows in batches of ``batch_rows``: into a plain SQLite
 online store as Feast's own row bytes laid out column-wise with one prepared upsert per batch
-(:mod:`jobs.sqlite_rows`), into any other store through Feast's provider API (``online_write_batch``
+(:mod:`jobs.core.sqlite_rows`), into any other store through Feast's provider API (``online_write_batch``
 with Feast ``Value`` protos encoded from Arrow); ``method=materialize`` uses Feast's stock materialization engine for the same
 rows, for comparison (``bench/publish.py``). Both are read back with ``get_online_features``.
-The gate's verdict must cover exactly the bytes published (:mod:`jobs.verdict`): data changed
+The gate's verdict must cover exactly the bytes published (:mod:`jobs.core.verdict`): data changed
 after validate (a re-embed) or a missing or stale verdict is refused until validate runs again.
 Re-running a date rebuilds the same state from the same base (idempotent). A date older than the
 one serving is never made current by accident: re-publishing it with exactly the content it was
@@ -27,15 +27,15 @@ from dataclasses import dataclass
 
 import pyarrow.parquet as pq
 
-from jobs import publication as pubs
-from jobs import feature_spec, staging, verdict
-from jobs.feast_store import apply_if_changed, get_store
-from jobs.failpoints import failpoint
-from jobs.online_store import open_online
-from jobs.io import partition
-from jobs.redact import redact_text
+from jobs.core import publication as pubs
+from jobs.core import feature_spec, staging, verdict
+from jobs.core.feast_store import apply_if_changed, get_store
+from jobs.core.failpoints import failpoint
+from jobs.core.online_store import open_online
+from jobs.core.io import partition
+from jobs.core.redact import redact_text
 from jobs.rollback import check_not_pinned
-from jobs.settings import run_cli, Paths, parse_date
+from jobs.core.settings import run_cli, Paths, parse_date
 
 FEATURE_VIEWS = {"profile_embeddings": "profile_embeddings", "title_embeddings": "title_embeddings"}
 
@@ -54,7 +54,7 @@ class PublishConfig:
 
 def check_gate(paths: Paths, day) -> dict:
     """The day's verdict, if it passed and covers exactly the bytes about to be published
-    (:func:`jobs.verdict.check`: missing, stale, failed or changed-since data are refused)."""
+    (:func:`jobs.core.verdict.check`: missing, stale, failed or changed-since data are refused)."""
     return verdict.check(paths, day)
 
 
@@ -130,7 +130,7 @@ def run(cfg: PublishConfig, paths: Paths) -> dict:
             gc = pubs.collect_garbage(paths, online, cfg.keep)
     finally:
         online.close()
-    from jobs.sql import refresh_catalogue
+    from jobs.tools.sql import refresh_catalogue
     catalogue = refresh_catalogue(paths)
     write_s = sum(v["write_s"] for v in staged["timings"].values())
     prof = staged["timings"]["profile_embeddings"]

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 import pyarrow.parquet as pq
 
-from jobs import report_trends, status
-from jobs.io import atomic_write_json, atomic_write_text, partition
-from jobs.settings import Paths, parse_date, run_cli
+from jobs import report_trends
+from jobs.tools import status
+from jobs.core.io import atomic_write_json, atomic_write_text, partition
+from jobs.core.settings import Paths, parse_date, run_cli
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ def _steps(paths: Paths, day) -> dict:
 
 def _online_probe(paths: Paths, day) -> dict:
     """Read one active profile's vectors back through Feast's online API, as a ranker would."""
-    from jobs.feast_store import get_store
+    from jobs.core.feast_store import get_store
     table = pq.read_table(partition(paths.profile_embeddings, day), columns=["profile_id"])
     pid = int(table["profile_id"][0].as_py())
     store = get_store(paths)

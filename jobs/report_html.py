@@ -18,8 +18,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from jobs import report_trends
-from jobs.io import atomic_write_text, partition, partition_dates
-from jobs.settings import Paths
+from jobs.core.io import atomic_write_text, partition, partition_dates
+from jobs.core.settings import Paths
 
 MAX_PROFILES = 20_000          # drift and histograms sample this many profiles per day
 

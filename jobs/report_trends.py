@@ -25,11 +25,11 @@ import pyarrow.parquet as pq
 
 from fm.model import ModelConfig
 from fm.schema import ACTIONS, vocab_index
-from jobs import published
-from jobs.io import partition, partition_dates
-from jobs.settings import Paths
-from jobs.status import read_json
-from jobs.vocab import read_vocab
+from jobs.core import published
+from jobs.core.io import partition, partition_dates
+from jobs.core.settings import Paths
+from jobs.tools.status import read_json
+from jobs.core.vocab import read_vocab
 
 MAX_PROFILES = 5_000
 

@@ -1,6 +1,6 @@
 """Rollback: make a previous publication (features and indexes) current again, and keep it there.
 
-``fmpipe rollback --to DATE``; see :mod:`jobs.publication` for the protocol.
+``fmpipe rollback --to DATE``; see :mod:`jobs.core.publication` for the protocol.
 
 A rollback *pins* serving: the operator rolled back because something published later was bad, so
 the next daily publish must not silently put a (possibly just as bad) day back on top. While the
@@ -23,14 +23,14 @@ import json
 import time
 from dataclasses import dataclass
 
-from jobs.online_store import open_online
-from jobs.io import atomic_write_json, partition, partition_dates
-from jobs.failpoints import failpoint
-from jobs.publication import (FEATURE_VIEWS, PublishOrderError, collect_garbage, commit, current, history, lock,
+from jobs.core.online_store import open_online
+from jobs.core.io import atomic_write_json, partition, partition_dates
+from jobs.core.failpoints import failpoint
+from jobs.core.publication import (FEATURE_VIEWS, PublishOrderError, collect_garbage, commit, current, history, lock,
                               manifest, new_id, pub_dir, reconcile, root, write_manifest)
-from jobs.redact import redact
-from jobs.settings import Paths, parse_date, restrict_umask
-from jobs.staging import content_digest, stage_day
+from jobs.core.redact import redact
+from jobs.core.settings import Paths, parse_date, restrict_umask
+from jobs.core.staging import content_digest, stage_day
 
 
 ROLLBACK_ACTIONS = ("rollback", "rollback_rebuild")
@@ -135,7 +135,7 @@ class RollbackConfig:
 
 def rollback(cfg: RollbackConfig, paths: Paths) -> dict:
     """Make the latest committed publication of ``cfg.to`` current again (features and index)."""
-    from jobs.feast_store import get_store
+    from jobs.core.feast_store import get_store
     day = parse_date(cfg.to)
     candidates = [r for r in reversed(history(paths)) if r["date"] == day.isoformat()]
     if not candidates:
@@ -178,7 +178,7 @@ def rollback(cfg: RollbackConfig, paths: Paths) -> dict:
             gc = collect_garbage(paths, online, cfg.keep)
     finally:
         online.close()
-    from jobs.sql import refresh_catalogue
+    from jobs.tools.sql import refresh_catalogue
     return {"rolled_back_to": pub_id, "date": day.isoformat(), "action": action, "seq": record["seq"],
             "previous": record["previous"], "index_dir": index_dir, "rollback_s": round(time.perf_counter() - t0, 3),
             "dropped": gc["dropped"], **refresh_catalogue(paths)}

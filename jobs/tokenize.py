@@ -25,7 +25,7 @@ from __future__ import annotations
 
 if __name__ == "__main__":
     # Run as a file (spark-submit): Python put jobs/ first on sys.path, where this very file would
-    # shadow the standard library's ``tokenize`` (and jobs/io.py ``io``). Import the package from the
+    # shadow the standard library's ``tokenize`` (and jobs/core/io.py ``io``). Import the package from the
     # repo root instead and run its copy of this module.
     import sys
     from pathlib import Path as _Path
@@ -50,12 +50,12 @@ from pyspark.sql import types as T
 from pyspark.sql.window import Window
 
 from fm import schema as S
-from jobs.failpoints import failpoint
-from jobs.history import gc_history, merge_history, previous_state
-from jobs.io import atomic_write_table, latest_partition_before, partition, partition_dates, swap_dir, temp_sibling
-from jobs.settings import Paths, parse_date, run_cli
-from jobs.spark import get_spark
-from jobs.vocab import read_vocab
+from jobs.core.failpoints import failpoint
+from jobs.core.history import gc_history, merge_history, previous_state
+from jobs.core.io import atomic_write_table, latest_partition_before, partition, partition_dates, swap_dir, temp_sibling
+from jobs.core.settings import Paths, parse_date, run_cli
+from jobs.core.spark import get_spark
+from jobs.core.vocab import read_vocab
 
 FUTURE_TOLERANCE = dt.timedelta(hours=1)   # clock skew we accept past the end of the partition day
 
@@ -411,7 +411,7 @@ def submit_main(argv: list[str] | None = None) -> int:
     """The spark-submit entry point: the DAG's tokenize step for one date, on spark-submit's master.
 
     Goes through :func:`jobs.pipeline.tokenize`, so the submitted job takes the same date lock and
-    writes the same step record as the local task; :func:`jobs.spark.get_spark` keeps the master.
+    writes the same step record as the local task; :func:`jobs.core.spark.get_spark` keeps the master.
     ``--home`` (empty: ``$FMPIPE_HOME``) and ``--overrides`` (JSON object of TokenizeConfig fields,
     the DAG's ``tokenize`` Param) come from the DAG's application args.
     """

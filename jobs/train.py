@@ -39,9 +39,9 @@ from fm.fit import plot_curve
 from fm.model import FoundationModel
 from fm.recipe import Recipe, build, cold_calibration, held_out_back, recipe_of, train
 from fm.schema import N_SPECIAL
-from jobs.io import atomic_write_json, partition
-from jobs.settings import Paths, parse_date, run_cli
-from jobs.vocab import read_vocab, title_ids_by_idx
+from jobs.core.io import atomic_write_json, partition
+from jobs.core.settings import Paths, parse_date, run_cli
+from jobs.core.vocab import read_vocab, title_ids_by_idx
 
 
 @dataclass(frozen=True)
@@ -230,7 +230,7 @@ def run(cfg: TrainJobConfig, paths: Paths) -> dict:
     if decision["promote"]:
         atomic_write_json({"version": version, "promoted_at": dt.datetime.now(dt.timezone.utc).isoformat()},
                           paths.models / "CURRENT.json")
-    from jobs.sql import refresh_catalogue
+    from jobs.tools.sql import refresh_catalogue
     return {"model_version": version, "path": str(out), "n_params": model.n_params(), "promoted": decision["promote"],
             "gate": decision, "valid": result.best, **{k: v for k, v in metrics.items() if k != "history"},
             **refresh_catalogue(paths)}

@@ -26,7 +26,7 @@ A failed suite raises :class:`GateFailed` naming, for each failed expectation, t
 expectation, the column, the observed value and the threshold, so the DAG stops before publishing.
 ``summary.json`` (the verdict publish reads) carries a checksum of exactly the partitions it judged
 and is removed when validate starts, so publish refuses data changed after validation and never
-reads an older success after a crash (:mod:`jobs.verdict`).
+reads an older success after a crash (:mod:`jobs.core.verdict`).
 """
 from __future__ import annotations
 
@@ -42,14 +42,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fm import schema as S
-from jobs import verdict
-from jobs.failpoints import failpoint
-from jobs.io import atomic_write_json, partition
-from jobs.vector_stats import cosine_to_reference, probability_stats, vector_columns, with_vector_stats
-from jobs.ge_suites import Check, describe_failures, run_suite, thresholds
-from jobs.settings import Paths, parse_date, run_cli
-from jobs.vocab import known_on, read_vocab, released_titles, title_ids_by_idx
-from jobs.verdict import GateFailed  # noqa: F401 (re-exported: the gate's failure type)
+from jobs.core import verdict
+from jobs.core.failpoints import failpoint
+from jobs.core.io import atomic_write_json, partition
+from jobs.core.vector_stats import cosine_to_reference, probability_stats, vector_columns, with_vector_stats
+from jobs.core.ge_suites import Check, describe_failures, run_suite, thresholds
+from jobs.core.settings import Paths, parse_date, run_cli
+from jobs.core.vocab import known_on, read_vocab, released_titles, title_ids_by_idx
+from jobs.core.verdict import GateFailed  # noqa: F401 (re-exported: the gate's failure type)
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class ValidateConfig:
 def reference_date(paths: Paths, day: dt.date) -> tuple[dt.date, str] | None:
     """The publication the day is compared with: the latest publish/rollback of an earlier date
     (what consumers were served), else the latest earlier date whose gate passed."""
-    from jobs.publication import history
+    from jobs.core.publication import history
     for rec in reversed(history(paths)):
         d = dt.date.fromisoformat(rec["date"])
         if d < day and partition(paths.profile_embeddings, d).exists():
@@ -235,7 +235,7 @@ def embedding_checks(paths: Paths, day: dt.date, overrides: tuple[str, ...]) -> 
 
 def run(cfg: ValidateConfig, paths: Paths) -> dict:
     """Run every suite over ``cfg.date``'s tables; store the verdict bound to the inputs it checked
-    (:mod:`jobs.verdict`): the old verdict is removed first, the new one written atomically last."""
+    (:mod:`jobs.core.verdict`): the old verdict is removed first, the new one written atomically last."""
     day = parse_date(cfg.date)
     verdict.invalidate(paths, day)
     failpoint("validate.invalidated")                 # old verdict removed, suites not yet run

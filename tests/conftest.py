@@ -21,7 +21,7 @@ os.environ["FMPIPE_HOME"] = str(_SCRATCH / "default-home")   # never the repo's 
 
 import logging  # noqa: E402
 
-from jobs.settings import Paths  # noqa: E402
+from jobs.core.settings import Paths  # noqa: E402
 
 logging.getLogger("py4j").setLevel(logging.WARNING)      # its __del__ logs after pytest closed the streams
 
@@ -41,7 +41,7 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def spark():
-    from jobs.spark import get_spark
+    from jobs.core.spark import get_spark
     s = get_spark("fmpipe-tests")
     yield s
     s.stop()
@@ -61,7 +61,8 @@ def world(spark, tmp_path_factory) -> dict:
     The layout mimics a checkout: ``<root>/var`` is FMPIPE_HOME and ``<root>/feature_repo`` is a
     copy of the repo's Feast folder, so a separate process can open it with only FeatureStore.
     """
-    from jobs import generate, tokenize, train
+    from jobs.tools import generate
+    from jobs import tokenize, train
     root = tmp_path_factory.mktemp("world")
     shutil.copytree(Path(__file__).resolve().parents[1] / "feature_repo", root / "feature_repo")
     paths = Paths((root / "var").resolve())
@@ -77,7 +78,8 @@ def two_days_left(root: Path, spark, spec: dict) -> tuple[Paths, list[str]]:
     """A fresh home under ``root`` from ``generate`` with ``spec``: history tokenized and a tiny model
     trained through the third-last day, so the last two days are left for a test to run. Returns the
     paths and every generated day. (Callers set FMPIPE_HOME to ``paths.home``.)"""
-    from jobs import generate, tokenize, train
+    from jobs.tools import generate
+    from jobs import tokenize, train
     paths = Paths((root / "var").resolve())
     generate.run(generate.GenerateConfig(**spec), paths)
     days = sorted(p.name[3:] for p in paths.raw.glob("dt=*"))

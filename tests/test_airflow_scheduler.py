@@ -35,8 +35,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs import publication
-from jobs.io import partition
+from jobs.core import publication
+from jobs.core.io import partition
 from conftest import two_days_left
 
 REPO = Path(__file__).resolve().parents[1]

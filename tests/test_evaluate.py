@@ -18,7 +18,7 @@ from fm.data import Sequences
 from fm.evaluate import content_only, head_accuracy, one_vs_rest_auc, regressed
 from fm.model import FoundationModel, ModelConfig
 from jobs import cli, evaluate, train
-from jobs.io import atomic_write_table, partition
+from jobs.core.io import atomic_write_table, partition
 
 DAY = "2026-11-05"
 N_TITLES, N_PROFILES = 40, 80

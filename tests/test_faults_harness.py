@@ -12,7 +12,7 @@ from bench.fault_harness import drop_unsynced, run_step, snapshot_home  # noqa: 
 
 SCENARIO = r'''
 import os
-from jobs.failpoints import failpoint
+from jobs.core.failpoints import failpoint
 home = os.environ["FMPIPE_HOME"]
 def write(name, text, sync):
     with open(os.path.join(home, name), "w") as f:

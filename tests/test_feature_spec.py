@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fm.schema import profile_embedding_schema, title_embedding_schema
-from jobs import feature_spec
+from jobs.core import feature_spec
 from jobs.embed import published_at
-from jobs.io import atomic_write_json, partition
-from jobs.settings import REPO_ROOT, Paths
+from jobs.core.io import atomic_write_json, partition
+from jobs.core.settings import REPO_ROOT, Paths
 from test_publish import D1, TITLES, run_publish, validated
 
 LAYERS = ["emb_layer1_mean", "emb_layer3_last", "emb_layer3_mean"]      # not the default, and a deeper model
@@ -51,8 +51,8 @@ def write_custom_day(paths: Paths, pids: list[int], extra: dict[str, int] | None
 
 READER = """
 import json, sys
-from jobs.feast_store import get_store
-store = get_store(__import__("jobs.settings", fromlist=["Paths"]).Paths.from_env())
+from jobs.core.feast_store import get_store
+store = get_store(__import__("jobs.core.settings", fromlist=["Paths"]).Paths.from_env())
 got = store.get_online_features(features=[f"profile_embeddings:{c}" for c in json.loads(sys.argv[1])],
                                 entity_rows=[{"profile_id": 7}]).to_dict()
 svc = store.get_online_features(features=store.get_feature_service("retrieval_v1"), entity_rows=[{"profile_id": 7}]).to_dict()
@@ -67,7 +67,7 @@ def test_a_non_default_layer_selection_publishes_every_column(tmp_path, monkeypa
     r = run_publish(paths, D1, with_index=False)
     assert r["applied"] and r["materialized_rows"]["profile"] == 20
     assert feature_spec.load(paths.home)["layers"] == LAYERS
-    from jobs.feast_store import get_store
+    from jobs.core.feast_store import get_store
     fv = get_store(paths).get_feature_view("profile_embeddings")
     assert [f.name for f in fv.features] == LAYERS + ["model_version"]
     assert f"dimension = {DIM}" in fv.features[1].description and fv.tags["model_version"] == "deep3"
@@ -96,7 +96,7 @@ def test_head_probabilities_and_prompt_views_are_declared_and_served(tmp_path, m
                 "prompts": {"buy": {"column": "emb_prompt_buy", "score": "head_prompt_buy", "classes": ["no", "yes"]}}}
     vecs = write_custom_day(paths, list(range(20)), extra, sections)
     assert run_publish(paths, D1, with_index=False)["applied"]
-    from jobs.feast_store import get_store
+    from jobs.core.feast_store import get_store
     store = get_store(paths)
     fields = {f.name: f for f in store.get_feature_view("profile_embeddings").features}
     assert list(fields) == LAYERS + list(extra) + ["model_version"]
@@ -137,6 +137,6 @@ def test_feast_cli_plan_is_clean_after_publish_and_names_the_pinned_service(tmp_
         out = subprocess.run([*feast, cmd], cwd=root / "feature_repo", env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
         assert "No changes to registry" in out.stdout, out.stdout[-2000:]
-    from jobs.feast_store import get_store
+    from jobs.core.feast_store import get_store
     names = {s.name for s in get_store(paths).list_feature_services()}
     assert {"ranker_v1", "ranker_v2", "retrieval_v1", "ranker_deep3"} <= names

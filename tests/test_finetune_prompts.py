@@ -20,7 +20,7 @@ from fm.recipe import Recipe
 from fm.schema import ACTIONS, N_SPECIAL, TOKEN_FIELDS, vocab_index
 from jobs import finetune_task, prompt_tune
 from jobs.cli import main as cli
-from jobs.io import partition
+from jobs.core.io import partition
 from jobs.train import current_model_dir
 from test_embed import clone_world
 from test_specialists import tiny

@@ -20,8 +20,8 @@ import pytest
 from fm import schema as S
 from jobs import validate
 from jobs.embed import published_at
-from jobs.io import atomic_write_json, atomic_write_table, partition
-from jobs.settings import Paths
+from jobs.core.io import atomic_write_json, atomic_write_table, partition
+from jobs.core.settings import Paths
 
 D0, D1, D2 = dt.date(2026, 11, 1), dt.date(2026, 11, 2), dt.date(2026, 11, 3)
 LAYERS = ("emb_layer1_last", "emb_layer2_last", "emb_layer2_mean")
@@ -287,7 +287,7 @@ def test_a_model_change_uses_static_norm_bounds_but_still_checks_drift(home):
 def test_duplicate_flags_compare_exact_bits_per_length_without_a_row_loop():
     """Exact float bits: -0.0 is not 0.0, equal NaN bits repeat, nulls never count, vectors of
     another length never match, and a sliced array starts its own count."""
-    from jobs.vector_stats import duplicate_flags
+    from jobs.core.vector_stats import duplicate_flags
     nan = float("nan")
     a = pa.array([[1.0, 2.0], None, [1.0, 2.0], [0.0, -0.0], [0.0, 0.0], [1.0], [1.0, 2.0], [], [], [nan, 1.0],
                   [nan, 1.0], None], pa.list_(pa.float32()))

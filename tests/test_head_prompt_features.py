@@ -18,9 +18,11 @@ from fm import checkpoint
 from fm.extract import parse_heads, trained_heads
 from fm.prompts import load_prompt
 from fm.schema import HEAD_CLASSES, N_SPECIAL
-from jobs import checksum, embed, prompt_tune, retrieve
-from jobs.io import partition
-from jobs.settings import Paths
+from jobs.core import checksum
+from jobs import embed, prompt_tune
+from jobs.tools import retrieve
+from jobs.core.io import partition
+from jobs.core.settings import Paths
 from jobs.train import current_model_dir
 from test_embed import clone_world
 from test_finetune_prompts import file_hash, write_labels

@@ -13,8 +13,9 @@ from conftest import TINY
 from fm.data import Sequences
 from fm.stream import history_files, history_scan, iter_history
 from fm.schema import TOKEN_FIELDS
-from jobs import generate, tokenize
-from jobs.io import partition
+from jobs.tools import generate
+from jobs import tokenize
+from jobs.core.io import partition
 
 
 def test_the_days_profiles_are_read_from_their_row_groups_only(spark, home, monkeypatch):

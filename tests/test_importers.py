@@ -7,8 +7,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import dataset_import, event_import
-from jobs.io import partition
+from jobs.tools import dataset_import, event_import
+from jobs.core.io import partition
 
 CSV = """uid,sku,when,what,secs,dev
 7,A1,2026-11-01T10:00:00Z,click,,tv

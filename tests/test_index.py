@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jobs import index as ix
-from jobs.settings import Paths
+from jobs.core.settings import Paths
 
 
 def clustered(n: int, d: int, clusters: int, seed: int = 0) -> np.ndarray:
@@ -68,7 +68,7 @@ def test_raw_inner_product_index_keeps_title_norms(tmp_path):
 
 
 def test_index_step_reuses_or_rebuilds_the_current_publications_indexes(tmp_path, monkeypatch):
-    from jobs import publication as pubs
+    from jobs.core import publication as pubs
     from jobs import publish
     from test_publish import D1, write_day
     monkeypatch.setenv("FMPIPE_HOME", str(tmp_path / "var"))

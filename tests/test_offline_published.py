@@ -10,19 +10,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jobs import publication as pubs
-from jobs import published
+from jobs.core import publication as pubs
+from jobs.core import published
 from jobs import rollback as rb
-from jobs import verdict
+from jobs.core import verdict
 from jobs.embed import published_at
-from jobs.io import atomic_write_json, partition
-from jobs.settings import Paths
+from jobs.core.io import atomic_write_json, partition
+from jobs.core.settings import Paths
 from test_publish import D1, D2, D3, expect, run_publish, write_day
 
 
 def historical(paths: Paths, pid: int, days) -> list:
     """``(model_version, emb_layer2_last)`` as of 3 h after each day's publication time."""
-    from jobs.feast_store import get_store
+    from jobs.core.feast_store import get_store
     entity_df = pd.DataFrame({"profile_id": [pid] * len(days),
                               "event_timestamp": [published_at(d) + dt.timedelta(hours=3) for d in days]})
     df = get_store(paths).get_historical_features(

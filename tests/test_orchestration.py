@@ -17,9 +17,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import locks, pipeline
-from jobs.io import partition
-from jobs.settings import Paths
+from jobs.core import locks
+from jobs import pipeline
+from jobs.core.io import partition
+from jobs.core.settings import Paths
 
 DAY = "2026-11-03"
 SEEDED = ("raw", "catalogue", "vocab", "models")          # inputs; everything else is the pipeline's output
@@ -100,7 +101,7 @@ def test_a_second_cli_run_of_a_date_is_refused_naming_the_first(home):
     failpoint, holding the date lock), the second exits 75 at once naming the date and the first's
     pid, without touching the publication; once the first dies the date is free again."""
     import signal
-    from jobs.settings import REPO_ROOT
+    from jobs.core.settings import REPO_ROOT
     from test_publish import D1, write_day
     write_day(home, D1, range(0, 20), "m1", 1)
     marker = home.home / "reached"
@@ -117,7 +118,7 @@ def test_a_second_cli_run_of_a_date_is_refused_naming_the_first(home):
         assert second.returncode == 75, second.stderr[-2000:]
         assert (f"fmpipe publish: date {D1} is locked by step 'publish' (pid {first.pid} on host "
                 f"{socket.gethostname()}") in second.stderr and "Traceback" not in second.stderr
-        from jobs import publication as pubs
+        from jobs.core import publication as pubs
         assert pubs.current(home) is None                    # neither run published
     finally:
         os.killpg(first.pid, signal.SIGKILL)
@@ -173,7 +174,7 @@ def _table(root: Path, day: str, key: tuple[str, ...]):
 
 def publication(paths: Paths) -> dict:
     """The current publication without what is unique to one run (ids, timings)."""
-    from jobs import publication as pubs
+    from jobs.core import publication as pubs
     cur = pubs.current(paths)
     m = pubs.manifest(paths, cur["publication"])
     index = {name: {k: v for k, v in meta.items() if k in ("type", "vectors", "dim", "metric", "recall_at_10")}
@@ -270,7 +271,7 @@ def test_tokenize_as_a_spark_submit_application_equals_the_in_process_run(runs, 
 
 def test_failpoint_blocks_only_where_named_and_signals_the_harness(tmp_path, monkeypatch):
     """bench/faults.py kills a publish exactly at a failpoint: it must fire only for its own name."""
-    from jobs.failpoints import failpoint
+    from jobs.core.failpoints import failpoint
     marker = tmp_path / "reached"
     monkeypatch.setenv("FMPIPE_FAILPOINT", "publish.swapped")
     monkeypatch.setenv("FMPIPE_FAILPOINT_MARKER", str(marker))

@@ -11,10 +11,10 @@ import stat
 import pyarrow as pa
 import pytest
 
-from jobs import locks
-from jobs import publication as pubs
-from jobs.io import atomic_write_json, atomic_write_table, atomic_write_text, swap_dir
-from jobs.settings import DIR_MODE, FILE_MODE, LOCK_DIR_MODE, LOCK_MODE, UMASK, Paths, restrict_umask
+from jobs.core import locks
+from jobs.core import publication as pubs
+from jobs.core.io import atomic_write_json, atomic_write_table, atomic_write_text, swap_dir
+from jobs.core.settings import DIR_MODE, FILE_MODE, LOCK_DIR_MODE, LOCK_MODE, UMASK, Paths, restrict_umask
 
 D1 = dt.date(2026, 11, 1)
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from jobs import pipeline, validate
-from jobs.io import partition
-from jobs.settings import Paths
+from jobs.core.io import partition
+from jobs.core.settings import Paths
 from pathlib import Path
 
 
@@ -97,7 +97,7 @@ def test_exported_subgraph_reproduces_the_published_vectors(day_run):
 def test_status_shows_serving_model_runs_and_staleness(day_run):
     """`fmpipe status`: what serves, from which model, the day's steps and gate, nothing stale; then
     a raw day nobody tokenized shows up as stale with the command that fixes it."""
-    from jobs import status
+    from jobs.tools import status
     paths, day = day_run["paths"], day_run["day"]
     out = status.run(status.StatusConfig(), paths)
     assert out["serving"]["date"] == day.isoformat() and out["model"]["version"] == out["serving"]["model_version"]
@@ -200,7 +200,7 @@ def test_missing_raw_partition_fails_first_step_naming_the_path(day_run):
 
 
 def test_analyst_sql_examples_run_over_the_published_tables(day_run):
-    from jobs import sql
+    from jobs.tools import sql
     queries = sql.named_queries(sql.EXAMPLES.read_text())
     assert {"nearest_titles", "drift_per_day", "coverage_per_layer", "profile_history"} <= set(queries)
     paths = day_run["paths"]

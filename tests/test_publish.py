@@ -16,13 +16,13 @@ import pytest
 
 from fm.schema import (ACTIONS, HISTORY_SCHEMA, TITLE_VOCAB_SCHEMA, TOKEN_FIELDS, profile_embedding_schema,
                        title_embedding_schema, vocab_index)
-from jobs import publication as pubs
+from jobs.core import publication as pubs
 from jobs import publish
 from jobs import rollback as rb
-from jobs import verdict
+from jobs.core import verdict
 from jobs.embed import published_at
-from jobs.io import atomic_write_json, atomic_write_table, partition
-from jobs.settings import Paths
+from jobs.core.io import atomic_write_json, atomic_write_table, partition
+from jobs.core.settings import Paths
 
 LAYERS = ("emb_layer1_last", "emb_layer2_last", "emb_layer2_mean")
 D1, D2, D3 = dt.date(2026, 11, 1), dt.date(2026, 11, 2), dt.date(2026, 11, 3)
@@ -82,7 +82,7 @@ def run_publish(paths, day, **kw):
 
 
 def online(paths, pids, features=("emb_layer2_last", "model_version")) -> dict:
-    from jobs.feast_store import get_store
+    from jobs.core.feast_store import get_store
     store = get_store(paths)
     return store.get_online_features(features=[f"profile_embeddings:{f}" for f in features],
                                      entity_rows=[{"profile_id": int(p)} for p in pids]).to_dict()
@@ -95,7 +95,7 @@ def expect(synth, day, pid, layer="emb_layer2_last"):
 
 def test_online_rows_are_identical_to_feasts_own_conversion(synth):
     from feast.utils import _convert_arrow_to_proto
-    from jobs.feast_store import get_store, load_definitions, online_rows
+    from jobs.core.feast_store import get_store, load_definitions, online_rows
     paths = synth["paths"]
     store = get_store(paths)
     store.apply(load_definitions(paths))
@@ -118,11 +118,11 @@ def test_online_rows_are_identical_to_feasts_own_conversion(synth):
 
 
 def test_direct_sqlite_rows_are_byte_identical_to_feasts_online_write_batch(synth):
-    """The publisher writes SQLite rows itself (jobs.sqlite_rows); every stored byte equals what
+    """The publisher writes SQLite rows itself (jobs.core.sqlite_rows); every stored byte equals what
     Feast's own online_write_batch stores for the same batch: odd keys, string keys, a null vector."""
     import copy
-    from jobs import sqlite_rows
-    from jobs.feast_store import get_store, load_definitions, online_rows
+    from jobs.core import sqlite_rows
+    from jobs.core.feast_store import get_store, load_definitions, online_rows
     paths = synth["paths"]
     store = get_store(paths)
     store.apply(load_definitions(paths))
@@ -195,7 +195,7 @@ def test_without_a_retained_base_the_state_is_seeded_from_offline_identically(sy
 
 
 def test_point_in_time_historical_features_pick_each_dates_vectors(synth):
-    from jobs.feast_store import get_store
+    from jobs.core.feast_store import get_store
     paths = synth["paths"]
     store = get_store(paths)
     entity_df = pd.DataFrame({"profile_id": [40, 40, 10],
@@ -242,7 +242,7 @@ def test_stock_materialize_publishes_a_new_day_as_the_direct_writer_does(tmp_pat
 def test_an_older_date_never_moves_serving_backwards(tmp_path, monkeypatch, live_state):
     """Serving D2: re-publishing D1 unchanged is a no-op; a changed D1 is refused naming both dates
     and the ways forward, also when ``commit`` is called directly; ``force`` then D2 brings it forward."""
-    from jobs.feast_store import get_store
+    from jobs.core.feast_store import get_store
     paths = Paths(tmp_path / "var")
     monkeypatch.setenv("FMPIPE_HOME", str(paths.home))
     write_day(paths, D1, range(0, 60), "m1", 1)
@@ -283,7 +283,7 @@ def test_online_store_is_in_wal_mode_so_a_writer_never_blocks_feast_readers(tmp_
     """The store a publish opened reports journal_mode=wal (persistent, for every process); while
     the publisher holds an exclusive write transaction (a large copy-forward), a Feast reader still
     reads the committed day instead of failing with "database is locked"."""
-    from jobs.feast_store import get_store
+    from jobs.core.feast_store import get_store
     paths = Paths(tmp_path / "var")
     monkeypatch.setenv("FMPIPE_HOME", str(paths.home))
     day = write_day(paths, D1, range(0, 20), "m1", 1)
@@ -308,7 +308,7 @@ def test_failure_midway_leaves_yesterdays_publication_serving(synth, monkeypatch
     paths = synth["paths"]
     run_publish(paths, D2)
     before, pointer = live_state(paths), pubs.current(paths)
-    from jobs import sqlite_rows
+    from jobs.core import sqlite_rows
     real, calls = sqlite_rows.write, []
 
     def flaky(conn, table, fv, batch, version):
@@ -380,7 +380,7 @@ def test_live_tables_that_disagree_with_the_pointer_are_put_back(synth, monkeypa
     """A store whose swap stored no pointer record (written by a version before the record existed,
     or edited by hand) and a publisher killed after that swap: the next run serves the pointer's day
     again instead of filing the stray state under the wrong publication."""
-    from jobs.feast_store import get_store
+    from jobs.core.feast_store import get_store
     paths = synth["paths"]
     run_publish(paths, D2, force=True)
     d2_state, d2_pointer = live_state(paths), pubs.current(paths)
@@ -406,9 +406,9 @@ def test_kill_9_mid_publish_serves_one_whole_day_and_the_rerun_equals_the_undist
     import subprocess
     import sys
     import time
-    from jobs.feast_store import get_store
+    from jobs.core.feast_store import get_store
     from jobs.index import TitleIndex
-    from jobs.settings import REPO_ROOT
+    from jobs.core.settings import REPO_ROOT
     paths = synth["paths"]
     run_publish(paths, D2, force=True)
     d2_state = live_state(paths)
@@ -419,7 +419,7 @@ def test_kill_9_mid_publish_serves_one_whole_day_and_the_rerun_equals_the_undist
     rb.release(paths)                                                # the rollback pin, released: D3 may go again
     marker = paths.home / f"reached-{point}"
     env = {**os.environ, "FMPIPE_HOME": str(paths.home), "FMPIPE_FAILPOINT": point, "FMPIPE_FAILPOINT_MARKER": str(marker)}
-    code = f"from jobs import publish; from jobs.settings import Paths; publish.run(publish.PublishConfig(date={D3.isoformat()!r}), Paths.from_env())"
+    code = f"from jobs import publish; from jobs.core.settings import Paths; publish.run(publish.PublishConfig(date={D3.isoformat()!r}), Paths.from_env())"
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 300
@@ -485,7 +485,7 @@ def write_history(paths: Paths, day: dt.date, pid: int, finished: list[str]) -> 
 
 
 def test_retrieve_ranks_by_raw_dot_product_and_skips_finished_titles(synth):
-    from jobs import retrieve
+    from jobs.tools import retrieve
     paths = synth["paths"]
     run_publish(paths, D2)
     q = expect(synth, D2, 40)
@@ -536,7 +536,7 @@ def test_the_analysts_catalogue_file_follows_publish_and_rollback(tmp_path, monk
     """Once an analyst has made the DuckDB catalogue file, every serving move rewrites it, so a BI
     tool never shows a day that is no longer (or not yet) served; without the file nothing is written."""
     import duckdb
-    from jobs import sql
+    from jobs.tools import sql
     monkeypatch.setenv("FMPIPE_HOME", str(tmp_path / "var"))
     paths = Paths.from_env()
     write_day(paths, D1, range(0, 20), "m1", 1)

@@ -14,9 +14,10 @@ import pytest
 
 from fm import movielens as M
 from fm.data import Sequences
-from jobs import dataset_import, evaluate, tokenize, train
-from jobs.io import partition
-from jobs.settings import Paths
+from jobs.tools import dataset_import
+from jobs import evaluate, tokenize, train
+from jobs.core.io import partition
+from jobs.core.settings import Paths
 
 N_USERS, N_MOVIES = 40, 30
 TINY = {"d_model": 16, "n_layers": 1, "n_heads": 2, "max_len": 32, "content_dim": 8, "max_epochs": 2,

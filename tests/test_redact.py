@@ -7,9 +7,9 @@ import datetime as dt
 import json
 
 from jobs import pipeline
-from jobs.io import partition
-from jobs.redact import MASK, redact, redact_text
-from jobs.settings import Paths, run_cli
+from jobs.core.io import partition
+from jobs.core.redact import MASK, redact, redact_text
+from jobs.core.settings import Paths, run_cli
 
 SECRETS = ("s3cr3t-pg", "hunter2-redis", "tok-123", "k3y")
 

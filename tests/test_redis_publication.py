@@ -1,4 +1,4 @@
-"""Atomic publication to a Redis online store (jobs.redis_store), against a real ``redis-server``
+"""Atomic publication to a Redis online store (jobs.core.redis_store), against a real ``redis-server``
 (Debian package; .ci/run installs it), selected by ``feature_store.yaml`` only, read back through
 plain Feast ``get_online_features``: readers never see two publications mixed, a flushed Redis is
 re-seeded from the offline tables, entities dropped from a publication are deleted."""
@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from bench.fault_redis import free_port, redis_repo, state
-from jobs import publication as pubs
+from jobs.core import publication as pubs
 from jobs import rollback as rb
-from jobs.online_store import open_online
-from jobs.settings import Paths
+from jobs.core.online_store import open_online
+from jobs.core.settings import Paths
 from test_publish import D1, D2, TITLES, expect, online, run_publish, write_day
 
 PROJECT = "fm_embeddings"
@@ -63,7 +63,7 @@ def redis_home(redis_server, tmp_path, monkeypatch):
 
 
 def reconcile(paths: Paths):
-    from jobs.feast_store import get_store
+    from jobs.core.feast_store import get_store
     online_tables = open_online(get_store(paths))
     try:
         with pubs.lock(paths):
@@ -180,7 +180,7 @@ def test_a_flushed_redis_is_reseeded_from_the_offline_tables(redis_home):
 def test_an_entity_dropped_from_a_publication_is_deleted(redis_home):
     """An entity whose last row fell out of the view's TTL (30 days) is not carried into the next
     publication: after the swap its key is gone, not lingering forever."""
-    from jobs.feast_store import get_store
+    from jobs.core.feast_store import get_store
     from feast.infra.key_encoding_utils import serialize_entity_key
     from feast.protos.feast.types.EntityKey_pb2 import EntityKey
     from feast.protos.feast.types.Value_pb2 import Value

@@ -8,10 +8,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fm.schema import ACTIONS, HISTORY_SCHEMA, TITLE_VOCAB_SCHEMA, TOKEN_FIELDS, vocab_index
-from jobs import published, report_trends
-from jobs.io import atomic_write_json, partition, partition_dates
-from jobs.settings import Paths
+from fm.schema import ACTIONS, TITLE_VOCAB_SCHEMA, TOKEN_FIELDS, vocab_index
+from jobs.core import published
+from jobs import report_trends
+from jobs.core.io import atomic_write_json, partition, partition_dates
+from jobs.core.settings import Paths
 
 P, D = dt.date(2026, 11, 2), dt.date(2026, 11, 3)
 PLAY, IMPRESSION = vocab_index(ACTIONS)["play"], vocab_index(ACTIONS)["impression"]

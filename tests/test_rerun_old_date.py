@@ -8,8 +8,9 @@ import hashlib
 
 import pyarrow.parquet as pq
 
-from jobs import pipeline, publication
-from jobs.io import partition
+from jobs import pipeline
+from jobs.core import publication
+from jobs.core.io import partition
 from conftest import two_days_left
 
 WORLD = {"profiles": 80, "titles": 60, "days": 4, "new_titles_per_day": 4, "malformed_per_day": 0,

@@ -10,9 +10,9 @@ import datetime as dt
 import pytest
 
 from jobs import cli
-from jobs import publication as pubs
+from jobs.core import publication as pubs
 from jobs import rollback as rb
-from jobs.settings import Paths
+from jobs.core.settings import Paths
 from test_publish import D1, D2, D3, run_publish, validated, write_day
 
 D4 = dt.date(2026, 11, 4)

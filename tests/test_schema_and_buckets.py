@@ -1,7 +1,6 @@
 """Token field bucketing: the Spark column expressions must equal the reference functions."""
 from __future__ import annotations
 
-import pytest
 
 from fm import schema as S
 

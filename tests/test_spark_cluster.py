@@ -18,18 +18,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import embed, tokenize
-from jobs.io import partition
-from jobs.settings import Paths
+from jobs.core.io import partition
+from jobs.core.settings import Paths
 
 DRIVER = """
 import sys
 from jobs import embed, tokenize
-from jobs.settings import Paths
+from jobs.core.settings import Paths
 from pathlib import Path
 paths, day = Paths(Path(sys.argv[1])), sys.argv[2]
 tokenize.run(tokenize.TokenizeConfig(date=day), paths)
 out = embed.run(embed.EmbedConfig(date=day, engine="spark", spark_partitions=2), paths)
-from jobs.spark import get_spark
+from jobs.core.spark import get_spark
 print("MASTER", get_spark().sparkContext.master, "ROWS", out["profiles"])
 """
 
@@ -83,7 +83,8 @@ def cluster(tmp_path_factory):
 def own_world(spark, tmp_path_factory) -> dict:
     """A small world of this test's own (the shared one is changed by other tests' publications):
     generated, tokenized up to the second-last day, a tiny model trained."""
-    from jobs import generate, train
+    from jobs.tools import generate
+    from jobs import train
     from conftest import TINY
     paths = Paths(tmp_path_factory.mktemp("cluster-world") / "var")
     generate.run(generate.GenerateConfig(**TINY), paths)

@@ -194,7 +194,7 @@ def test_cold_title_calibration_follows_the_content_encoder_unless_given():
     (bench/results/cold_start.md, one section per encoder). Given values win; text that is
     neither a number nor ``auto`` is refused by name; a version names what ``auto`` resolves to."""
     from fm.recipe import COLD_CALIBRATION, cold_calibration
-    from jobs.settings import parse_overrides
+    from jobs.core.settings import parse_overrides
     assert cold_calibration(Recipe()) == COLD_CALIBRATION["tfidf"] == (0.99, 0.9)
     minilm = parse_overrides(TrainJobConfig, ["content_encoder=minilm"])
     assert cold_calibration(minilm) == COLD_CALIBRATION["minilm"] == (0.95, 0.9)

@@ -7,9 +7,9 @@ import datetime as dt
 import pyarrow as pa
 import pytest
 
-from jobs import sql
-from jobs.io import atomic_write_table, partition
-from jobs.settings import Paths
+from jobs.tools import sql
+from jobs.core.io import atomic_write_table, partition
+from jobs.core.settings import Paths
 
 D1, D2 = dt.date(2026, 11, 1), dt.date(2026, 11, 2)
 
@@ -86,7 +86,7 @@ def _embedded(paths: Paths, day: dt.date) -> None:
 
 
 def _moved(paths: Paths, day: dt.date, seq: int, action: str = "publish") -> None:
-    from jobs import publication as pubs
+    from jobs.core import publication as pubs
     pubs.root(paths).mkdir(parents=True, exist_ok=True)
     pubs._append_history(paths, {"date": day.isoformat(), "publication": f"{day}.p{seq}", "seq": seq, "action": action})
 

@@ -21,9 +21,11 @@ from fm.losses import Objective
 from fm.model import FoundationModel, ModelConfig, init_weights
 from fm.recipe import Recipe, model_config
 from fm.schema import ACTION_STRENGTH, ACTIONS, CANVASES, DEVICES, N_SPECIAL, NO_DURATION, OOV, TOKEN_FIELDS, vocab_index
-from jobs import checksum, embed, generate, retrieve
-from jobs.io import partition
-from jobs.settings import Paths
+from jobs.core import checksum
+from jobs import embed
+from jobs.tools import generate, retrieve
+from jobs.core.io import partition
+from jobs.core.settings import Paths
 from jobs.train import current_model_dir
 from test_embed import clone_world
 
@@ -286,7 +288,7 @@ def test_surface_vectors_are_published_to_feast_and_retrieved_through_it(world, 
     """The whole path with the real Feast store: embed (surface model) -> validate -> publish ->
     index; the profile view declares the surface columns and `retrieve surface=kids` reads them."""
     from jobs import pipeline
-    from jobs.feast_store import get_store
+    from jobs.core.feast_store import get_store
     day, version = surface_checkpoint(world, home)
     shutil.copytree(partition(world["paths"].tokens, day), partition(home.tokens, day))
     (home.models / "CURRENT.json").write_text(json.dumps({"version": version}))

@@ -9,8 +9,8 @@ import pytest
 
 from fm import schema as S
 from jobs import tokenize
-from jobs.history import HistoryGapError
-from jobs.io import atomic_write_table, partition, raw_partition
+from jobs.core.history import HistoryGapError
+from jobs.core.io import atomic_write_table, partition, raw_partition
 
 D1, D2 = dt.date(2026, 11, 1), dt.date(2026, 11, 2)
 
@@ -104,8 +104,8 @@ def test_vocabulary_only_grows_and_history_merges_late_events(spark, home):
 
 
 def test_incremental_equals_full_rebuild_and_reruns_are_idempotent(spark, tmp_path, monkeypatch):
-    from jobs import generate
-    from jobs.settings import Paths
+    from jobs.tools import generate
+    from jobs.core.settings import Paths
     homes = [Paths(tmp_path / "inc"), Paths(tmp_path / "full")]
     for p in homes:
         generate.run(generate.GenerateConfig(profiles=40, titles=30, days=3, new_titles_per_day=2, seed=1), p)
@@ -194,8 +194,8 @@ def test_rerun_of_a_date_older_than_every_kept_state_rebuilds_it_and_keeps_it(sp
     GC keeps it (it used to delete the state it had just written, so embed found no history) while
     leaving the newer states untouched. The next daily run collects it. Day 2 is re-run: it has an
     earlier raw day and no earlier state, so only a rebuild from every raw day keeps day 1's events."""
-    from jobs import generate
-    from jobs.settings import Paths
+    from jobs.tools import generate
+    from jobs.core.settings import Paths
     home = Paths(tmp_path / "w")
     generate.run(generate.GenerateConfig(profiles=30, titles=20, days=6, new_titles_per_day=1, seed=3), home)
     days = sorted(dt.date.fromisoformat(p.name[3:]) for p in home.raw.glob("dt=*"))
@@ -214,10 +214,10 @@ def test_rerun_of_a_date_older_than_every_kept_state_rebuilds_it_and_keeps_it(sp
 
 
 def test_the_generators_cached_draw_is_numpys_choice_bit_for_bit():
-    """jobs.generate draws titles from day-cached cumulative distributions; the world it writes must
+    """jobs.tools.generate draws titles from day-cached cumulative distributions; the world it writes must
     stay the one numpy's ``choice`` gives for the same seed (every generated benchmark depends on it)."""
     import numpy as np
-    from jobs import generate
+    from jobs.tools import generate
     world = generate._World.__new__(generate._World)
     world.cdfs, world.rng = {}, np.random.default_rng(5)
     ref = np.random.default_rng(5)

@@ -7,7 +7,7 @@ import pytest
 
 from fm import checkpoint
 from jobs import tokenize, train
-from jobs.io import partition
+from jobs.core.io import partition
 
 
 @pytest.fixture

@@ -11,10 +11,10 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import publication as pubs
-from jobs import verdict
-from jobs.io import atomic_write_json, partition
-from jobs.settings import Paths
+from jobs.core import publication as pubs
+from jobs.core import verdict
+from jobs.core.io import atomic_write_json, partition
+from jobs.core.settings import Paths
 from test_gate import D2, base, gate, home, mutate_profiles  # noqa: F401 (fixtures)
 from test_publish import D1, run_publish, validated, write_day
 

@@ -25,8 +25,8 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from fm.schema import CANVASES, CATALOGUE_SCHEMA, DEVICES, LOCALES, RAW_EVENT_SCHEMA
-from jobs.io import atomic_write_table, raw_partition
-from jobs.settings import Paths, run_cli
+from jobs.core.io import atomic_write_table, raw_partition
+from jobs.core.settings import Paths, run_cli
 
 GENRES = ("action", "adventure", "animation", "comedy", "crime", "documentary", "drama", "family",
           "fantasy", "horror", "mystery", "romance", "scifi", "thriller", "war", "western",

@@ -4,7 +4,7 @@ Why one helper: the publish step reports the Feast registry config, and producti
 credentials (a SQL registry ``postgresql://user:password@host/db``, a Redis
 ``connection_string: "host:6379,password=..."``). Whatever reaches stdout, ``reports/dt=D/steps/*.json``
 or an XCom is readable by far more people than the config file, so every output path
-(:func:`jobs.settings.run_cli`, :func:`jobs.pipeline._timed`, the rollback and backfill CLIs) passes
+(:func:`jobs.core.settings.run_cli`, :func:`jobs.pipeline._timed`, the rollback and backfill CLIs) passes
 its result through :func:`redact`.
 
 What counts as a secret: the value of a key named like a credential (``password``, ``*_password``,

@@ -1,11 +1,11 @@
 """Public-dataset readers: MovieLens and Amazon Beauty files -> raw events + catalogue.
 
 These formats are fixed, so they need no column mapping; each reader only turns its files into a
-user/item/timestamp(/action) table and hands it to the generic path in :mod:`jobs.event_import`
+user/item/timestamp(/action) table and hands it to the generic path in :mod:`jobs.tools.event_import`
 (same checks, same raw layout, same ``dataset.json`` targets). What stays here is what the generic
 path cannot know: how a rating becomes an action, where Beauty's absolute dates come from, and which
 file holds each dataset's item attributes. ``fmpipe import movielens|beauty`` dispatches here from
-:mod:`jobs.importers`.
+:mod:`jobs.tools.importers`.
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ import pyarrow as pa
 
 from fm import schema as S
 from fm.data import data_root
-from jobs.event_import import ImportConfig, ImportError_, events_from_table, write_dataset_meta, write_raw
-from jobs.io import atomic_write_table
-from jobs.settings import Paths
+from jobs.tools.event_import import ImportConfig, ImportError_, events_from_table, write_dataset_meta, write_raw
+from jobs.core.io import atomic_write_table
+from jobs.core.settings import Paths
 
 
 def import_movielens(paths: Paths, path: str | None = None, users: int = 0, ratings_file: str | None = None) -> dict:

@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 T = typing.TypeVar("T")
 
 # Permissions of everything written under $FMPIPE_HOME. Why: the tables hold user behaviour and
@@ -145,7 +145,7 @@ def run_cli(cls: type[T], run: typing.Callable[[T, Paths], dict], doc: str | Non
     holding the step's date and shared-state locks like the pipeline does (:func:`jobs.pipeline.cli_locks`)."""
     import argparse
     from jobs.pipeline import cli_locks
-    from jobs.redact import redact
+    from jobs.core.redact import redact
     ap = argparse.ArgumentParser(description=(doc or cls.__doc__ or "").strip().splitlines()[0])
     ap.add_argument("overrides", nargs="*", help=f"key=value overrides of {cls.__name__}")
     args, flags = ap.parse_known_args(argv)       # --flag style booleans are overrides too

@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fm.schema import N_SPECIAL, TITLE_VOCAB_SCHEMA
-from jobs.settings import Paths
+from jobs.core.settings import Paths
 
 
 def read_vocab(paths: Paths) -> pa.Table:

@@ -1,7 +1,7 @@
 """Online-store backends of a publication: the SQLite live/staging/snapshot tables and their
 atomic swap, and the write path (Feast ``online_write_batch``) every backend shares.
 
-The commit protocol that drives them is :mod:`jobs.publication`.
+The commit protocol that drives them is :mod:`jobs.core.publication`.
 
 Why not Feast's ``registry.enable_online_feature_view_versioning`` (read in the installed 0.67
 sources): it names per-version online tables (``<view>_v<N>``), but a version is a *definition*
@@ -13,7 +13,7 @@ also be set in every reader's ``feature_store.yaml`` (plain readers keep reading
 table), and each version table would still need the full state. A rename swap inside the online
 store gives one atomic step for all views with no reader-side change.
 It is specific to the SQLite online store; Redis has its own atomic design with the same interface
-(:mod:`jobs.redis_store`: the state staged in a second database, ``SWAPDB`` as the swap, chosen by
+(:mod:`jobs.core.redis_store`: the state staged in a second database, ``SWAPDB`` as the swap, chosen by
 ``swap=auto``, see :func:`open_online`). For any other store (and with ``swap=in_place``)
 ``publish`` writes the day in place: the day's rows go straight
 into the live keys with the same ``online_write_batch`` path (no staging, no copy forward: entities
@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.embed import published_at
-from jobs.failpoints import failpoint
+from jobs.core.failpoints import failpoint
 
 LIVE_TABLE = "fmpipe_publication_live"
 POINTER_TABLE = "fmpipe_publication_pointer"     # the pointer record, written in the swap transaction
@@ -97,7 +97,7 @@ class OnlineTables(PublicationNames):
         self.atomic = swap == "atomic" or (swap == "auto" and self.kind == "sqlite")
         if self.atomic and self.kind != "sqlite":
             raise NotImplementedError(f"atomic publication swap is implemented for the SQLite online store, not {self.kind!r}; "
-                                      "use swap=in_place (not atomic) or see the jobs.publication docstring")
+                                      "use swap=in_place (not atomic) or see the jobs.core.publication docstring")
         self._conn = None
 
     # -- plumbing
@@ -217,7 +217,7 @@ class OnlineTables(PublicationNames):
         if self.atomic:
             self.conn().execute(f'DROP TABLE IF EXISTS "{table}"')
 
-    # -- what staging calls, the same for every backend (jobs.redis_store.RedisTables has its own)
+    # -- what staging calls, the same for every backend (jobs.core.redis_store.RedisTables has its own)
     def can_build_on(self, table: str) -> bool:
         """Whether a retained table (live or snapshot) can be the base a new state is copied from."""
         return self.exists(table)
@@ -230,12 +230,12 @@ class OnlineTables(PublicationNames):
 
 
 def open_online(store, swap: str = "auto"):
-    """The online backend of a publication: atomic Redis (:class:`jobs.redis_store.RedisTables`)
+    """The online backend of a publication: atomic Redis (:class:`jobs.core.redis_store.RedisTables`)
     for a plain/Sentinel Redis store unless ``swap=in_place``; else :class:`OnlineTables` (SQLite
     staged swap, or in place for stores without an atomic design, Redis Cluster included)."""
     online = store.config.online_store
     if getattr(online, "type", "") == "redis" and swap in ("auto", "atomic"):
-        from jobs.redis_store import RedisTables
+        from jobs.core.redis_store import RedisTables
         if swap == "atomic" or getattr(getattr(online, "redis_type", None), "value", "redis") != "redis_cluster":
             return RedisTables(store)
         swap = "in_place"
@@ -253,7 +253,7 @@ def in_key_order(fv, table: pa.Table) -> pa.Table:
         order = np.lexsort(tuple(b[:, i] for i in range(7, -1, -1)))
     else:
         from feast.infra.key_encoding_utils import serialize_entity_key
-        from jobs.feast_store import entity_key_protos
+        from jobs.core.feast_store import entity_key_protos
         keys = [serialize_entity_key(k, 3) for k in entity_key_protos(fv, table)]
         order = np.array(sorted(range(len(keys)), key=keys.__getitem__), dtype=np.int64)
     return table.take(pa.array(order))
@@ -277,10 +277,10 @@ def writer_config(store):
 def write_rows(store, fv, table: pa.Table, batch_rows: int) -> int:
     """The day's rows, ``batch_rows`` at a time (one SQLite transaction / one Redis pipeline each), in
     the table's key order. A plain SQLite store gets Feast's rows laid out column-wise and one prepared
-    upsert per batch (:mod:`jobs.sqlite_rows`, the same bytes); any other store goes through Feast's
+    upsert per batch (:mod:`jobs.core.sqlite_rows`, the same bytes); any other store goes through Feast's
     ``Value`` protos and the provider's ``online_write_batch``."""
-    from jobs import sqlite_rows
-    from jobs.feast_store import online_rows
+    from jobs.core import sqlite_rows
+    from jobs.core.feast_store import online_rows
     provider, n = store._get_provider(), 0
     get_conn = getattr(provider.online_store, "_get_conn", None)
     direct = sqlite_rows.covers(store) and get_conn is not None
@@ -304,7 +304,7 @@ def materialize_rows(store, fv, day: dt.date, source) -> None:
     """Stock path: Feast's materialization engine reads the offline store and writes ``fv``'s table.
 
     The view's source is pointed at the embed output for this call: the offline store's own
-    sources expose published dates only (:mod:`jobs.published`), and ``day`` is not published yet;
+    sources expose published dates only (:mod:`jobs.core.published`), and ``day`` is not published yet;
     ``source`` is the embed output folder of the view."""
     from feast import FileSource
     from tqdm import tqdm

@@ -41,9 +41,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fm.schema import ACTIONS, vocab_index
-from jobs.io import partition
-from jobs.settings import Paths, parse_date, parse_overrides
-from jobs.vocab import read_vocab, title_ids_by_idx
+from jobs.core.io import partition
+from jobs.core.settings import Paths, parse_date, parse_overrides
+from jobs.core.vocab import read_vocab, title_ids_by_idx
 
 QUERY_FEATURE = "emb_layer2_last"
 DIVERSITY = ("none", "mmr")
@@ -166,7 +166,7 @@ def diversify(paths: Paths, day, pool: list[tuple[str, float]], k: int, lam: flo
 def retrieve(paths: Paths, profile_id: int, k: int = 10, exclude_finished: bool = True, feature: str = QUERY_FEATURE,
              store=None, index=None, surface: str = "", diversity: str = "none", mmr_lambda: float = 0.7,
              genre_cap: int = 0, pool: int = 5000, prompt: str = "") -> dict:
-    from jobs.feast_store import get_store
+    from jobs.core.feast_store import get_store
     from jobs.index import TitleIndex
     store = store or get_store(paths)
     index = index or TitleIndex.current(paths)

@@ -28,8 +28,8 @@ import os
 from pathlib import Path
 
 from fm.durable import fsync_path
-from jobs.io import partition
-from jobs.settings import Paths
+from jobs.core.io import partition
+from jobs.core.settings import Paths
 
 SUMMARY = "summary.json"
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from jobs.settings import REPO_ROOT, Paths
+from jobs.core.settings import REPO_ROOT, Paths
 
 FEATURE_REPO = REPO_ROOT / "feature_repo"
 
@@ -70,7 +70,7 @@ def load_definitions(paths: Paths) -> list:
     """Import the feature repo's ``definitions.py`` with FMPIPE_HOME set, and return its Feast objects."""
     from feast import Entity, FeatureService, FeatureView, FileSource
 
-    from jobs.published import ensure_roots
+    from jobs.core.published import ensure_roots
     os.environ["FMPIPE_HOME"] = str(paths.home)
     ensure_roots(paths)                           # the offline sources name published/, maybe still empty
     spec = importlib.util.spec_from_file_location("fmpipe_feature_definitions", feature_repo() / "definitions.py")
@@ -97,7 +97,7 @@ def apply_if_changed(store, paths: Paths) -> bool:
     repo = Path(store.repo_path)
     for f in (repo / "definitions.py", repo / "feature_store.yaml"):
         digest.update(f.read_bytes())
-    from jobs.feature_spec import spec_path
+    from jobs.core.feature_spec import spec_path
     if spec_path(paths.home).exists():            # the layer columns definitions.py derives its schema from
         digest.update(spec_path(paths.home).read_bytes())
     digest.update(str(paths.home).encode())

@@ -39,8 +39,8 @@ import pyarrow as pa
 
 import fm.schema as S
 from fm.durable import commit_file
-from jobs.io import partition, temp_sibling
-from jobs.settings import DIR_MODE, FILE_MODE, REPO_ROOT, Paths
+from jobs.core.io import partition, temp_sibling
+from jobs.core.settings import DIR_MODE, FILE_MODE, REPO_ROOT, Paths
 
 EXAMPLES = REPO_ROOT / "docs" / "queries.sql"
 PUBLISHED_ONLY = ("profile_embeddings", "title_embeddings")
@@ -163,7 +163,7 @@ def define_views(con: duckdb.DuckDBPyConnection, paths: Paths, define: Define) -
 
     One definition for the in-memory connection and the catalogue file, so the two cannot drift.
     Paths go in as values (relation API); the SQL text used here holds no path."""
-    from jobs.publication import history
+    from jobs.core.publication import history
     from jobs.rollback import published_dates
     dirs, files, names = [], [], {}
 

@@ -1,8 +1,8 @@
 """The generic events importer: an interaction log (CSV/Parquet) plus a column mapping -> the
-pipeline's raw event partitions and catalogue (``fmpipe import events ...``, see :mod:`jobs.importers`).
+pipeline's raw event partitions and catalogue (``fmpipe import events ...``, see :mod:`jobs.tools.importers`).
 
 Everything here is checked before anything is written: a missing or mistyped column fails naming
-the column, the row and what was expected. The public-dataset readers (:mod:`jobs.dataset_import`)
+the column, the row and what was expected. The public-dataset readers (:mod:`jobs.tools.dataset_import`)
 convert their files into a table and reuse :func:`events_from_table`, :func:`write_raw` and
 :func:`write_dataset_meta`, so every source lands in ``raw/`` with the same schema and the same
 idempotent re-import rule; this module therefore imports neither them nor the command line.
@@ -21,11 +21,11 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from fm import schema as S
-from jobs.catalogue_import import before_release, catalogue_from_table
-from jobs.io import atomic_write_json, atomic_write_table, fsync_tree
-from jobs.failpoints import failpoint
-from jobs.locks import shared_lock
-from jobs.settings import Paths
+from jobs.tools.catalogue_import import before_release, catalogue_from_table
+from jobs.core.io import atomic_write_json, atomic_write_table, fsync_tree
+from jobs.core.failpoints import failpoint
+from jobs.core.locks import shared_lock
+from jobs.core.settings import Paths
 
 
 class ImportError_(ValueError):
@@ -45,7 +45,7 @@ class ImportConfig:
     canvas: str = ""
     action_map: str = ""                 # "click:play,buy:complete": source value -> pipeline action
     default_action: str = "play"         # when there is no action column
-    catalogue: str = ""                  # optional CSV/Parquet item table (jobs.catalogue_import)
+    catalogue: str = ""                  # optional CSV/Parquet item table (jobs.tools.catalogue_import)
     catalogue_map: str = ""              # "title_id:item,name:title,genres:genres+brand,synopsis:plot+director"
     genres_sep: str = "|"                # genres given as one string column
     date_format: str = ""                # release dates: strptime format (empty: common formats)

@@ -9,14 +9,14 @@ back, so a ranker trained offline could learn from vectors that were never serve
     published/title/dt=D/*.parquet       the same for titles
     published/STATE.json                 {date: publication} the tree holds
 
-:func:`sync` runs after every pointer move (``jobs.publication.settle``: publish, rollback, index,
+:func:`sync` runs after every pointer move (``jobs.core.publication.settle``: publish, rollback, index,
 and ``reconcile`` after a crash): it adds the partitions of dates that became published, relinks a
 date published again as a new publication, and withdraws dates a rollback undid
 (:func:`jobs.rollback.published_dates`). Hard links cost no copy and pin the bytes that were
 published: a later re-embed replaces the embed partition (new files), not the linked ones, until
 that date is published again. Where the filesystem refuses links the files are copied.
 
-Each date's partition is built aside and renamed into place (:func:`jobs.io.swap_dir`: fsynced
+Each date's partition is built aside and renamed into place (:func:`jobs.core.io.swap_dir`: fsynced
 files and folder), and withdrawn by a rename before removal, so a reader lists a whole partition or
 none; the two views are updated one after the other (an offline read is not a serving read).
 """
@@ -30,9 +30,9 @@ import shutil
 import uuid
 from pathlib import Path
 
-from jobs.io import atomic_write_json, fsync_path, partition, swap_dir, temp_sibling
-from jobs.settings import DIR_MODE, Paths
-from jobs.failpoints import failpoint
+from jobs.core.io import atomic_write_json, fsync_path, partition, swap_dir, temp_sibling
+from jobs.core.settings import DIR_MODE, Paths
+from jobs.core.failpoints import failpoint
 
 VIEWS = ("profile", "title")
 
@@ -58,7 +58,7 @@ def ensure_roots(paths: Paths) -> None:
 def desired(paths: Paths) -> dict[str, str]:
     """``{date: publication}`` the tree must hold: every published, not rolled-back date, with the
     publication of its latest pointer move."""
-    from jobs.rollback import moves, published_dates        # jobs.rollback imports jobs.publication
+    from jobs.rollback import moves, published_dates        # jobs.rollback imports jobs.core.publication
     keep = {d.isoformat() for d in published_dates(paths)}
     out: dict[str, str] = {}
     for rec in moves(paths):

@@ -21,9 +21,10 @@ import subprocess
 import sys
 import time
 
-from jobs import generate, tokenize, train
-from jobs.io import partition
-from jobs.settings import REPO_ROOT, Paths, parse_overrides
+from jobs.tools import generate
+from jobs import tokenize, train
+from jobs.core.io import partition
+from jobs.core.settings import REPO_ROOT, Paths, parse_overrides
 
 
 def airflow_env(paths: Paths) -> dict[str, str]:

@@ -5,7 +5,7 @@ two runs of one step for one date at the same moment could still race on the sam
 the other's staging away) or on shared read-modify-write state (the title vocabulary, the GE
 context, the model pointer). So each step of a date holds ``locks/date=D.lock``; steps that touch
 state shared by all dates also hold ``locks/<name>.lock``. Lock order is always date -> shared ->
-publication (``jobs.publication.lock``), so they cannot deadlock.
+publication (``jobs.core.publication.lock``), so they cannot deadlock.
 
 Why ``fcntl.flock`` on a file under ``$FMPIPE_HOME``: the kernel drops the lock when its process
 dies (``kill -9`` included), so there are no stale locks to clean up, and a process that finds the
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from jobs.settings import LOCK_DIR_MODE, LOCK_MODE, Paths
+from jobs.core.settings import LOCK_DIR_MODE, LOCK_MODE, Paths
 
 POLL_S = 0.2
 

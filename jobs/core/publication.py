@@ -14,8 +14,8 @@ How a date is published (``jobs.publish.run``), and why readers never see half a
 
 1. *Stage.* Each feature view's online state is built in a staging table of the same SQLite
    database (Feast's columns and primary key; for small records stored clustered on that key,
-   ``WITHOUT ROWID``, see :meth:`jobs.online_store.OnlineTables.stage_view`; Feast reads and writes it unchanged),
-   rows inserted in key order; the day's rows are Feast's row bytes (:mod:`jobs.sqlite_rows`; other
+   ``WITHOUT ROWID``, see :meth:`jobs.core.online_store.OnlineTables.stage_view`; Feast reads and writes it unchanged),
+   rows inserted in key order; the day's rows are Feast's row bytes (:mod:`jobs.core.sqlite_rows`; other
    stores: ``provider.online_write_batch`` with Feast ``Value`` protos; or Feast's own materialize
    engine with ``method=materialize``), then the rest of the state is copied forward in SQL from the base
    publication (``INSERT OR IGNORE``: today's rows win; rows older than the view's TTL are dropped).
@@ -56,9 +56,9 @@ re-publish of an old date whose inputs are byte-identical to its latest publicat
 (:func:`published_with`, the manifest's ``content`` digest) into a no-op instead.
 
 The online backends (SQLite staging/snapshot tables and the swap, the in-place path for other
-stores) live in :mod:`jobs.online_store`; Redis (a staging database and ``SWAPDB``, the pointer
+stores) live in :mod:`jobs.core.online_store`; Redis (a staging database and ``SWAPDB``, the pointer
 record in a marker key swapped with the data, re-seeded from the offline tables when flushed) in
-:mod:`jobs.redis_store`; building a date's state aside in :mod:`jobs.staging`;
+:mod:`jobs.core.redis_store`; building a date's state aside in :mod:`jobs.core.staging`;
 rollback in :mod:`jobs.rollback`.
 """
 from __future__ import annotations
@@ -74,10 +74,10 @@ import uuid
 import warnings
 from pathlib import Path
 
-from jobs.failpoints import failpoint
-from jobs.io import atomic_write_json, fsync_path
-from jobs.online_store import LIVE_TABLE, POINTER_TABLE, OnlineTables, _safe, in_key_order  # noqa: F401 (re-exported)
-from jobs.settings import DIR_MODE, FILE_MODE, Paths
+from jobs.core.failpoints import failpoint
+from jobs.core.io import atomic_write_json, fsync_path
+from jobs.core.online_store import LIVE_TABLE, POINTER_TABLE, OnlineTables, _safe, in_key_order  # noqa: F401 (re-exported)
+from jobs.core.settings import DIR_MODE, FILE_MODE, Paths
 
 FEATURE_VIEWS = ("profile_embeddings", "title_embeddings")
 
@@ -136,13 +136,13 @@ def _pointer_file(paths: Paths) -> dict | None:
 
 def committed_pointer(paths: Paths) -> dict | None:
     """The pointer record of the last swap: stored in the SQLite online store, or with the live data
-    of a Redis one (:func:`jobs.redis_store.committed_record`); None for other stores or before any."""
-    from jobs.feast_store import repo_config, sqlite_online_path
+    of a Redis one (:func:`jobs.core.redis_store.committed_record`); None for other stores or before any."""
+    from jobs.core.feast_store import repo_config, sqlite_online_path
     db = sqlite_online_path(paths)
     if db is None:
         cfg = repo_config(paths)
         if getattr(cfg.online_store, "type", "") == "redis":
-            from jobs.redis_store import committed_record
+            from jobs.core.redis_store import committed_record
             return committed_record(cfg.online_store, cfg.project)
         return None
     if not db.exists():
@@ -216,7 +216,7 @@ def _append_history(paths: Paths, record: dict) -> None:
 @contextlib.contextmanager
 def lock(paths: Paths):
     """One publisher at a time (publish, rollback, index rebuild) per FMPIPE_HOME."""
-    from jobs.locks import open_lock_file
+    from jobs.core.locks import open_lock_file
     root(paths).mkdir(parents=True, exist_ok=True)
     os.chmod(root(paths), DIR_MODE)
     with os.fdopen(open_lock_file(root(paths) / ".lock"), "r+") as f:    # owner-only: nobody else can hold it
@@ -299,7 +299,7 @@ def commit(paths: Paths, online: OnlineTables, pub_id: str, day: dt.date, incomi
 
 def settle(paths: Paths, record: dict) -> None:
     """Mirror a committed pointer ``record`` to the files: manifest status, CURRENT.json, history,
-    and the offline store's ``published/`` tree (:mod:`jobs.published`)."""
+    and the offline store's ``published/`` tree (:mod:`jobs.core.published`)."""
     m = manifest(paths, record["publication"])
     if m.get("status") != "committed" or not m.get("retained", True):
         m.update({"status": "committed", "retained": True})
@@ -311,7 +311,7 @@ def settle(paths: Paths, record: dict) -> None:
     if record.get("seq") not in {r.get("seq") for r in history(paths)}:
         _append_history(paths, record)
     failpoint("publish.settle.journal")            # history line appended, published/ tree not yet synced
-    from jobs.published import sync                  # the offline store follows every pointer move
+    from jobs.core.published import sync                  # the offline store follows every pointer move
     sync(paths)
 
 

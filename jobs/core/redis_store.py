@@ -6,7 +6,7 @@ the database its connection string names, so a per-publication key prefix would 
 change. ``SWAPDB live staging`` exchanges two whole databases atomically for every connected
 client, so plain Feast readers (``FeatureStore(repo_path=...)``, any process) keep reading their
 database unchanged and see the old publication or the new one, never a mix. This mirrors the
-SQLite design (:mod:`jobs.online_store`): the staging database plays the staging table, ``SWAPDB``
+SQLite design (:mod:`jobs.core.online_store`): the staging database plays the staging table, ``SWAPDB``
 the rename, and after a swap the staging database holds the outgoing publication whole (one
 snapshot, so rolling back to the previous publication is another ``SWAPDB``).
 
@@ -19,7 +19,7 @@ snapshot, so rolling back to the previous publication is another ``SWAPDB``).
 * *Commit* (:meth:`RedisTables.swap_in`): ``WATCH`` the staging marker, check it names the staged
   publication, then ``MULTI; SET marker <pointer record>; SWAPDB; EXEC``. The marker key
   (:data:`MARKER`) travels with the data, so the live database always says which publication it
-  holds; :func:`committed_record` is the commit record :func:`jobs.publication.current` follows.
+  holds; :func:`committed_record` is the commit record :func:`jobs.core.publication.current` follows.
 * *Re-seed* (:meth:`RedisTables.ensure_serving`, from ``reconcile`` before every pointer move): a
   live database without the current publication's marker (Redis flushed, restarted without
   persistence, or written by an older in-place publisher) gets the current publication rebuilt
@@ -41,8 +41,8 @@ import warnings
 
 import pyarrow as pa
 
-from jobs.online_store import PublicationNames
-from jobs.publication import FEATURE_VIEWS, _safe
+from jobs.core.online_store import PublicationNames
+from jobs.core.publication import FEATURE_VIEWS, _safe
 
 MARKER_PREFIX = b"fmpipe:publication:"
 SCAN_COUNT = 1000
@@ -108,7 +108,7 @@ def committed_record(online_config, project: str) -> dict | None:
 
 
 class RedisTables(PublicationNames):
-    """The :class:`jobs.online_store.OnlineTables` interface over a live and a staging Redis database.
+    """The :class:`jobs.core.online_store.OnlineTables` interface over a live and a staging Redis database.
 
     Table names are symbolic: ``live(fv)`` is the live database, ``staging(pub, fv)`` the staging
     database while it holds ``pub`` being staged, ``snapshot(pub, fv)`` the staging database after
@@ -201,8 +201,8 @@ class RedisTables(PublicationNames):
     def write(self, store, fv, table: pa.Table, batch_rows: int) -> int:
         """The rows through Feast's ``online_write_batch`` into the staging database (unconditional:
         the staging database starts empty, and a rollback's older rows must win)."""
-        from jobs.feast_store import online_rows
-        from jobs.online_store import writer_config
+        from jobs.core.feast_store import online_rows
+        from jobs.core.online_store import writer_config
         config, n = writer_config(store), 0
         for batch in table.to_batches(max_chunksize=batch_rows):
             if batch.num_rows:
@@ -281,7 +281,7 @@ class RedisTables(PublicationNames):
         if all(self.exists(t) for t in snaps.values()):
             self.swap_in(snaps, None, pub, cur)
             return "restored"
-        from jobs.staging import stage_day
+        from jobs.core.staging import stage_day
         staged = stage_day(self.store, paths, self, dt.date.fromisoformat(cur["date"]), pub, use_base=False)
         self.swap_in(staged["staging"], None, pub, cur)
         return "reseeded"

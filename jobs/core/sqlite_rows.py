@@ -43,7 +43,7 @@ def entity_keys(fv, batch: pa.RecordBatch, version: int) -> list[bytes]:
     from feast.infra.key_encoding_utils import serialize_entity_key
     from feast.protos.feast.types.EntityKey_pb2 import EntityKey
     from feast.protos.feast.types.Value_pb2 import Value
-    from jobs.feast_store import entity_key_protos
+    from jobs.core.feast_store import entity_key_protos
     names = [c.name for c in fv.entity_columns]
     n = batch.num_rows
 
@@ -73,7 +73,7 @@ def cells(field, column: pa.Array) -> tuple[list, list]:
     """(value bytes, value_text) of one feature column, as Feast stores them."""
     from feast.infra.online_stores.helpers import extract_text_and_num
     from feast.types import Array, Float32
-    from jobs.feast_store import float_list_bytes, scalar_values
+    from jobs.core.feast_store import float_list_bytes, scalar_values
     if field.dtype == Array(Float32):
         return float_list_bytes(column), [None] * len(column)
     protos = scalar_values(column, field.dtype.to_value_type())
@@ -85,7 +85,7 @@ def cells(field, column: pa.Array) -> tuple[list, list]:
 def stamps(column: pa.Array | None, n: int) -> list:
     """A timestamp column as Feast's SQLite adapter stores it (naive UTC -> integer epoch seconds)."""
     from feast.infra.online_stores.sqlite import adapt_datetime_epoch
-    from jobs.feast_store import naive_utc
+    from jobs.core.feast_store import naive_utc
     if column is None:
         return [None] * n
     naive = naive_utc(column)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from jobs.settings import REPO_ROOT, Paths
+from jobs.core.settings import REPO_ROOT, Paths
 
 SUITES_DIR = REPO_ROOT / "expectations"
 LONG_LIST = 10            # lists longer than this are summarised in failure messages

@@ -7,7 +7,7 @@ specification in ``$FMPIPE_HOME/feast/layers.json`` (:func:`record`) before appl
 ``definitions.py`` builds one ``Array(Float32)`` field per recorded layer (:func:`load`), the
 dimension and model version in each field's description. The spec comes from the profile
 partition's ``_manifest.json`` (``layers``, ``dims``) or, without one, from its Parquet columns
-named ``emb_layer<N>_<pool>``. ``jobs.feast_store.apply_if_changed`` fingerprints this file, so a
+named ``emb_layer<N>_<pool>``. ``jobs.core.feast_store.apply_if_changed`` fingerprints this file, so a
 change of layers re-applies the definitions.
 
 Limits: a change of layers applies to the registry at the publish that brings it; entities carried
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from jobs.io import atomic_write_json, partition
-from jobs.settings import Paths
+from jobs.core.io import atomic_write_json, partition
+from jobs.core.settings import Paths
 
 DEFAULT = {"layers": ["emb_layer1_last", "emb_layer2_last", "emb_layer2_mean"], "dims": {}, "model_version": None,
            "surfaces": {}, "heads": {}, "prompts": {}}

@@ -1,6 +1,6 @@
 """Building a date's complete online state aside (staging tables), before the commit makes it current.
 
-See :mod:`jobs.publication` for why (stage, index, commit) and the base a date builds on.
+See :mod:`jobs.core.publication` for why (stage, index, commit) and the base a date builds on.
 """
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.embed import published_at
-from jobs.failpoints import failpoint
-from jobs.io import partition, partition_dates
-from jobs.online_store import OnlineTables, _columns, max_value_bytes
-from jobs.publication import FEATURE_VIEWS, history
-from jobs.settings import Paths
+from jobs.core.failpoints import failpoint
+from jobs.core.io import partition, partition_dates
+from jobs.core.online_store import OnlineTables, _columns, max_value_bytes
+from jobs.core.publication import FEATURE_VIEWS, history
+from jobs.core.settings import Paths
 
 
 def source_root(paths: Paths, fv_name: str) -> Path:

@@ -13,9 +13,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs import publication as pubs
-from jobs.io import partition_dates
-from jobs.settings import Paths, run_cli
+from jobs.core import publication as pubs
+from jobs.core.io import partition_dates
+from jobs.core.settings import Paths, run_cli
 
 STEPS = ("tokenize", "embed", "validate", "publish", "index", "report")
 

@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fm.durable import commit_file as _commit, fsync_path, fsync_tree  # noqa: F401 (re-exported)
-from jobs.settings import DIR_MODE, FILE_MODE, Paths
-from jobs.failpoints import failpoint
+from jobs.core.settings import DIR_MODE, FILE_MODE, Paths
+from jobs.core.failpoints import failpoint
 
 
 def partition(root: Path, day: dt.date) -> Path:

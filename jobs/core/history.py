@@ -14,8 +14,8 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from fm import schema as S
-from jobs.io import latest_partition_before, partition
-from jobs.settings import Paths
+from jobs.core.io import latest_partition_before, partition
+from jobs.core.settings import Paths
 
 KEEP_HISTORY_STATES = 3
 

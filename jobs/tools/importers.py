@@ -13,19 +13,19 @@
 Events land in ``raw/dt=YYYY-MM-DD/`` by their UTC date (re-importing replaces those partitions),
 with deterministic ``event_id`` = ``<source>-<row>``; then ``fmpipe tokenize date=<last> full=true``.
 
-This module is only the command line (``fmpipe import`` resolves to ``jobs.importers`` in
+This module is only the command line (``fmpipe import`` resolves to ``jobs.tools.importers`` in
 :mod:`jobs.cli`): it parses the options and dispatches. The generic mapped-log importer lives in
-:mod:`jobs.event_import`, the fixed-format dataset readers in :mod:`jobs.dataset_import`, and
-catalogue mapping in :mod:`jobs.catalogue_import`; both importers depend only downwards, so the
+:mod:`jobs.tools.event_import`, the fixed-format dataset readers in :mod:`jobs.tools.dataset_import`, and
+catalogue mapping in :mod:`jobs.tools.catalogue_import`; both importers depend only downwards, so the
 command line can import them without a cycle.
 """
 from __future__ import annotations
 
 import argparse
 
-from jobs.dataset_import import import_beauty, import_movielens
-from jobs.event_import import ImportConfig, ImportError_, run
-from jobs.settings import Paths, parse_overrides
+from jobs.tools.dataset_import import import_beauty, import_movielens
+from jobs.tools.event_import import ImportConfig, ImportError_, run
+from jobs.core.settings import Paths, parse_overrides
 
 
 TITLE_KEYS = {"id": "title_id", "name": "name", "kind": "kind", "genres": "genres", "release_date": "release_date",
