@@ -25,8 +25,8 @@ from __future__ import annotations
 
 if __name__ == "__main__":
     # Run as a file (spark-submit): Python put jobs/ first on sys.path, where this very file would
-    # shadow the standard library's ``tokenize`` (and jobs/core/io.py ``io``). Import the package from the
-    # repo root instead and run its copy of this module.
+    # shadow the standard library's ``tokenize``. Import the package from the repo root instead and
+    # run its copy of this module.
     import sys
     from pathlib import Path as _Path
     _jobs = _Path(__file__).resolve().parent
