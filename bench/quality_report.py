@@ -41,10 +41,16 @@ def stats(rows: list[dict], key: str) -> tuple[float, float]:
     return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
 
 
-def best_variant(summary: dict, base: str) -> str:
-    """``base`` or its ``base:KEY=X`` variant (dropout, ema) with the best mean validation NDCG@10 (test unread)."""
-    names = [p for p in summary if p == base or p.startswith(base + ":")]
-    return max(names, key=lambda p: summary[p].get("valid_ndcg@10", -1.0)) if names else base
+def best_variant(valid: dict[str, dict[int, float]], base: str) -> str:
+    """``base`` or its ``base:KEY=X`` variant (dropout, ema, weight_decay) with the best mean validation
+    NDCG@10 (test unread). ``valid``: part -> seed -> validation NDCG@10, unrounded (two variants may
+    agree to four places). The mean is over the seeds every variant ran, so a variant run on more
+    seeds is not judged on seeds the others lack (over all of each one's seeds if they share none)."""
+    names = [p for p in valid if (p == base or p.startswith(base + ":")) and valid[p]]
+    if not names:
+        return base
+    common = set.intersection(*(set(valid[p]) for p in names))
+    return max(names, key=lambda p: float(np.mean([v for k, v in valid[p].items() if not common or k in common])))
 
 
 def merge(args) -> dict:
@@ -58,6 +64,8 @@ def merge(args) -> dict:
     cold = cold_start.report(parts.pop("cold_start", []), Path(args.out), args.quick)
     cold_beauty = cold_start.report(parts.pop("beauty_cold_start", []), Path(args.out), args.quick, dataset="beauty")
     summary = {}
+    valid = {part: {r["seed"]: r["result"]["valid_ndcg@10"] for r in recs if r["result"].get("valid_ndcg@10") is not None}
+             for part, recs in parts.items()}
     for part, recs in parts.items():
         rows = [r["result"] for r in recs]
         s = {"seeds": len(rows), "budget": ", ".join(sorted({_budget(r) for r in recs}))}
@@ -70,10 +78,10 @@ def merge(args) -> dict:
            **({"cold_start_beauty": cold_beauty} if cold_beauty else {})}
     pick = lambda p: {k: summary[p][k] for k in summary[p] if k.startswith(("ndcg@10", "hr@10", "seeds", "train"))} \
         if p in summary else None  # noqa: E731
-    res["product"], res["sasrec"], res["sasrec_converged"] = pick("product"), pick(best_variant(summary, "sasrec")), \
-        pick(best_variant(summary, "sasrec_converged"))
-    res["beauty"] = {"fm": pick("beauty_fm"), "sasrec": pick(best_variant(summary, "beauty_sasrec"))}
-    res["sasrec_variants_chosen"] = {b: best_variant(summary, b) for b in ("sasrec", "sasrec_converged", "beauty_sasrec")}
+    res["product"], res["sasrec"], res["sasrec_converged"] = pick("product"), pick(best_variant(valid, "sasrec")), \
+        pick(best_variant(valid, "sasrec_converged"))
+    res["beauty"] = {"fm": pick("beauty_fm"), "sasrec": pick(best_variant(valid, "beauty_sasrec"))}
+    res["sasrec_variants_chosen"] = {b: best_variant(valid, b) for b in ("sasrec", "sasrec_converged", "beauty_sasrec")}
     if res["product"] and res["sasrec_converged"]:
         res["ratio_vs_converged_sasrec"] = round(res["product"]["ndcg@10"] / res["sasrec_converged"]["ndcg@10"], 3)
     if res["product"] and res["sasrec"]:
