@@ -72,7 +72,7 @@ from fm.sasrec import SASRec, SASRecConfig  # noqa: E402
 from fm.schema import ACTIONS, N_SPECIAL, vocab_index  # noqa: E402
 from jobs import evaluate as ev  # noqa: E402
 from jobs.tools import dataset_import, event_import  # noqa: E402
-from jobs import tokenize
+from jobs import tokenize  # noqa: E402
 from jobs import train as train_job  # noqa: E402
 from jobs.core.io import latest_partition_before, partition  # noqa: E402
 from jobs.core.locks import exclusive  # noqa: E402

@@ -70,7 +70,7 @@ from fm.model import ModelConfig  # noqa: E402
 from fm.recipe import Recipe, build, fit_model  # noqa: E402
 from fm.schema import ACTIONS, CANVASES, vocab_index  # noqa: E402
 from jobs.tools import event_import, generate  # noqa: E402
-from jobs import tokenize
+from jobs import tokenize  # noqa: E402
 from jobs.core.io import latest_partition_before, partition  # noqa: E402
 from jobs.core.settings import Paths, parse_overrides  # noqa: E402
 from jobs.train import dataset_target_actions  # noqa: E402
