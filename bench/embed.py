@@ -57,10 +57,12 @@ import torch  # noqa: E402
 
 from fm.data import Sequences  # noqa: E402
 from fm.extract import ProfileEncoder, default_layers, reference_embeddings  # noqa: E402
-from fm.stream import BATCH_LIMITS, embed_batches
+from fm.stream import BATCH_LIMITS, embed_batches  # noqa: E402
 from fm.model import FoundationModel, ModelConfig, init_weights  # noqa: E402
 from fm.recipe import Recipe  # noqa: E402
 from fm.schema import HISTORY_SCHEMA, N_SPECIAL, TOKEN_FIELDS  # noqa: E402
+from bench.common import provenance  # noqa: E402
+from jobs.core.io import atomic_write_json  # noqa: E402
 
 REALISTIC = dict(n_titles=20000, content_dim=64, d_model=256, n_layers=4, n_heads=4, max_len=512)
 # The same shape with the recipe's architecture switches (relative position bias, embedding LayerNorm,
@@ -223,7 +225,6 @@ def build_home(home: Path, spec: dict, n: int, mean_len: int, max_len: int, seed
     from fm import checkpoint
     from fm.content import ContentEncoder, title_text
     from fm.schema import CATALOGUE_SCHEMA, TITLE_VOCAB_SCHEMA
-    from jobs.core.io import atomic_write_json
     from jobs.core.settings import Paths
 
     paths = Paths(home)
@@ -349,12 +350,14 @@ def main() -> None:
     ap.add_argument("--scale-profiles", type=int, default=1_000_000, help="full mode: profiles in the big job run")
     ap.add_argument("--no-scale", action="store_true", help="full mode without the big job run")
     ap.add_argument("--gpu-only", action="store_true", help="only the GPU section (needs CUDA; the JSON's figures are the GPU's)")
+    ap.add_argument("--out", type=Path, help="also write the result JSON here (with commit, command, machine, load)")
     ap.add_argument("--job-child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.job_child:
         return job_child(args.job_child[0], args.job_child[1:])
 
     t_start = time.perf_counter()
+    prov = provenance("bench/embed.py", None)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -427,7 +430,10 @@ def main() -> None:
         "contexts": {str(L): {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for L, r in contexts.items()},
         "jobs": jobs, "gpu": gpu, "machine": {**machine, "load_avg_end": os.getloadavg()[0]},
         "wall_s": round(time.perf_counter() - t_start, 1),
+        "provenance": prov,
     }
+    if args.out:
+        atomic_write_json(result, args.out)
     print(json.dumps(result))
 
 
