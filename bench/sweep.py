@@ -43,7 +43,7 @@ AXES: dict[str, list] = {
     "lr": [1e-3, 3e-3, 1e-2],
     "batch_size": [16, 64],
     "n_negatives": [0, 128, 512],
-    "dropout": [0.1, 0.2, 0.3, 0.5],
+    "dropout": [0.1, 0.2, 0.3, 0.4, 0.5],
     "d_model": [64, 128],
     "n_layers": [1, 2, 3],
     "mtp_k": [1, 2],
