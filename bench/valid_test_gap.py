@@ -39,6 +39,7 @@ import torch  # noqa: E402
 from bench.common import emit, provenance, write_results  # noqa: E402
 from fm import protocol as P  # noqa: E402
 from fm.data import Sequences  # noqa: E402
+from fm.evaluate import metrics_from_ranks  # noqa: E402
 from fm.schema import N_SPECIAL, PAD  # noqa: E402
 from jobs.core.io import partition  # noqa: E402
 from jobs.core.settings import Paths, parse_date  # noqa: E402
@@ -49,9 +50,9 @@ FIELD_ABLATIONS = {"time fields (hour, dow, gap) = PAD": ("hour", "dow", "gap"),
 BIAS_SCALES = (0.0, 0.5, 1.5)
 
 
-def ndcg10(ranks: np.ndarray) -> np.ndarray:
-    """Per-target NDCG@10 from 0-based ranks (one relevant title)."""
-    return np.where(ranks < 10, 1.0 / np.log2(ranks + 2.0), 0.0)
+def ndcg10(ranks: np.ndarray) -> float:
+    """NDCG@10 of a set of 0-based target ranks, by the protocol's one metric definition."""
+    return metrics_from_ranks(torch.as_tensor(ranks), ks=(10,))["ndcg@10"]
 
 
 def without(seqs: Sequences, names: tuple[str, ...]) -> Sequences:
@@ -61,19 +62,22 @@ def without(seqs: Sequences, names: tuple[str, ...]) -> Sequences:
 
 
 def both(model, seqs: Sequences, split: P.Split) -> tuple[np.ndarray, np.ndarray]:
-    """Per-target NDCG@10 on the validation and the test targets, full ranking, history removed."""
+    """The 0-based rank of every validation and every test target, full ranking, history removed."""
     f = P.fm_scores(model)
-    return (ndcg10(P.rank_targets(f, seqs, split.valid, model.cfg.max_len)),
-            ndcg10(P.rank_targets(f, seqs, split.test, model.cfg.max_len)))
+    return (P.rank_targets(f, seqs, split.valid, model.cfg.max_len),
+            P.rank_targets(f, seqs, split.test, model.cfg.max_len))
 
 
 def row(name: str, v: np.ndarray, t: np.ndarray) -> dict:
-    return {"variant": name, "valid_ndcg@10": round(float(v.mean()), 4), "test_ndcg@10": round(float(t.mean()), 4),
-            "test_over_valid": round(float(t.mean() / v.mean()), 3)}
+    """One variant's validation and test NDCG@10 from its target ranks."""
+    nv, nt = ndcg10(v), ndcg10(t)
+    return {"variant": name, "valid_ndcg@10": round(nv, 4), "test_ndcg@10": round(nt, 4),
+            "test_over_valid": round(nt / nv, 3)}
 
 
 def analyse(home: Paths, version: str) -> dict:
-    """Every variant of one model, and the test figure split by the gap between the two targets."""
+    """Every variant of one model, and the validation and the test figures each split by whether the
+    target came the same day as the event before it."""
     model, _, meta = load_grown(home.models / version, title_ids_by_idx(read_vocab(home)), pq.read_table(home.catalogue), home)
     if meta.get("evaluation_split") != "leave_one_out":
         raise SystemExit(f"{version} was not trained with leave_one_out=true: its validation targets are not held out")
@@ -95,12 +99,12 @@ def analyse(home: Paths, version: str) -> dict:
             "by_gap": {"valid": by_gap(seqs, split.valid, v0), "test": by_gap(seqs, split.test, t0)}}
 
 
-def by_gap(seqs: Sequences, es: P.EvalSet, scores: np.ndarray) -> dict:
+def by_gap(seqs: Sequences, es: P.EvalSet, ranks: np.ndarray) -> dict:
     """NDCG@10 of the targets that came within 2 s of the event before them (Beauty: the same day) and
     of the later ones: if the two target sets mix them differently, the mix alone moves the figure."""
     same = seqs.values["gap"][seqs.offsets[es.rows] + es.ends] <= N_SPECIAL     # gap bucket N_SPECIAL: < 2 s
-    return {"same_day": {"share": round(float(same.mean()), 4), "ndcg@10": round(float(scores[same].mean()), 4)},
-            "later": {"share": round(float((~same).mean()), 4), "ndcg@10": round(float(scores[~same].mean()), 4)}}
+    return {"same_day": {"share": round(float(same.mean()), 4), "ndcg@10": round(ndcg10(ranks[same]), 4)},
+            "later": {"share": round(float((~same).mean()), 4), "ndcg@10": round(ndcg10(ranks[~same]), 4)}}
 
 
 def table(results: list[dict]) -> list[str]:
