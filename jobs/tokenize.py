@@ -37,7 +37,6 @@ if __name__ == "__main__":
 
 import datetime as dt
 import itertools
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,9 +51,9 @@ from pyspark.sql.window import Window
 from fm import schema as S
 from jobs.core.failpoints import failpoint
 from jobs.core.history import gc_history, merge_history, previous_state
-from jobs.core.io import atomic_write_table, latest_partition_before, partition, partition_dates, swap_dir, temp_sibling
+from jobs.core.io import atomic_write_table, latest_partition_before, partition, partition_dates
 from jobs.core.settings import Paths, parse_date, run_cli
-from jobs.core.spark import get_spark
+from jobs.core.spark import get_spark, write_days, write_partition
 from jobs.core.vocab import read_vocab
 
 FUTURE_TOLERANCE = dt.timedelta(hours=1)   # clock skew we accept past the end of the partition day
@@ -272,36 +271,6 @@ HISTORY_ROW_GROUP_ROWS = 2048           # parquet.block.row.count.limit: profile
 def history_write_options() -> dict[str, str]:
     return {"parquet.block.size": str(HISTORY_ROW_GROUP_BYTES),
             "parquet.block.row.count.limit": str(HISTORY_ROW_GROUP_ROWS)}
-
-
-def write_partition(df: DataFrame, final: Path, sort_by: tuple[str, ...] = (),
-                    options: dict[str, str] | None = None) -> None:
-    """Write a DataFrame aside, then swap it in as ``final`` (idempotent per date).
-
-    One file per (adaptively coalesced) partition, rows sorted inside each file: a local sort and no
-    ``coalesce(1)``, which would squeeze every upstream stage into a single task. ``options``: Parquet
-    writer options (e.g. row-group bounds).
-    """
-    staging = temp_sibling(final)
-    out = df.sortWithinPartitions(*sort_by) if sort_by else df
-    out.write.mode("overwrite").options(**(options or {})).parquet(str(staging))
-    swap_dir(staging, final)
-
-
-def write_days(df: DataFrame, root: Path, days: list[dt.date], sort_by: tuple[str, ...] = ()) -> None:
-    """Write many ``dt`` partitions in one Spark job, then swap each into place.
-
-    A day without rows loses its old partition, so a rebuild never leaves stale rows behind.
-    """
-    staging = temp_sibling(root)
-    df.repartition("dt").sortWithinPartitions("dt", *sort_by).write.partitionBy("dt").parquet(str(staging))
-    for d in days:
-        part = partition(staging, d)
-        if part.exists():
-            swap_dir(part, partition(root, d))
-        elif partition(root, d).exists():
-            shutil.rmtree(partition(root, d))
-    shutil.rmtree(staging, ignore_errors=True)
 
 
 def _read_back_tokens(spark: SparkSession, paths: Paths, days: list[dt.date], computed: DataFrame) -> DataFrame:

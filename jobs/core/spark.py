@@ -2,14 +2,20 @@
 
 Local mode (``local[2]``) is the default; production points ``FMPIPE_SPARK_MASTER`` at a cluster
 (``spark://host:7077``, ``yarn``, ``k8s://...``) or runs the job through ``spark-submit`` /
-Airflow's ``SparkSubmitOperator``, in which case the master that spark-submit set is kept.
+Airflow's ``SparkSubmitOperator``, in which case the master that spark-submit set is kept. The
+partition writers live here too: every Spark output is staged beside its target and swapped in.
 """
 from __future__ import annotations
 
+import datetime as dt
 import os
+import shutil
 import sys
+from pathlib import Path
 
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
+
+from jobs.core.io import partition, swap_dir, temp_sibling
 
 
 def submitted() -> bool:
@@ -59,3 +65,33 @@ def get_spark(app: str = "fmpipe") -> SparkSession:
         spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
     return spark
+
+
+def write_partition(df: DataFrame, final: Path, sort_by: tuple[str, ...] = (),
+                    options: dict[str, str] | None = None) -> None:
+    """Write a DataFrame aside, then swap it in as ``final`` (idempotent per date).
+
+    One file per (adaptively coalesced) partition, rows sorted inside each file: a local sort and no
+    ``coalesce(1)``, which would squeeze every upstream stage into a single task. ``options``: Parquet
+    writer options (e.g. row-group bounds).
+    """
+    staging = temp_sibling(final)
+    out = df.sortWithinPartitions(*sort_by) if sort_by else df
+    out.write.mode("overwrite").options(**(options or {})).parquet(str(staging))
+    swap_dir(staging, final)
+
+
+def write_days(df: DataFrame, root: Path, days: list[dt.date], sort_by: tuple[str, ...] = ()) -> None:
+    """Write many ``dt`` partitions in one Spark job, then swap each into place.
+
+    A day without rows loses its old partition, so a rebuild never leaves stale rows behind.
+    """
+    staging = temp_sibling(root)
+    df.repartition("dt").sortWithinPartitions("dt", *sort_by).write.partitionBy("dt").parquet(str(staging))
+    for d in days:
+        part = partition(staging, d)
+        if part.exists():
+            swap_dir(part, partition(root, d))
+        elif partition(root, d).exists():
+            shutil.rmtree(partition(root, d))
+    shutil.rmtree(staging, ignore_errors=True)
