@@ -63,6 +63,7 @@ import torch  # noqa: E402
 
 from bench.common import emit  # noqa: E402
 from bench.quality_report import METRICS, TAOBAO_VARIANTS, merge  # noqa: E402
+from bench.valid_test_gap import gap_split  # noqa: E402
 from fm import protocol as P  # noqa: E402
 from fm.data import Sequences, data_root  # noqa: E402
 from fm.fit import FitConfig, fit  # noqa: E402
@@ -298,11 +299,13 @@ def sasrec(dataset: str, args, seed: int, converged: bool = False, dropout: floa
     r = fit(model, train_seqs, max_len, cfg, validate=validate, state_dir=state, resume=converged)
     seqs, cand = eval_data(dataset, home, day, args)
     test = P.evaluate(P.among(model.scores, cand, n_titles), seqs, P.eval_set(seqs, 1), max_len)
+    # post-hoc, after the checkpoint was chosen: the same-day / later split of bench/valid_test_gap.py
+    gaps = {"by_gap": gap_split(P.among(model.scores, cand, n_titles), hist, max_len)} if dataset == "beauty" else {}
     return {**{k: test[k] for k in METRICS}, "users": test["users"], "train_s": r.train_s, "train_cpu_s": r.train_cpu_s,
             "steps": r.steps, "epochs": r.epochs, "stopped_by": r.stopped_by, "valid_ndcg@10": r.best.get("ndcg@10"),
             "best_weights": r.best_weights, "n_params": model.n_params(), "resumed": r.resumed,
             "config": {**SASREC, "model": spec, "max_len": max_len, **({"lr": cfg.lr} if converged else {}),
-                       **({"ema": ema} if ema else {}), **({"weight_decay": weight_decay} if weight_decay else {})}}
+                       **({"ema": ema} if ema else {}), **({"weight_decay": weight_decay} if weight_decay else {})}, **gaps}
 
 
 SASREC_VARIANT_BASES = ("sasrec:", "sasrec_converged:", "beauty_sasrec:")

@@ -107,6 +107,14 @@ def by_gap(seqs: Sequences, es: P.EvalSet, ranks: np.ndarray) -> dict:
             "later": {"share": round(float((~same).mean()), 4), "ndcg@10": round(ndcg10(ranks[~same]), 4)}}
 
 
+def gap_split(score_fn: P.ScoreFn, seqs: Sequences, max_len: int) -> dict:
+    """:func:`by_gap` for any scorer (``bench/quality.py`` records it for SASRec beside the FM's here):
+    the validation and the test targets of ``seqs``, each split by same-day or later."""
+    split = P.leave_one_out(seqs)
+    return {role: by_gap(seqs, es, P.rank_targets(score_fn, seqs, es, max_len))
+            for role, es in (("valid", split.valid), ("test", split.test))}
+
+
 def table(results: list[dict]) -> list[str]:
     names = [r["variant"] for r in results[0]["variants"]]
     head = " | ".join(f"seed {r['seed']} valid / test" for r in results)
