@@ -196,12 +196,12 @@ def embed_fraction(quick: bool) -> dict:
     """The production shape's embed rate over the matmul bound, timed now, on this run's machine state.
 
     The default model of the daily run is small (I/O decides its embed time), so the bound fraction
-    the issue asks for is measured on the production shape (``bench.embed.REALISTIC``: d 256, 4
+    the issue asks for is measured on the production shape (``bench.embed_timing.REALISTIC``: d 256, 4
     layers, 512 events) with ``bench/embed.py``'s interleaved rounds: matmul window, then one pass of
     the production encoder (``fm.stream.embed_batches``); the median over rounds of the ratio."""
     import torch
 
-    from bench.embed import REALISTIC, bench_context, make_model
+    from bench.embed_timing import REALISTIC, bench_context, make_model
     r = bench_context(make_model(REALISTIC), REALISTIC["max_len"], 16 if quick else 48, 3 if quick else 5,
                       torch.device("cpu"), False, 2048)
     return {"shape": {k: REALISTIC[k] for k in ("d_model", "n_layers", "n_heads", "max_len")},
