@@ -61,6 +61,12 @@ the full budget (1800 s CPU, seed 0, AMD, 1 thread, validation only; both runs o
 Beauty 0 / 0.01: 0.0689 / **0.0701** (+1.7%; the peak moves from epoch 7 to 9.7 and the fall after it is
 slower), ML-1M 0.2271 / 0.2267 (-0.2%) (``bench/results/sweep_{beauty,ml1m}_weight_decay_001.md``). By the
 rule above (worst loss against each dataset's best: 0.2% for 0.01, 1.7% for 0) the default is 0.01.
+Decay 0.1 (same budget, both datasets, one machine load ~5): Beauty 0.0702 (+0.1%, a tie), ML-1M 0.2257
+(-0.4%), so 0.01 stays (``sweep_{beauty,ml1m}_weight_decay_01.md``).
+
+**ID dropout 0.1** (cold start needs some; ``bench/results/cold_start_previous_harness.md``), re-checked at
+0.3 at the full budget: Beauty 0.0675 (-3.7%), ML-1M 0.2229 (-1.7%), so 0.1 stays
+(``sweep_{beauty,ml1m}_id_dropout_03.md``).
 
 Validation: each profile's last target event (``leave_one_out=False``: training sees everything
 before it) or its second-last (``leave_one_out=True``: the last is the test target of ``fmpipe
