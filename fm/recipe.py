@@ -68,6 +68,12 @@ Decay 0.1 (same budget, both datasets, one machine load ~5): Beauty 0.0702 (+0.1
 0.3 at the full budget: Beauty 0.0675 (-3.7%), ML-1M 0.2229 (-1.7%), so 0.1 stays
 (``sweep_{beauty,ml1m}_id_dropout_03.md``).
 
+**rel_bias pos**, re-checked at the full budget (1800 s CPU, seed 0, AMD, 1 thread, validation only)
+because the FM's Beauty test loss sits in same-day targets (a time bias puts a same-day bundle at
+distance 0): Beauty none / time / pos_time 0.0677 / 0.0689 / 0.0690 against pos 0.0701 (-3.4% /
+-1.7% / -1.6%); ML-1M pos_time 0.2289 against pos 0.2267 (+1.0%). By the rule above (worst loss:
+pos 1.0%, pos_time 1.6%) pos stays (``sweep_{beauty,ml1m}_rel_bias_*.md``).
+
 Validation: each profile's last target event (``leave_one_out=False``: training sees everything
 before it) or its second-last (``leave_one_out=True``: the last is the test target of ``fmpipe
 evaluate``). No profile is withheld from training; the kept checkpoint is the best on validation.
