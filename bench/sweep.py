@@ -51,7 +51,7 @@ AXES: dict[str, list] = {
     "max_len": [100, 200, 400],
     "id_dropout": [0.0, 0.1, 0.3],
     "content_encoder": ["tfidf", "minilm"],
-    "content_dim": [64, 256],
+    "content_dim": [64, 256, 512],
     "use_content": [True, False],
     "exposure_gate": [False, True],
     "rel_bias": ["none", "pos", "time", "pos_time"],
