@@ -34,6 +34,8 @@ test an error).
 637 brand/category ids were squeezed into 64 directions), ML-1M 0.2217 / 0.2225 (+0.4%)
 (``bench/results/sweep_{beauty,ml1m}_content_dim_256_1800.md``; at 600 s: Beauty +5.6%, ML-1M -1.1%,
 ``sweep_beauty_content.md``, ``sweep_ml1m_content_dim.md``). 256 is no worse anywhere, so it wins.
+512 at the full budget: Beauty 0.0700 (-0.1%), ML-1M 0.2271 (+0.2%), a tie, so the cheaper 256 stays
+(``sweep_{beauty,ml1m}_content_dim_512.md``).
 
 **A moving average of the weights (ema 0.999)**, validated beside the trained weights at every
 validation, the better one kept (``fm.fit``), at the full budget (1800 s CPU, seed 0, AMD, 1 thread,
